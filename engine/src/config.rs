@@ -1,0 +1,192 @@
+//! Command line and the resolved configuration every worker shares.
+
+use clap::{Parser, ValueEnum};
+
+/// How bytes move between the two sockets of a TCP connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum RelayMode {
+    /// Zero-copy: readiness through the ring, then non-blocking `splice(2)` through a
+    /// per-core pooled pipe on the worker's own thread.
+    Splice,
+    /// Buffered copy: ring `RECV` into a provided buffer ring, then ring `SEND`.
+    Copy,
+}
+
+impl std::fmt::Display for RelayMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RelayMode::Splice => "splice",
+            RelayMode::Copy => "copy",
+        })
+    }
+}
+
+fn parse_mark(s: &str) -> Result<u32, String> {
+    let v = if let Some(hex) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        u32::from_str_radix(hex, 16)
+    } else {
+        s.parse()
+    }
+    .map_err(|_| format!("`{s}` is not a mark (decimal or 0x-prefixed hex)"))?;
+    if v & 0x1 != 0 {
+        // The interception rules route fwmark 0x1/0x1 to `lo` (docs/CONTRACTS.md); an
+        // upstream socket carrying that bit would be looped back into the engine.
+        return Err(format!(
+            "mark {s} includes the interception bit 0x1: upstream traffic would be routed \
+             back to the engine; use an even mark such as 0x2"
+        ));
+    }
+    Ok(v)
+}
+
+/// ringrelay engine: thread-per-core io_uring transparent proxy.
+///
+/// Accepts TCP and UDP handed over by TPROXY rules (see `setup apply`) on every
+/// listed core and relays it to the original destination.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "engine", version, about, long_about = None)]
+pub struct Args {
+    /// CPUs to run one pinned worker on each, e.g. `0-7` or `0,2,4-5`.
+    /// Default: every CPU this process may run on.
+    #[arg(long, value_name = "LIST")]
+    pub cores: Option<String>,
+
+    /// Transparent port for TCP and UDP, IPv4 and IPv6 (must match `setup --port`).
+    #[arg(long, default_value_t = 15001)]
+    pub port: u16,
+
+    /// TCP relay: `splice` (zero-copy through pipes) or `copy` (provided buffers).
+    #[arg(long, value_enum, default_value_t = RelayMode::Splice)]
+    pub relay: RelayMode,
+
+    /// SO_MARK on every upstream socket so the interception rules never catch the
+    /// engine's own traffic (must match `setup --bypass-mark`; must not contain 0x1).
+    #[arg(long, default_value = "0x2", value_parser = parse_mark)]
+    pub mark: u32,
+
+    /// Upstream TCP connect timeout; on expiry the client is reset.
+    #[arg(long, default_value_t = 5000, value_name = "MS")]
+    pub connect_timeout_ms: u64,
+
+    /// Reset TCP connections with no traffic in either direction for this long.
+    #[arg(long, default_value_t = 300, value_name = "SECONDS")]
+    pub idle_timeout_s: u64,
+
+    /// Maximum concurrent TCP connections, all cores together. Default: derived from
+    /// RLIMIT_NOFILE so the engine can never run out of file descriptors (each
+    /// connection needs 2 fds, plus 4 for pipes while splicing).
+    #[arg(long, value_name = "N")]
+    pub max_conns: Option<usize>,
+
+    /// On SIGINT/SIGTERM, let live connections finish for this long, then reset them.
+    #[arg(long, default_value_t = 10, value_name = "SECONDS")]
+    pub drain_timeout_s: u64,
+
+    /// Pipe size for splice relays (F_SETPIPE_SZ). Default: the kernel's (64 KiB).
+    #[arg(long, value_name = "BYTES")]
+    pub pipe_size: Option<usize>,
+
+    /// Buffer size of the copy relay's provided buffers.
+    #[arg(long, default_value_t = 65536, value_name = "BYTES")]
+    pub copy_buf_size: usize,
+
+    /// Do not relay IPv6 (no v6 listeners).
+    #[arg(long)]
+    pub no_ipv6: bool,
+
+    /// Do not relay UDP.
+    #[arg(long)]
+    pub no_udp: bool,
+
+    /// Do not relay TCP.
+    #[arg(long)]
+    pub no_tcp: bool,
+
+    /// Expire UDP flows idle for this long.
+    #[arg(long, default_value_t = 30, value_name = "SECONDS")]
+    pub udp_idle_timeout_s: u64,
+
+    /// Expire UDP flows that saw a single request and its answer (DNS-like) after
+    /// this long instead.
+    #[arg(long, default_value_t = 5, value_name = "SECONDS")]
+    pub udp_single_exchange_timeout_s: u64,
+
+    /// Maximum UDP flows, all cores together (each holds one upstream socket); when
+    /// full the least recently used flow is evicted. Default: a quarter of the fd budget.
+    #[arg(long, value_name = "N")]
+    pub udp_max_flows: Option<usize>,
+}
+
+/// Configuration resolved from [`Args`] and the environment, shared by all workers.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub cores: Vec<usize>,
+    pub port: u16,
+    pub relay: RelayMode,
+    pub mark: u32,
+    pub connect_timeout_ms: u64,
+    pub idle_timeout_s: u64,
+    /// Per core.
+    pub max_conns_per_core: usize,
+    pub drain_timeout_s: u64,
+    pub pipe_size: Option<usize>,
+    pub copy_buf_size: usize,
+    pub ipv6: bool,
+    pub tcp: bool,
+    pub udp: bool,
+    pub udp_idle_timeout_s: u64,
+    pub udp_single_exchange_timeout_s: u64,
+    /// Per core.
+    pub udp_max_flows_per_core: usize,
+}
+
+/// File descriptors one TCP connection may hold at worst in each relay mode.
+pub fn fds_per_conn(relay: RelayMode) -> usize {
+    match relay {
+        // client + upstream + one pipe (2 fds) per direction while data is in flight
+        RelayMode::Splice => 6,
+        RelayMode::Copy => 2,
+    }
+}
+
+/// Fds kept aside for listeners, rings, eventfds, UDP reply sockets' headroom,
+/// stdio and the pipe pool's idle pipes.
+pub const FD_RESERVE: usize = 256;
+
+/// Splits the fd budget between TCP connections and UDP flows.
+///
+/// Returns (max TCP connections, max UDP flows), both for all cores together.
+pub fn fd_budget(nofile: usize, relay: RelayMode, udp: bool) -> (usize, usize) {
+    let usable = nofile.saturating_sub(FD_RESERVE);
+    // A UDP flow holds one upstream socket, and at most one reply socket per distinct
+    // original destination, so 2 fds bound it.
+    let udp_share = if udp { usable / 4 } else { 0 };
+    let tcp = (usable - udp_share) / fds_per_conn(relay);
+    (tcp, udp_share / 2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marks_parse_and_refuse_the_interception_bit() {
+        assert_eq!(parse_mark("0x2"), Ok(2));
+        assert_eq!(parse_mark("16"), Ok(16));
+        assert!(parse_mark("0x1").unwrap_err().contains("0x1"));
+        assert!(parse_mark("3").is_err());
+        assert!(parse_mark("zz").unwrap_err().contains("zz"));
+    }
+
+    #[test]
+    fn budget_never_exceeds_the_limit() {
+        for relay in [RelayMode::Splice, RelayMode::Copy] {
+            for udp in [true, false] {
+                let (tcp, flows) = fd_budget(20000, relay, udp);
+                assert!(tcp * fds_per_conn(relay) + flows * 2 + FD_RESERVE <= 20000);
+                assert!(tcp >= 2000, "{relay} {udp}: {tcp}");
+            }
+        }
+        assert_eq!(fd_budget(100, RelayMode::Splice, true), (0, 0));
+    }
+}

@@ -1,0 +1,319 @@
+//! ringrelay engine: a thread-per-core io_uring transparent proxy.
+//!
+//! `main` resolves the configuration, checks the machine (privileges, io_uring
+//! features, the port, the fd limit) with actionable errors, starts one pinned worker
+//! per core and then only handles signals: SIGUSR1 prints the per-core counters,
+//! SIGINT/SIGTERM drain and stop the workers and print a summary.
+
+#![deny(unsafe_code)]
+
+#[allow(unsafe_code)]
+mod cmsg;
+mod addrs;
+mod config;
+mod cpus;
+mod flows;
+mod relay;
+#[allow(unsafe_code)]
+mod ring;
+mod stats;
+#[allow(unsafe_code)]
+mod sys;
+mod tcp;
+mod token;
+mod udp;
+mod worker;
+
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::process::ExitCode;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
+use socket2::{Domain, Socket, Type};
+
+use config::{Args, Config};
+use stats::CoreStats;
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("engine: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Checks that the process may create transparent, marked sockets.
+fn check_privileges(mark: u32) -> Result<()> {
+    let s = Socket::new(Domain::IPV4, Type::DGRAM, None).context("creating a probe socket")?;
+    let hint = "run as root, or grant CAP_NET_ADMIN (and CAP_NET_RAW), e.g. systemd \
+                AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW CAP_NET_BIND_SERVICE";
+    if let Err(e) = s.set_ip_transparent_v4(true) {
+        if e.raw_os_error() == Some(libc::EPERM) {
+            bail!("missing CAP_NET_ADMIN/CAP_NET_RAW: setting IP_TRANSPARENT was refused; {hint}");
+        }
+        bail!("setting IP_TRANSPARENT failed: {e}");
+    }
+    if mark != 0 {
+        if let Err(e) = s.set_mark(mark) {
+            if e.raw_os_error() == Some(libc::EPERM) {
+                bail!("missing CAP_NET_ADMIN: setting SO_MARK {mark:#x} was refused; {hint}");
+            }
+            bail!("setting SO_MARK failed: {e}");
+        }
+    }
+    Ok(())
+}
+
+/// Fails if anything already listens on the port. Workers bind with SO_REUSEPORT,
+/// which another process of the same user could share silently, so probe without it.
+fn check_port_free(cfg: &Config) -> Result<()> {
+    for v6 in worker::families(cfg) {
+        let addr: SocketAddr = sys::unspecified(v6, cfg.port);
+        let domain = if v6 { Domain::IPV6 } else { Domain::IPV4 };
+        let mut kinds = Vec::new();
+        if cfg.tcp {
+            kinds.push((Type::STREAM, "TCP", "ltnp"));
+        }
+        if cfg.udp {
+            kinds.push((Type::DGRAM, "UDP", "lunp"));
+        }
+        for (ty, name, ss) in kinds {
+            let s = match Socket::new(domain, ty, None) {
+                Ok(s) => s,
+                Err(e) if v6 && e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
+                    bail!("IPv6 is disabled on this host; start with --no-ipv6")
+                }
+                Err(e) => return Err(e).context("creating a probe socket"),
+            };
+            if v6 {
+                s.set_only_v6(true)?;
+            }
+            s.set_reuse_address(true)?;
+            if let Err(e) = s.bind(&addr.into()) {
+                if e.raw_os_error() == Some(libc::EADDRINUSE) {
+                    bail!(
+                        "port {} is already in use ({name} on {addr}): another engine or \
+                         service holds it; find it with `ss -{ss} 'sport = :{}'` or choose \
+                         another --port (and the same `setup --port`)",
+                        cfg.port,
+                        cfg.port
+                    );
+                }
+                return Err(e).with_context(|| format!("binding a probe socket to {addr}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn resolve(args: &Args) -> Result<(Config, u64)> {
+    let allowed = cpus::allowed();
+    let cores = match &args.cores {
+        Some(text) => {
+            let list = cpus::parse(text).map_err(|e| anyhow::anyhow!("--cores {text}: {e}"))?;
+            cpus::validate(&list, &allowed).map_err(|e| anyhow::anyhow!("--cores {text}: {e}"))?;
+            list
+        }
+        None if allowed.is_empty() => bail!("cannot read this process's CPU affinity"),
+        None => allowed,
+    };
+    if !args.no_tcp && args.copy_buf_size < 4096 {
+        bail!("--copy-buf-size {} is too small (minimum 4096)", args.copy_buf_size);
+    }
+    if args.no_tcp && args.no_udp {
+        bail!("--no-tcp and --no-udp together leave nothing to relay");
+    }
+    let nofile = sys::raise_nofile_to_hard().context("raising RLIMIT_NOFILE")?;
+    let (tcp_budget, udp_budget) = config::fd_budget(nofile as usize, args.relay, !args.no_udp);
+    let n = cores.len();
+    let max_conns = args.max_conns.unwrap_or(tcp_budget);
+    let max_flows = args.udp_max_flows.unwrap_or(udp_budget);
+    if !args.no_tcp && max_conns < n {
+        bail!(
+            "RLIMIT_NOFILE is {nofile}: room for only {tcp_budget} connections, fewer than \
+             one per core; raise LimitNOFILE (systemd) or `ulimit -n`"
+        );
+    }
+    if let Some(m) = args.max_conns {
+        let need = m * config::fds_per_conn(args.relay) + config::FD_RESERVE;
+        if need as u64 > nofile {
+            eprintln!(
+                "engine: warning: --max-conns {m} may need {need} fds in {} mode but \
+                 RLIMIT_NOFILE is {nofile}; accepts will pause on EMFILE",
+                args.relay
+            );
+        }
+    }
+    Ok((
+        Config {
+            cores,
+            port: args.port,
+            relay: args.relay,
+            mark: args.mark,
+            connect_timeout_ms: args.connect_timeout_ms.max(1),
+            idle_timeout_s: args.idle_timeout_s.max(1),
+            max_conns_per_core: max_conns.div_ceil(n).max(1),
+            drain_timeout_s: args.drain_timeout_s,
+            pipe_size: args.pipe_size,
+            copy_buf_size: args.copy_buf_size,
+            ipv6: !args.no_ipv6,
+            tcp: !args.no_tcp,
+            udp: !args.no_udp,
+            udp_idle_timeout_s: args.udp_idle_timeout_s.max(1),
+            udp_single_exchange_timeout_s: args
+                .udp_single_exchange_timeout_s
+                .clamp(1, args.udp_idle_timeout_s.max(1)),
+            udp_max_flows_per_core: max_flows.div_ceil(n).max(1),
+        },
+        nofile,
+    ))
+}
+
+struct WorkerHandle {
+    cpu: usize,
+    stats: Arc<CoreStats>,
+    control: OwnedFd,
+    thread: std::thread::JoinHandle<()>,
+}
+
+fn print_counters(workers: &[WorkerHandle]) {
+    let rows: Vec<_> = workers
+        .iter()
+        .map(|w| (w.cpu, w.stats.snapshot()))
+        .collect();
+    print!("{}", stats::render(&rows));
+}
+
+fn run(args: Args) -> Result<()> {
+    let (cfg, nofile) = resolve(&args)?;
+    ring::probe().map_err(|e| anyhow::anyhow!(e))?;
+    check_privileges(cfg.mark)?;
+    check_port_free(&cfg)?;
+    let cfg = Arc::new(cfg);
+
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGUSR1])
+        .context("installing signal handlers")?;
+    let fds_at_start = sys::open_fd_count();
+    let started = Instant::now();
+
+    let (tx, rx) = mpsc::channel();
+    let mut workers = Vec::new();
+    for &cpu in &cfg.cores {
+        let stats = Arc::new(CoreStats::default());
+        let control = sys::eventfd().context("eventfd")?;
+        let worker_control = control.try_clone().context("dup eventfd")?;
+        let (c, s, t) = (cfg.clone(), stats.clone(), tx.clone());
+        let thread = std::thread::Builder::new()
+            .name(format!("ringrelay-cpu{cpu}"))
+            .spawn(move || worker::thread_main(c, cpu, s, worker_control, t))
+            .context("spawning a worker thread")?;
+        workers.push(WorkerHandle {
+            cpu,
+            stats,
+            control,
+            thread,
+        });
+    }
+    drop(tx);
+    let mut ring_flags = String::new();
+    let mut failure = None;
+    for _ in 0..workers.len() {
+        match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(Ok(flags)) => ring_flags = flags,
+            Ok(Err(e)) => {
+                failure.get_or_insert(e);
+            }
+            Err(_) => {
+                failure.get_or_insert("a worker did not start within 10 s".to_string());
+            }
+        }
+    }
+    if let Some(e) = failure {
+        stop_workers(&workers);
+        for w in workers {
+            let _ = w.thread.join();
+        }
+        bail!("{e}");
+    }
+
+    let protos = match (cfg.tcp, cfg.udp) {
+        (true, true) => "tcp+udp",
+        (true, false) => "tcp",
+        _ => "udp",
+    };
+    println!(
+        "ready: port {} {protos} {} cores {} relay {} mark {:#x} max_conns {} udp_max_flows {} \
+         nofile {nofile} ring {ring_flags}",
+        cfg.port,
+        if cfg.ipv6 { "ipv4+ipv6" } else { "ipv4" },
+        cpus::format(&cfg.cores),
+        cfg.relay,
+        cfg.mark,
+        cfg.max_conns_per_core * cfg.cores.len(),
+        cfg.udp_max_flows_per_core * cfg.cores.len(),
+    );
+
+    let mut stopping = false;
+    loop {
+        for sig in signals.pending() {
+            match sig {
+                SIGUSR1 => print_counters(&workers),
+                _ if !stopping => {
+                    stopping = true;
+                    eprintln!(
+                        "engine: stopping: no new connections; draining for up to {} s",
+                        cfg.drain_timeout_s
+                    );
+                    stop_workers(&workers);
+                }
+                _ => {
+                    eprintln!("engine: second signal: exiting now");
+                    print_counters(&workers);
+                    std::process::exit(1);
+                }
+            }
+        }
+        if workers.iter().all(|w| w.thread.is_finished()) {
+            break;
+        }
+        if !stopping && workers.iter().any(|w| w.thread.is_finished()) {
+            eprintln!("engine: a worker exited unexpectedly; stopping the others");
+            stopping = true;
+            stop_workers(&workers);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut panicked = false;
+    let rows: Vec<_> = workers
+        .iter()
+        .map(|w| (w.cpu, w.stats.snapshot()))
+        .collect();
+    for w in workers {
+        panicked |= w.thread.join().is_err();
+    }
+    println!(
+        "summary: ran {:.1} s on cores {} ({} relay); fds at start {fds_at_start}, at exit {}",
+        started.elapsed().as_secs_f64(),
+        cpus::format(&cfg.cores),
+        cfg.relay,
+        sys::open_fd_count(),
+    );
+    print!("{}", stats::render(&rows));
+    if panicked || !stopping {
+        bail!("a worker failed; see the messages above");
+    }
+    Ok(())
+}
+
+fn stop_workers(workers: &[WorkerHandle]) {
+    for w in workers {
+        let _ = sys::eventfd_write(w.control.as_fd(), 1);
+    }
+}

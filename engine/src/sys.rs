@@ -1,0 +1,320 @@
+//! Thin, checked wrappers over the system calls the engine makes outside the ring.
+//!
+//! This is one of the two modules allowed to use `unsafe` (the other is `ring`).
+//! Every wrapper turns `-1` into `io::Error::last_os_error()` through [`cvt`], and
+//! every fd it creates comes back as an [`OwnedFd`] so that it is closed exactly once.
+
+use std::io;
+use std::mem;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+/// Turns a libc return value into a `Result`: `-1` means "look at errno".
+pub fn cvt<T: Default + PartialOrd + Copy>(ret: T) -> io::Result<T> {
+    if ret < T::default() {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// Takes ownership of an fd the kernel just handed us (accept CQE, pipe2, ...).
+///
+/// # Safety
+/// `fd` must be a freshly created, open descriptor that nothing else owns.
+pub unsafe fn owned_fd(fd: RawFd) -> OwnedFd {
+    // SAFETY: guaranteed by the caller: `fd` is open and has no other owner.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+/// Wraps the fd an accept completion returned (`res >= 0`).
+pub fn take_accepted(res: i32) -> OwnedFd {
+    assert!(res >= 0, "accept result {res} is not an fd");
+    // SAFETY: a non-negative accept result is a new descriptor installed in our fd
+    // table by the kernel for this completion alone; nothing else owns it.
+    unsafe { owned_fd(res) }
+}
+
+/// `splice(2)` with `SPLICE_F_MOVE | SPLICE_F_NONBLOCK`, run inline on the calling core.
+///
+/// `IORING_OP_SPLICE` is always punted to an io-wq worker thread (io_uring/splice.c
+/// sets `REQ_F_FORCE_ASYNC`), so the engine instead waits for readiness through the
+/// ring and then calls this non-blocking syscall itself (the HAProxy model). Both
+/// sockets are `O_NONBLOCK`: `tcp_splice_read` takes its blocking mode from the
+/// socket file, not from `SPLICE_F_NONBLOCK`.
+pub fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    // SAFETY: plain syscall on descriptors owned by the caller; null offsets are valid
+    // for pipes and sockets.
+    let n = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    cvt(n).map(|n| n as usize)
+}
+
+/// A pipe used as the in-kernel buffer of one splice direction.
+#[derive(Debug)]
+pub struct Pipe {
+    pub read: OwnedFd,
+    pub write: OwnedFd,
+    /// Capacity in bytes as reported by `F_GETPIPE_SZ`.
+    pub capacity: usize,
+}
+
+impl Pipe {
+    /// `pipe2(O_NONBLOCK | O_CLOEXEC)`, optionally resized with `F_SETPIPE_SZ`.
+    pub fn new(size: Option<usize>) -> io::Result<Pipe> {
+        let mut fds = [0 as RawFd; 2];
+        // SAFETY: `fds` is a valid array of two ints for the kernel to fill.
+        cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) })?;
+        // SAFETY: pipe2 succeeded, both fds are new and owned by nobody else.
+        let (read, write) = unsafe { (owned_fd(fds[0]), owned_fd(fds[1])) };
+        if let Some(size) = size {
+            // Failure is not fatal: past fs.pipe-user-pages-soft the kernel refuses to
+            // grow pipes for unprivileged users; the default size still works.
+            // SAFETY: fcntl on an fd we own.
+            let _ = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, size as libc::c_int) };
+        }
+        // SAFETY: fcntl on an fd we own.
+        let capacity = cvt(unsafe { libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ) })? as usize;
+        Ok(Pipe {
+            read,
+            write,
+            capacity,
+        })
+    }
+}
+
+/// `shutdown(fd, SHUT_WR)`: sends our FIN after everything queued.
+pub fn shutdown_write(fd: RawFd) -> io::Result<()> {
+    // SAFETY: plain syscall on an fd owned by the caller.
+    cvt(unsafe { libc::shutdown(fd, libc::SHUT_WR) }).map(drop)
+}
+
+/// Arms `SO_LINGER {on, 0}` so that the following `close()` sends a RST instead of a FIN.
+pub fn set_linger_zero(fd: BorrowedFd<'_>) -> io::Result<()> {
+    socket2::SockRef::from(&fd).set_linger(Some(std::time::Duration::ZERO))
+}
+
+/// Local address of a socket: for a socket accepted on a transparent listener this is
+/// the destination the client originally asked for (kernel tproxy docs).
+pub fn local_addr(fd: BorrowedFd<'_>) -> io::Result<SocketAddr> {
+    socket2::SockRef::from(&fd)
+        .local_addr()?
+        .as_socket()
+        .map(normalize)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "socket is not AF_INET/AF_INET6"))
+}
+
+/// Peer address of a connected socket.
+pub fn peer_addr(fd: BorrowedFd<'_>) -> io::Result<SocketAddr> {
+    socket2::SockRef::from(&fd)
+        .peer_addr()?
+        .as_socket()
+        .map(normalize)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "socket is not AF_INET/AF_INET6"))
+}
+
+/// Pending socket error (`SO_ERROR`), used to name the reason of a failed connect.
+pub fn take_socket_error(fd: BorrowedFd<'_>) -> Option<io::Error> {
+    socket2::SockRef::from(&fd).take_error().ok().flatten()
+}
+
+/// Maps `::ffff:a.b.c.d` to `a.b.c.d` so that one address always has one spelling.
+pub fn normalize(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::V4(SocketAddrV4::new(v4, v6.port())),
+            None => addr,
+        },
+        v4 => v4,
+    }
+}
+
+/// Converts an address into the `sockaddr_storage` the kernel reads for connect/sendto.
+pub fn to_sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    let sa = socket2::SockAddr::from(*addr);
+    // SAFETY: `sockaddr_storage` is plain old data, all-zero is a valid value.
+    let mut storage: libc::sockaddr_storage = unsafe { mem::zeroed() };
+    let len = sa.len() as usize;
+    // SAFETY: `sa` holds `len` valid bytes and `storage` is at least as large as any
+    // sockaddr (that is the point of sockaddr_storage); the regions do not overlap.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            sa.as_ptr() as *const u8,
+            &mut storage as *mut _ as *mut u8,
+            len,
+        );
+    }
+    (storage, len as libc::socklen_t)
+}
+
+/// Whether `ip` is an address of this host (in the current network namespace).
+///
+/// Binding a plain (non-transparent) UDP socket to `ip:0` succeeds exactly for local
+/// addresses, so this is the kernel's own answer without parsing netlink.
+pub fn is_local_address(ip: std::net::IpAddr) -> bool {
+    let domain = if ip.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
+    let Ok(s) = socket2::Socket::new(domain, socket2::Type::DGRAM, None) else {
+        return false;
+    };
+    s.bind(&SocketAddr::new(ip, 0).into()).is_ok()
+}
+
+/// An `eventfd` used by the main thread to wake a worker's ring.
+pub fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall; the returned fd is new.
+    let fd = cvt(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })?;
+    // SAFETY: eventfd succeeded, the fd is ours alone.
+    Ok(unsafe { owned_fd(fd) })
+}
+
+/// Adds `value` to an eventfd counter, waking whoever waits on it.
+pub fn eventfd_write(fd: BorrowedFd<'_>, value: u64) -> io::Result<()> {
+    let buf = value.to_ne_bytes();
+    // SAFETY: writes 8 bytes from a valid local buffer to an fd the caller owns.
+    cvt(unsafe { libc::write(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len()) }).map(drop)
+}
+
+/// `RLIMIT_NOFILE` as (soft, hard).
+pub fn nofile_limit() -> io::Result<(u64, u64)> {
+    // SAFETY: rlimit is plain data; getrlimit fills it.
+    let mut rl: libc::rlimit = unsafe { mem::zeroed() };
+    // SAFETY: valid pointer to a local rlimit.
+    cvt(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) })?;
+    Ok((rl.rlim_cur, rl.rlim_max))
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit (never above it: that needs
+/// CAP_SYS_RESOURCE and on many appliances, as here, the hard limit is fixed).
+pub fn raise_nofile_to_hard() -> io::Result<u64> {
+    let (_, hard) = nofile_limit()?;
+    let rl = libc::rlimit {
+        rlim_cur: hard,
+        rlim_max: hard,
+    };
+    // SAFETY: valid pointer to a local rlimit.
+    cvt(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &rl) })?;
+    Ok(hard)
+}
+
+/// Number of open fds of this process (entries of /proc/self/fd), for the summary.
+pub fn open_fd_count() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count().saturating_sub(1))
+        .unwrap_or(0)
+}
+
+/// Sets `IP_RECVORIGDSTADDR` (v4) or `IPV6_RECVORIGDSTADDR` (v6) on a UDP socket so
+/// every `recvmsg` carries the original destination as a control message.
+pub fn set_recv_orig_dst(fd: BorrowedFd<'_>, v6: bool) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    let (level, opt) = if v6 {
+        (libc::IPPROTO_IPV6, libc::IPV6_RECVORIGDSTADDR)
+    } else {
+        (libc::IPPROTO_IP, libc::IP_RECVORIGDSTADDR)
+    };
+    // SAFETY: setsockopt with a pointer to a local c_int and its exact size.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            opt,
+            (&one as *const libc::c_int).cast(),
+            mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    })
+    .map(drop)
+}
+
+/// Non-blocking `send(2)` on a connected socket.
+pub fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is a valid slice for the duration of the call.
+    let n = unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+    cvt(n).map(|n| n as usize)
+}
+
+/// Non-blocking `sendto(2)`.
+pub fn send_to(fd: RawFd, buf: &[u8], to: &SocketAddr) -> io::Result<usize> {
+    let (storage, len) = to_sockaddr(to);
+    // SAFETY: `buf` and `storage` are valid for the duration of the call, `len` is the
+    // size of the address written into `storage`.
+    let n = unsafe {
+        libc::sendto(
+            fd,
+            buf.as_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT,
+            (&storage as *const libc::sockaddr_storage).cast(),
+            len,
+        )
+    };
+    cvt(n).map(|n| n as usize)
+}
+
+/// The wildcard address of a family, for listeners.
+pub fn unspecified(v6: bool, port: u16) -> SocketAddr {
+    if v6 {
+        SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0))
+    } else {
+        SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))
+    }
+}
+
+/// Kernel release as (major, minor), from `uname(2)`.
+pub fn kernel_version() -> Option<(u32, u32)> {
+    // SAFETY: utsname is plain data; uname fills it.
+    let mut uts: libc::utsname = unsafe { mem::zeroed() };
+    // SAFETY: valid pointer to a local utsname.
+    if unsafe { libc::uname(&mut uts) } != 0 {
+        return None;
+    }
+    let release: Vec<u8> = uts
+        .release
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8)
+        .collect();
+    let release = String::from_utf8_lossy(&release);
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+/// Human name of an errno value (`ECONNREFUSED`, ...), for counters and logs.
+pub fn errno_name(errno: i32) -> &'static str {
+    match errno {
+        libc::ECONNREFUSED => "ECONNREFUSED",
+        libc::ETIMEDOUT => "ETIMEDOUT",
+        libc::ECANCELED => "ECANCELED",
+        libc::EHOSTUNREACH => "EHOSTUNREACH",
+        libc::ENETUNREACH => "ENETUNREACH",
+        libc::ECONNRESET => "ECONNRESET",
+        libc::EPIPE => "EPIPE",
+        libc::EMFILE => "EMFILE",
+        libc::ENFILE => "ENFILE",
+        libc::ENOBUFS => "ENOBUFS",
+        libc::EADDRNOTAVAIL => "EADDRNOTAVAIL",
+        libc::EACCES => "EACCES",
+        libc::EPERM => "EPERM",
+        libc::EAGAIN => "EAGAIN",
+        _ => "other",
+    }
+}
+
+/// An all-zero `msghdr` (it has private padding fields, so no literal can build it).
+pub fn zeroed_msghdr() -> libc::msghdr {
+    // SAFETY: msghdr is plain C data (pointers and integers); all-zero is valid.
+    unsafe { mem::zeroed() }
+}

@@ -17,4 +17,3 @@ pub struct ClientAddr(pub SocketAddr);
 /// port replies to the client must carry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct OrigDst(pub SocketAddr);
-

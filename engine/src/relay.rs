@@ -134,11 +134,13 @@ impl Direction {
     }
 
     /// Bytes delivered to the destination so far.
+    #[cfg(test)]
     pub fn delivered(&self) -> u64 {
         self.delivered
     }
 
     /// The first error that failed this direction, as a positive errno.
+    #[cfg(test)]
     pub fn error(&self) -> Option<i32> {
         self.error
     }

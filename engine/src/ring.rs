@@ -74,7 +74,7 @@ impl Ring {
     /// backlog: a full SQ is flushed to the kernel, never a panic or a dropped op).
     pub fn push(&mut self, sqe: &squeue::Entry) -> io::Result<()> {
         loop {
-            // SAFETY (the engine-wide invariant for every SQE): every pointer inside
+            // SAFETY: the engine-wide invariant for every SQE: every pointer inside
             // an SQE the engine builds (sockaddr, timespec, msghdr, read buffer) points
             // into memory owned by the worker or by a connection/flow slot that is
             // boxed (stable address) and freed only after the op's final CQE has been
@@ -147,13 +147,6 @@ impl Ring {
         }));
     }
 
-    /// Whether completions are waiting to be drained.
-    pub fn has_completions(&mut self) -> bool {
-        let mut cq = self.ring.completion();
-        cq.sync();
-        !cq.is_empty()
-    }
-
     fn submitter(&self) -> io_uring::Submitter<'_> {
         self.ring.submitter()
     }
@@ -166,9 +159,17 @@ const REQUIRED_OPS: &[(u8, &str, &str)] = &[
     (opcode::Connect::CODE, "CONNECT", "5.5"),
     (opcode::LinkTimeout::CODE, "LINK_TIMEOUT", "5.5"),
     (opcode::PollAdd::CODE, "POLL_ADD", "5.1"),
-    (opcode::AsyncCancel::CODE, "ASYNC_CANCEL", "5.19 (cancel by fd)"),
+    (
+        opcode::AsyncCancel::CODE,
+        "ASYNC_CANCEL",
+        "5.19 (cancel by fd)",
+    ),
     (opcode::Timeout::CODE, "TIMEOUT (multishot)", "6.4"),
-    (opcode::Recv::CODE, "RECV (multishot, provided buffer ring)", "6.0"),
+    (
+        opcode::Recv::CODE,
+        "RECV (multishot, provided buffer ring)",
+        "6.0",
+    ),
     (opcode::Send::CODE, "SEND", "5.6"),
     (opcode::RecvMsg::CODE, "RECVMSG (multishot)", "6.0"),
     (opcode::Read::CODE, "READ", "5.6"),

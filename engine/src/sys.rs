@@ -79,7 +79,8 @@ impl Pipe {
             // Failure is not fatal: past fs.pipe-user-pages-soft the kernel refuses to
             // grow pipes for unprivileged users; the default size still works.
             // SAFETY: fcntl on an fd we own.
-            let _ = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, size as libc::c_int) };
+            let _ =
+                unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, size as libc::c_int) };
         }
         // SAFETY: fcntl on an fd we own.
         let capacity = cvt(unsafe { libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ) })? as usize;
@@ -121,11 +122,6 @@ pub fn peer_addr(fd: BorrowedFd<'_>) -> io::Result<SocketAddr> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "socket is not AF_INET/AF_INET6"))
 }
 
-/// Pending socket error (`SO_ERROR`), used to name the reason of a failed connect.
-pub fn take_socket_error(fd: BorrowedFd<'_>) -> Option<io::Error> {
-    socket2::SockRef::from(&fd).take_error().ok().flatten()
-}
-
 /// Maps `::ffff:a.b.c.d` to `a.b.c.d` so that one address always has one spelling.
 pub fn normalize(addr: SocketAddr) -> SocketAddr {
     match addr {
@@ -135,24 +131,6 @@ pub fn normalize(addr: SocketAddr) -> SocketAddr {
         },
         v4 => v4,
     }
-}
-
-/// Converts an address into the `sockaddr_storage` the kernel reads for connect/sendto.
-pub fn to_sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-    let sa = socket2::SockAddr::from(*addr);
-    // SAFETY: `sockaddr_storage` is plain old data, all-zero is a valid value.
-    let mut storage: libc::sockaddr_storage = unsafe { mem::zeroed() };
-    let len = sa.len() as usize;
-    // SAFETY: `sa` holds `len` valid bytes and `storage` is at least as large as any
-    // sockaddr (that is the point of sockaddr_storage); the regions do not overlap.
-    unsafe {
-        std::ptr::copy_nonoverlapping(
-            sa.as_ptr() as *const u8,
-            &mut storage as *mut _ as *mut u8,
-            len,
-        );
-    }
-    (storage, len as libc::socklen_t)
 }
 
 /// Whether `ip` is an address of this host (in the current network namespace).
@@ -246,7 +224,7 @@ pub fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
 
 /// Non-blocking `sendto(2)`.
 pub fn send_to(fd: RawFd, buf: &[u8], to: &SocketAddr) -> io::Result<usize> {
-    let (storage, len) = to_sockaddr(to);
+    let (storage, len) = crate::cmsg::encode_sockaddr(to);
     // SAFETY: `buf` and `storage` are valid for the duration of the call, `len` is the
     // size of the address written into `storage`.
     let n = unsafe {
@@ -290,27 +268,6 @@ pub fn kernel_version() -> Option<(u32, u32)> {
     let major = parts.next()?.parse().ok()?;
     let minor = parts.next()?.parse().ok()?;
     Some((major, minor))
-}
-
-/// Human name of an errno value (`ECONNREFUSED`, ...), for counters and logs.
-pub fn errno_name(errno: i32) -> &'static str {
-    match errno {
-        libc::ECONNREFUSED => "ECONNREFUSED",
-        libc::ETIMEDOUT => "ETIMEDOUT",
-        libc::ECANCELED => "ECANCELED",
-        libc::EHOSTUNREACH => "EHOSTUNREACH",
-        libc::ENETUNREACH => "ENETUNREACH",
-        libc::ECONNRESET => "ECONNRESET",
-        libc::EPIPE => "EPIPE",
-        libc::EMFILE => "EMFILE",
-        libc::ENFILE => "ENFILE",
-        libc::ENOBUFS => "ENOBUFS",
-        libc::EADDRNOTAVAIL => "EADDRNOTAVAIL",
-        libc::EACCES => "EACCES",
-        libc::EPERM => "EPERM",
-        libc::EAGAIN => "EAGAIN",
-        _ => "other",
-    }
 }
 
 /// An all-zero `msghdr` (it has private padding fields, so no literal can build it).

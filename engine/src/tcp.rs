@@ -229,7 +229,11 @@ impl Worker {
                     }
                 }
                 e => {
-                    eprintln!("cpu {}: accept: {}", self.cpu, io::Error::from_raw_os_error(e));
+                    eprintln!(
+                        "cpu {}: accept: {}",
+                        self.cpu,
+                        io::Error::from_raw_os_error(e)
+                    );
                 }
             }
         } else {
@@ -290,7 +294,7 @@ impl Worker {
             upstream,
             client_addr: ClientAddr(peer),
             orig_dst: OrigDst(orig),
-            dst: sys::to_sockaddr(&orig),
+            dst: crate::cmsg::encode_sockaddr(&orig),
             phase: Phase::Connecting,
             dirs: [DirIo::new(cap), DirIo::new(cap)],
             inflight: 0,
@@ -342,7 +346,16 @@ impl Worker {
             return;
         }
         if c.result < 0 {
+            let (client, orig) = (conn.client_addr.0, conn.orig_dst.0);
+            let err = if c.result == -libc::ECANCELED {
+                format!("no answer within {} ms", self.cfg.connect_timeout_ms)
+            } else {
+                io::Error::from_raw_os_error(-c.result).to_string()
+            };
             self.count_connect_error(-c.result);
+            self.log_limited(format_args!(
+                "tcp: {client} -> {orig}: connect failed: {err}; client reset"
+            ));
             self.close(tok.slot, tok.generation, true);
             return;
         }
@@ -550,7 +563,8 @@ impl Worker {
                                 }
                             }
                             let conn = self.conns.get(slot, g).expect("live");
-                            let pipe_w = conn.dirs[d].pipe.as_ref().expect("pipe").write.as_raw_fd();
+                            let pipe_w =
+                                conn.dirs[d].pipe.as_ref().expect("pipe").write.as_raw_fd();
                             let r = sys::splice(conn.src(d), pipe_w, max);
                             if matches!(r, Ok(n) if n > 0) {
                                 conn.last_tick = self.tick;
@@ -629,9 +643,10 @@ impl Worker {
                     if !conn.dirs[d].poll_out {
                         conn.dirs[d].poll_out = true;
                         conn.inflight += 1;
-                        let sqe = opcode::PollAdd::new(types::Fd(conn.dst(d)), libc::POLLOUT as u32)
-                            .build()
-                            .user_data(dir_token(Op::poll_out(d), slot, g));
+                        let sqe =
+                            opcode::PollAdd::new(types::Fd(conn.dst(d)), libc::POLLOUT as u32)
+                                .build()
+                                .user_data(dir_token(Op::poll_out(d), slot, g));
                         self.submit(sqe);
                     }
                     return;

@@ -88,8 +88,6 @@ pub struct UdpState {
     mark: u32,
     port: u16,
     stopping: bool,
-    /// Tick of the last rate-limited log line.
-    last_log_tick: u64,
 }
 
 fn tproxy_socket(v6: bool, port: u16) -> io::Result<OwnedFd> {
@@ -183,7 +181,6 @@ impl UdpState {
             mark: cfg.mark,
             port: cfg.port,
             stopping: false,
-            last_log_tick: u64::MAX,
         })
     }
 
@@ -274,14 +271,6 @@ impl UdpState {
         }
     }
 
-    fn log(&mut self, w: &Worker, msg: std::fmt::Arguments<'_>) {
-        // At most one line per core per second: bad input must not flood the log.
-        if self.last_log_tick != w.tick {
-            self.last_log_tick = w.tick;
-            eprintln!("cpu {}: udp: {msg}", w.cpu);
-        }
-    }
-
     fn on_client_datagram(&mut self, w: &mut Worker, tok: Token, c: Completion, bid: Option<u16>) {
         let i = tok.slot as usize;
         if !c.more() {
@@ -298,7 +287,10 @@ impl UdpState {
                     w.stats.udp_enobufs.fetch_add(1, Relaxed);
                 }
                 libc::ECANCELED => {}
-                e => self.log(w, format_args!("recvmsg: {}", io::Error::from_raw_os_error(e))),
+                e => w.log_limited(format_args!(
+                    "udp: recvmsg: {}",
+                    io::Error::from_raw_os_error(e)
+                )),
             }
             return;
         }
@@ -322,7 +314,9 @@ impl UdpState {
         let meta = cmsg::decode(out.control_data(), flags);
         let Some(orig) = meta.orig_dst.filter(|_| !meta.truncated_ctrl) else {
             w.stats.udp_drop_no_origdst.fetch_add(1, Relaxed);
-            self.log(w, format_args!("datagram without an original destination dropped"));
+            w.log_limited(format_args!(
+                "udp: datagram without an original destination dropped"
+            ));
             return;
         };
         let Some(client) = cmsg::decode_sockaddr(out.name_data()) else {
@@ -353,7 +347,7 @@ impl UdpState {
             }
             Err(e) => {
                 w.stats.udp_drop_send_upstream.fetch_add(1, Relaxed);
-                self.log(w, format_args!("send to {orig}: {e}"));
+                w.log_limited(format_args!("udp: send to {orig}: {e}"));
             }
         }
         self.flows.touch(id, now, Dir::ToServer);
@@ -371,13 +365,13 @@ impl UdpState {
             Ok(s) => s,
             Err(e) => {
                 w.stats.udp_drop_no_socket.fetch_add(1, Relaxed);
-                self.log(w, format_args!("upstream socket to {orig}: {e}"));
+                w.log_limited(format_args!("udp: upstream socket to {orig}: {e}"));
                 return None;
             }
         };
         if let Err(e) = self.acquire_reply(w, key.orig_dst) {
             w.stats.udp_drop_no_socket.fetch_add(1, Relaxed);
-            self.log(w, format_args!("reply socket on {orig}: {e}"));
+            w.log_limited(format_args!("udp: reply socket on {orig}: {e}"));
             return None;
         }
         let flow = Flow {
@@ -464,7 +458,10 @@ impl UdpState {
                 libc::ECANCELED => {}
                 // ICMP port/host unreachable reported on the connected socket.
                 libc::ECONNREFUSED | libc::EHOSTUNREACH | libc::ENETUNREACH => {}
-                e => self.log(w, format_args!("recv: {}", io::Error::from_raw_os_error(e))),
+                e => w.log_limited(format_args!(
+                    "udp: recv: {}",
+                    io::Error::from_raw_os_error(e)
+                )),
             }
             return;
         }
@@ -479,11 +476,13 @@ impl UdpState {
         match sys::send_to(reply.fd.as_raw_fd(), payload, &key.client.0) {
             Ok(_) => {
                 w.stats.udp_dgrams_s2c.fetch_add(1, Relaxed);
-                w.stats.udp_bytes_s2c.fetch_add(payload.len() as u64, Relaxed);
+                w.stats
+                    .udp_bytes_s2c
+                    .fetch_add(payload.len() as u64, Relaxed);
             }
             Err(e) => {
                 w.stats.udp_drop_send_client.fetch_add(1, Relaxed);
-                self.log(w, format_args!("reply to {}: {e}", key.client.0));
+                w.log_limited(format_args!("udp: reply to {}: {e}", key.client.0));
             }
         }
         let now = self.now_ms();

@@ -49,6 +49,8 @@ pub struct Worker {
     pub conns: ConnTable,
     /// Idle pipes of the splice relay, reused LIFO (warm in cache).
     pub pipes: Vec<sys::Pipe>,
+    /// Pipes taken from the pool or created since the last tick.
+    pipes_taken: u64,
     /// Copy-relay directions waiting for a provided buffer (ENOBUFS).
     pub buf_waiters: VecDeque<(u32, u32, usize)>,
     /// Relay directions that used up their budget and must be pumped again.
@@ -70,6 +72,8 @@ pub struct Worker {
     pub in_flight: usize,
     /// The periodic timer was cancelled for the final wind-down.
     tick_cancelled: bool,
+    /// Tick of the last rate-limited log line.
+    last_log_tick: u64,
 }
 
 /// Most idle pipes kept per core; more are closed when returned.
@@ -129,6 +133,7 @@ impl Worker {
             listeners,
             conns: ConnTable::with_capacity(max),
             pipes: Vec::new(),
+            pipes_taken: 0,
             buf_waiters: VecDeque::new(),
             runq: VecDeque::new(),
             udp,
@@ -143,6 +148,7 @@ impl Worker {
             accept_starved: false,
             in_flight: 0,
             tick_cancelled: false,
+            last_log_tick: u64::MAX,
         })
     }
 
@@ -266,7 +272,10 @@ impl Worker {
 
     fn dispatch(&mut self, c: Completion) {
         let Some(tok) = Token::decode(c.user_data) else {
-            eprintln!("cpu {}: completion with unknown user_data {:#x}", self.cpu, c.user_data);
+            eprintln!(
+                "cpu {}: completion with unknown user_data {:#x}",
+                self.cpu, c.user_data
+            );
             return;
         };
         if !c.more() {
@@ -303,6 +312,12 @@ impl Worker {
             }
         }
         self.tick += 1;
+        if self.pipes_taken == 0 {
+            // A quiet second: give idle pipes back (2 fds and up to 64 KiB of pinned
+            // kernel memory each), so an idle engine holds what it held at start.
+            self.pipes.clear();
+        }
+        self.pipes_taken = 0;
         self.expire_idle_conns();
         if self.accept_starved {
             // EMFILE/ENFILE earlier: try again once a second, never in a tight loop.
@@ -354,8 +369,18 @@ impl Worker {
         }
     }
 
+    /// Logs at most one line per core per second: bad input or a failing upstream
+    /// must not flood the log (the counters have the totals).
+    pub fn log_limited(&mut self, msg: std::fmt::Arguments<'_>) {
+        if self.last_log_tick != self.tick {
+            self.last_log_tick = self.tick;
+            eprintln!("cpu {}: {msg}", self.cpu);
+        }
+    }
+
     /// Takes a pipe from the pool or makes one.
     pub fn take_pipe(&mut self) -> io::Result<sys::Pipe> {
+        self.pipes_taken += 1;
         match self.pipes.pop() {
             Some(p) => Ok(p),
             None => {

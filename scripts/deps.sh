@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Installs what ringrelay's demo and tests need on a Debian machine, only what is
+# missing. Sourced by demo.sh and test.sh; safe to run on its own (as root).
+set -euo pipefail
+
+need_root() {
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "ringrelay: run this as root: network namespaces, nftables and TPROXY need it" >&2
+        exit 1
+    fi
+}
+
+# command -> Debian package that provides it
+declare -A PKG=(
+    [ip]=iproute2
+    [nft]=nftables
+    [iptables]=iptables
+    [haproxy]=haproxy
+    [dnsmasq]=dnsmasq-base
+    [dig]=bind9-dnsutils
+    [cc]=gcc
+    [pkill]=procps
+)
+
+install_missing() {
+    local missing=()
+    for cmd in "${!PKG[@]}"; do
+        command -v "$cmd" >/dev/null 2>&1 || missing+=("${PKG[$cmd]}")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "ringrelay: installing missing packages: ${missing[*]}" >&2
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+    # Kernel modules some distributions build as modules (built in here).
+    for m in nft_tproxy nf_tproxy_ipv4 nf_tproxy_ipv6 nft_socket nft_fib_inet veth; do
+        modprobe -q "$m" 2>/dev/null || true
+    done
+}
+
+check_rust() {
+    if ! command -v cargo >/dev/null 2>&1; then
+        # rustup puts cargo here; a root login shell may not have it on PATH yet.
+        [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
+    fi
+    if ! command -v cargo >/dev/null 2>&1; then
+        echo "ringrelay: no Rust toolchain: install one with rustup (https://rustup.rs), Rust 1.85 or newer" >&2
+        exit 1
+    fi
+    local v
+    v=$(rustc --version | awk '{print $2}')
+    if [ "$(printf '%s\n1.85.0\n' "$v" | sort -V | head -n1)" != "1.85.0" ]; then
+        echo "ringrelay: rustc $v is too old: need 1.85 or newer (rustup update)" >&2
+        exit 1
+    fi
+}
+
+need_root
+install_missing
+check_rust

@@ -149,9 +149,9 @@ pub fn fds_per_conn(relay: RelayMode) -> usize {
     }
 }
 
-/// Fds kept aside for listeners, rings, eventfds, UDP reply sockets' headroom,
-/// stdio and the pipe pool's idle pipes.
-pub const FD_RESERVE: usize = 256;
+/// Fds kept aside for listeners, rings, eventfds, stdio, the pipe pool's idle pipes
+/// and clients parked while at the connection limit (`worker::PARK_MAX` per core).
+pub const FD_RESERVE: usize = 512;
 
 /// Splits the fd budget between TCP connections and UDP flows.
 ///

@@ -71,9 +71,11 @@ counters! {
     connect_other,
     /// Connections reset by the idle timeout.
     idle_timeouts,
-    /// Connections accepted while at the connection limit, reset at once.
+    /// Connections accepted past the limit with the park queue full: reset at once.
     over_limit,
-    /// Times accepting was paused because the connection limit was reached.
+    /// Connections accepted past the limit (multishot burst) that waited for a slot.
+    accept_parked,
+    /// Times the connection limit was reached and accepting paused.
     accept_paused,
     /// Accept failures for lack of file descriptors (EMFILE/ENFILE).
     accept_emfile,

@@ -208,12 +208,13 @@ fn dir_token(op: Op, slot: u32, generation: u32) -> u64 {
 }
 
 impl Worker {
-    /// A multishot accept completion.
+    /// An accept completion (multishot or single-shot).
     pub fn on_accept(&mut self, tok: Token, c: Completion) {
         let li = tok.slot as usize;
         if !c.more() {
             if let Some(l) = self.listeners.get_mut(li) {
                 l.armed = false;
+                l.cancelling = false;
             }
         }
         if c.result < 0 {
@@ -225,7 +226,7 @@ impl Worker {
                     // multishot accept may still be armed, so cancel it (no EMFILE spin).
                     if !self.accept_starved {
                         self.accept_starved = true;
-                        self.cancel_accepts();
+                        self.cancel_accepts(false);
                     }
                 }
                 e => {
@@ -238,6 +239,7 @@ impl Worker {
             }
         } else {
             let fd = sys::take_accepted(c.result);
+            self.stats.accepted.fetch_add(1, Relaxed);
             self.start_conn(fd);
         }
         if !c.more() {
@@ -255,11 +257,19 @@ impl Worker {
     }
 
     fn start_conn(&mut self, client: OwnedFd) {
-        self.stats.accepted.fetch_add(1, Relaxed);
-        if self.stopping || self.conns.len() >= self.cfg.max_conns_per_core {
-            // Accepted between reaching the limit and the cancel taking effect.
-            self.stats.over_limit.fetch_add(1, Relaxed);
+        if self.stopping {
             let _ = sys::set_linger_zero(client.as_fd());
+            return;
+        }
+        if self.conns.len() >= self.cfg.max_conns_per_core {
+            // A multishot burst accepted past the limit before its cancel took effect.
+            if self.parked.len() < crate::worker::PARK_MAX {
+                self.stats.accept_parked.fetch_add(1, Relaxed);
+                self.parked.push_back(client);
+            } else {
+                self.stats.over_limit.fetch_add(1, Relaxed);
+                let _ = sys::set_linger_zero(client.as_fd());
+            }
             return;
         }
         let (Ok(orig), Ok(peer)) = (
@@ -303,11 +313,11 @@ impl Worker {
         });
         self.stats.active.fetch_add(1, Relaxed);
         let (slot, g) = self.conns.insert(conn);
-        if self.conns.len() >= self.cfg.max_conns_per_core && !self.accept_paused {
-            self.accept_paused = true;
+        if self.headroom() == 0 && !self.at_limit {
+            self.at_limit = true;
             self.stats.accept_paused.fetch_add(1, Relaxed);
-            self.cancel_accepts();
         }
+        self.check_accept_headroom();
         let conn = self.conns.get(slot, g).expect("just inserted");
         let connect = opcode::Connect::new(
             types::Fd(conn.upstream.as_raw_fd()),
@@ -731,11 +741,13 @@ impl Worker {
         }
         drop(conn); // closes both sockets (RST if SO_LINGER 0 was armed)
         self.wake_buf_waiter();
-        let max = self.cfg.max_conns_per_core;
-        if self.accept_paused && self.conns.len() <= max - (max / 8).max(1).min(max) {
-            self.accept_paused = false;
-            self.arm_accepts();
+        if let Some(client) = self.parked.pop_front() {
+            self.start_conn(client);
         }
+        if self.headroom() > 0 {
+            self.at_limit = false;
+        }
+        self.arm_accepts();
         if self.stopping {
             self.maybe_wind_down();
         }

@@ -33,9 +33,24 @@ pub const GROUP_UDP: u16 = 1;
 pub struct Listener {
     /// `None` once closed while stopping.
     pub fd: Option<OwnedFd>,
-    /// A multishot accept is in flight (set on submit, cleared on its final CQE).
+    /// An accept is in flight (set on submit, cleared on its final CQE).
     pub armed: bool,
+    /// The accept in flight is multishot (else single-shot).
+    pub multishot: bool,
+    /// A cancel of the multishot accept has been submitted.
+    pub cancelling: bool,
 }
+
+/// A multishot accept is armed only while at least this many connection slots are
+/// free. Closer to the limit each listener has one single-shot accept at a time and
+/// only while a slot is free, so the limit is overshot by at most one connection per
+/// listener (parked until a slot frees): waiting clients stay in the kernel's listen
+/// backlog instead of being reset.
+pub const MULTISHOT_HEADROOM: usize = 64;
+
+/// Clients a multishot burst accepted past the limit before its cancel took effect
+/// wait here (holding only their socket) for a free slot; beyond this they are reset.
+pub const PARK_MAX: usize = 256;
 
 /// Everything one core owns. Field order is drop order: the ring goes first so the
 /// kernel has let go of every buffer ring before the buffers are freed.
@@ -64,8 +79,10 @@ pub struct Worker {
     control_buf: Box<[u8; 8]>,
     pub stopping: bool,
     stop_deadline: u64,
-    /// Accepting is paused because the connection limit was reached.
-    pub accept_paused: bool,
+    /// Accepted clients waiting for a connection slot (see [`PARK_MAX`]).
+    pub parked: VecDeque<OwnedFd>,
+    /// The connection limit is reached (for counting pauses once each).
+    pub at_limit: bool,
     /// Accepting is paused after EMFILE/ENFILE until a connection closes or a tick.
     pub accept_starved: bool,
     /// Ops submitted whose final completion has not been seen yet.
@@ -110,6 +127,8 @@ impl Worker {
                 listeners.push(Listener {
                     fd: Some(fd),
                     armed: false,
+                    multishot: false,
+                    cancelling: false,
                 });
             }
         }
@@ -144,7 +163,8 @@ impl Worker {
             control_buf: Box::new([0; 8]),
             stopping: false,
             stop_deadline: 0,
-            accept_paused: false,
+            parked: VecDeque::new(),
+            at_limit: false,
             accept_starved: false,
             in_flight: 0,
             tick_cancelled: false,
@@ -169,31 +189,67 @@ impl Worker {
         self.in_flight += sqes.len();
     }
 
-    /// Arms the multishot accept of every idle listener, unless accepting is paused.
+    /// Connection slots still free (parked clients count as taken).
+    pub fn headroom(&self) -> usize {
+        self.cfg
+            .max_conns_per_core
+            .saturating_sub(self.conns.len() + self.parked.len())
+    }
+
+    /// Arms an accept on every idle listener: multishot while there is plenty of
+    /// headroom, single-shot (one per free slot) near the limit, none at the limit.
     pub fn arm_accepts(&mut self) {
-        if self.stopping || self.accept_paused || self.accept_starved {
+        if self.stopping || self.accept_starved {
             return;
         }
         for i in 0..self.listeners.len() {
-            if !self.listeners[i].armed {
-                let Some(fd) = self.listeners[i].fd.as_ref().map(|f| f.as_raw_fd()) else {
-                    continue;
-                };
-                // SOCK_NONBLOCK: splice takes its blocking mode from the socket file.
-                let sqe = opcode::AcceptMulti::new(types::Fd(fd))
-                    .flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
-                    .build()
-                    .user_data(Token::new(Op::Accept, i as u32, 0).encode());
-                self.listeners[i].armed = true;
-                self.submit(sqe);
+            if self.listeners[i].armed {
+                continue;
             }
+            let Some(fd) = self.listeners[i].fd.as_ref().map(|f| f.as_raw_fd()) else {
+                continue;
+            };
+            let headroom = self.headroom();
+            let ud = Token::new(Op::Accept, i as u32, 0).encode();
+            // SOCK_NONBLOCK: splice takes its blocking mode from the socket file.
+            let flags = libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
+            let sqe = if headroom >= MULTISHOT_HEADROOM {
+                self.listeners[i].multishot = true;
+                opcode::AcceptMulti::new(types::Fd(fd))
+                    .flags(flags)
+                    .build()
+                    .user_data(ud)
+            } else if headroom > 0 {
+                // One per listener: reserving slots per listener would let an idle
+                // family's accept starve the busy one.
+                self.listeners[i].multishot = false;
+                opcode::Accept::new(types::Fd(fd), std::ptr::null_mut(), std::ptr::null_mut())
+                    .flags(flags)
+                    .build()
+                    .user_data(ud)
+            } else {
+                // At the limit: new clients wait in the listen backlog.
+                continue;
+            };
+            self.listeners[i].armed = true;
+            self.listeners[i].cancelling = false;
+            self.submit(sqe);
         }
     }
 
-    /// Cancels the multishot accepts (limit reached or stopping).
-    pub fn cancel_accepts(&mut self) {
+    /// Cancels multishot accepts once headroom is too small for them.
+    pub fn check_accept_headroom(&mut self) {
+        if self.headroom() < MULTISHOT_HEADROOM {
+            self.cancel_accepts(true);
+        }
+    }
+
+    /// Cancels the armed accepts (all of them, or only the multishot ones).
+    pub fn cancel_accepts(&mut self, only_multishot: bool) {
         for i in 0..self.listeners.len() {
-            if self.listeners[i].armed {
+            let l = &mut self.listeners[i];
+            if l.armed && !l.cancelling && (l.multishot || !only_multishot) {
+                l.cancelling = true;
                 let ud = Token::new(Op::Accept, i as u32, 0).encode();
                 let sqe = opcode::AsyncCancel::new(ud)
                     .build()
@@ -348,7 +404,11 @@ impl Worker {
     fn begin_stop(&mut self) {
         self.stopping = true;
         self.stop_deadline = self.tick + self.cfg.drain_timeout_s;
-        self.cancel_accepts();
+        self.cancel_accepts(false);
+        // Clients that never got a slot are reset rather than left waiting.
+        for fd in self.parked.drain(..) {
+            let _ = sys::set_linger_zero(std::os::fd::AsFd::as_fd(&fd));
+        }
         if let Some(mut udp) = self.udp.take() {
             udp.stop(self);
             self.udp = Some(udp);

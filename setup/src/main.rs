@@ -1,0 +1,256 @@
+//! `setup`: the command line of ringrelay-setup. Parses options, picks the state file,
+//! calls the library and turns its result into output and an exit code.
+#![forbid(unsafe_code)]
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ringrelay_setup::config::{self, Backend, Config, FailMode, Mark};
+use ringrelay_setup::ports::{parse_port_list, PortSel};
+use ringrelay_setup::runner::RealRunner;
+use ringrelay_setup::{host, ops, state, status};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+const ABOUT: &str =
+    "Hand forwarded TCP and UDP to the ringrelay engine through TPROXY (IPv4 and IPv6)";
+
+const LONG_ABOUT: &str = "\
+Hand forwarded TCP and UDP to the ringrelay engine through TPROXY (IPv4 and IPv6).
+
+  setup apply      install the firewall rules (one transaction), the policy routing
+                   for the interception mark, and the sysctls; --dry-run prints them
+  setup status     exit 0 only when everything is in place; otherwise list what is
+                   missing or conflicting; also warns about known traps
+  setup teardown   remove exactly what apply added and restore the sysctls
+
+Traffic addressed to the box itself, loopback, and packets carrying the engine's
+bypass mark are never intercepted. Locally generated traffic is not intercepted.
+
+Fail mode: by default (nft) the setup FAILS OPEN: while the engine is not listening,
+nft tproxy finds no socket and the traffic is forwarded untouched, so an engine crash
+or restart does not cut the network. Use --fail-closed when bypassing the engine is
+worse than an outage. The iptables TPROXY target always drops when nothing listens,
+so --backend iptables is fail-closed (and refuses --fail-mode open).
+
+State: /run/ringrelay/setup-netns-<inode>.state (directory from $RINGRELAY_STATE_DIR),
+one per network namespace; --state-file overrides it.";
+
+#[derive(Parser, Debug)]
+#[command(name = "setup", version, about = ABOUT, long_about = LONG_ABOUT)]
+struct Cli {
+    /// State file recording what apply changed [default: $RINGRELAY_STATE_DIR or
+    /// /run/ringrelay, then setup-netns-<netns inode>.state]
+    #[arg(long, global = true, value_name = "PATH")]
+    state_file: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Install interception: firewall rules, policy routing, sysctls (atomic, idempotent)
+    Apply {
+        #[command(flatten)]
+        plan: PlanArgs,
+        /// Print the exact commands and rules apply would send, change nothing
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Check that everything is in place; exit 0 ready, 1 not ready, 2 could not check
+    Status {
+        /// Options only used when no state file exists (to list what is missing)
+        #[command(flatten)]
+        plan: PlanArgs,
+    },
+    /// Remove exactly what apply added and restore sysctls; safe to run twice
+    Teardown,
+}
+
+#[derive(Args, Debug)]
+struct PlanArgs {
+    /// The engine's transparent port (TCP and UDP)
+    #[arg(long, default_value_t = config::DEFAULT_PORT)]
+    port: u16,
+    /// TCP destination ports to intercept, e.g. 80,443,8000-8100 [default: all]
+    #[arg(long, value_name = "LIST", value_parser = parse_port_list)]
+    tcp_ports: Option<PortSel>,
+    /// UDP destination ports to intercept, e.g. 53,443 [default: all]
+    #[arg(long, value_name = "LIST", value_parser = parse_port_list)]
+    udp_ports: Option<PortSel>,
+    /// Do not intercept TCP
+    #[arg(long, conflicts_with = "tcp_ports")]
+    no_tcp: bool,
+    /// Do not intercept UDP
+    #[arg(long, conflicts_with = "udp_ports")]
+    no_udp: bool,
+    /// IPv4 only: no IPv6 rules, ip -6 rule/route or IPv6 forwarding
+    #[arg(long)]
+    no_ipv6: bool,
+    /// Intercept only traffic arriving on this interface (repeatable, or comma-separated)
+    /// [default: every interface but lo]
+    #[arg(long = "in-iface", value_name = "IF", value_delimiter = ',')]
+    in_ifaces: Vec<String>,
+    /// Firewall front end: nft (table inet ringrelay) or iptables (mangle chains RINGRELAY*)
+    #[arg(long, value_enum, default_value_t = BackendArg::Nft)]
+    backend: BackendArg,
+    /// Interception mark set by the tproxy rule and routed by the ip rule
+    #[arg(long, value_name = "MARK[/MASK]", default_value = "0x1/0x1", value_parser = parse_mark_arg)]
+    fwmark: Mark,
+    /// Policy routing table holding `local default dev lo`
+    #[arg(long, default_value_t = config::DEFAULT_TABLE)]
+    table: u32,
+    /// The engine's upstream SO_MARK (engine --mark); never intercepted
+    #[arg(long, value_name = "MARK", default_value = "0x2", value_parser = parse_u32_arg)]
+    bypass_mark: u32,
+    /// What intercepted traffic does while nothing listens on the port
+    /// [default: open with nft, closed with iptables]
+    ///
+    /// open: nft tproxy finds no socket, does not match, and the packet is forwarded
+    /// as if no rule existed; an engine crash or restart degrades to plain routing
+    /// (the default: the engine relays, it enforces no policy). Connections opened
+    /// while the engine was down are reset when it comes back (their next segment
+    /// reaches its listener).
+    ///
+    /// closed: such packets are dropped (nft: a drop rule after the tproxy rules);
+    /// choose it when traffic must never bypass the engine. The iptables TPROXY target
+    /// drops by itself, so --backend iptables is always closed.
+    #[arg(long, value_enum)]
+    fail_mode: Option<FailModeArg>,
+    /// Same as --fail-mode closed
+    #[arg(long, conflicts_with = "fail_mode")]
+    fail_closed: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum BackendArg {
+    Nft,
+    Iptables,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum FailModeArg {
+    Open,
+    Closed,
+}
+
+fn parse_mark_arg(s: &str) -> Result<Mark, String> {
+    config::parse_mark(s).map_err(|e| e.to_string())
+}
+
+fn parse_u32_arg(s: &str) -> Result<u32, String> {
+    config::parse_u32(s).ok_or_else(|| format!("invalid mark {s:?}: expected a number like 0x2"))
+}
+
+impl PlanArgs {
+    /// The library config; the second value says whether the fail mode was defaulted
+    /// to closed because of the iptables backend.
+    fn to_config(&self) -> (Config, bool) {
+        let backend = match self.backend {
+            BackendArg::Nft => Backend::Nft,
+            BackendArg::Iptables => Backend::Iptables,
+        };
+        let explicit = match (self.fail_mode, self.fail_closed) {
+            (_, true) | (Some(FailModeArg::Closed), _) => Some(FailMode::Closed),
+            (Some(FailModeArg::Open), _) => Some(FailMode::Open),
+            (None, false) => None,
+        };
+        let fail_mode = explicit.unwrap_or(FailMode::default_for(backend));
+        let mut c = Config {
+            backend,
+            port: self.port,
+            tcp: (!self.no_tcp).then(|| self.tcp_ports.clone().unwrap_or(PortSel::All)),
+            udp: (!self.no_udp).then(|| self.udp_ports.clone().unwrap_or(PortSel::All)),
+            ipv6: !self.no_ipv6,
+            in_ifaces: self.in_ifaces.clone(),
+            fwmark: self.fwmark,
+            table: self.table,
+            bypass_mark: self.bypass_mark,
+            fail_mode,
+        };
+        c.normalize();
+        let defaulted_closed = explicit.is_none() && fail_mode == FailMode::Closed;
+        (c, defaulted_closed)
+    }
+}
+
+fn state_path(cli: &Cli) -> Result<PathBuf> {
+    if let Some(p) = &cli.state_file {
+        return Ok(p.clone());
+    }
+    let inode = host::netns_inode().context("reading /proc/self/ns/net to name the state file")?;
+    Ok(state::default_path(
+        std::env::var_os(state::STATE_DIR_ENV),
+        inode,
+    ))
+}
+
+fn netns_identity() -> Result<String> {
+    host::netns_identity().context("reading /proc/self/ns/net to identify the network namespace")
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let is_status = matches!(cli.command, Command::Status { .. });
+    match run(&cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("setup: error: {e:#}");
+            ExitCode::from(if is_status { 2 } else { 1 })
+        }
+    }
+}
+
+fn run(cli: &Cli) -> Result<ExitCode> {
+    let runner = RealRunner;
+    let path = state_path(cli)?;
+    match &cli.command {
+        Command::Apply { plan, dry_run } => {
+            let (config, defaulted_closed) = plan.to_config();
+            if defaulted_closed {
+                eprintln!(
+                    "setup: note: --backend iptables is fail-closed: TPROXY drops intercepted packets while nothing listens on port {}",
+                    config.port
+                );
+            }
+            if *dry_run {
+                print!("{}", ops::dry_run(&runner, &config, &path)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            let report = ops::apply(&runner, &config, &path, &netns_identity()?)?;
+            for line in &report.lines {
+                println!("{line}");
+            }
+            for w in &report.warnings {
+                eprintln!("setup: warning: {w}");
+            }
+            println!(
+                "ringrelay: applied (backend {}, port {}, fail-{}); check with `setup status`",
+                config.backend.name(),
+                config.port,
+                config.fail_mode.name()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { plan } => {
+            let (config, _) = plan.to_config();
+            let report = status::status(&runner, &path, &netns_identity()?, &config)?;
+            print!("{}", report.render());
+            Ok(if report.ready() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Command::Teardown => {
+            let report = ops::teardown(&runner, &path, &netns_identity()?)?;
+            for line in &report.lines {
+                println!("{line}");
+            }
+            for w in &report.warnings {
+                eprintln!("setup: warning: {w}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

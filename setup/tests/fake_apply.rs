@@ -1,0 +1,553 @@
+//! The apply / teardown / status flow against the recording fake runner: which
+//! commands are sent, in which order, with which stdin; idempotency; rollback; and
+//! bad input that must change nothing. No root needed.
+
+use ringrelay_setup::config::{Backend, Config, FailMode};
+use ringrelay_setup::runner::{Event, Output, RecordingRunner};
+use ringrelay_setup::state::State;
+use ringrelay_setup::{ops, status};
+use std::path::{Path, PathBuf};
+
+/// The namespace identity the fake runs in.
+const NS: &str = "4026532177-57985-boot";
+const RULES_DEFAULT: &str =
+    "0:\tfrom all lookup 255\n32766:\tfrom all lookup 254\n32767:\tfrom all lookup 253\n";
+const RULES_OURS: &str = "0:\tfrom all lookup 255\n32765:\tfrom all fwmark 0x1/0x1 lookup 100\n32766:\tfrom all lookup 254\n32767:\tfrom all lookup 253\n";
+const ROUTE_OURS: &str = "local default dev lo scope host \n";
+
+/// A router with lo, eth0 and eth1; forwarding off; strict rp_filter on all and eth1.
+fn fake_host() -> RecordingRunner {
+    let r = RecordingRunner::new();
+    for (iface, flags) in [("lo", "0x9"), ("eth0", "0x1003"), ("eth1", "0x1003")] {
+        r.set_file(&format!("/sys/class/net/{iface}/flags"), flags);
+    }
+    r.set_file(
+        "/proc/self/status",
+        "Name:\tsetup\nCapEff:\t000001ffffffffff\n",
+    );
+    r.set_file("/proc/sys/net/ipv4/ip_forward", "0");
+    for iface in ["all", "default", "lo", "eth0", "eth1"] {
+        let rp = if iface == "all" || iface == "eth1" {
+            "1"
+        } else {
+            "0"
+        };
+        r.set_file(&format!("/proc/sys/net/ipv4/conf/{iface}/rp_filter"), rp);
+        r.set_file(&format!("/proc/sys/net/ipv4/conf/{iface}/forwarding"), "0");
+        r.set_file(
+            &format!("/proc/sys/net/ipv4/conf/{iface}/src_valid_mark"),
+            "0",
+        );
+        r.set_file(&format!("/proc/sys/net/ipv6/conf/{iface}/forwarding"), "0");
+    }
+    r.respond("ip -N rule show", Output::ok(RULES_DEFAULT));
+    r.respond("ip -N -6 rule show", Output::ok(RULES_DEFAULT));
+    r
+}
+
+/// After apply, the fake's `ip` answers show our rules and routes.
+fn show_ours(r: &RecordingRunner) {
+    r.respond("ip -N rule show", Output::ok(RULES_OURS));
+    r.respond("ip -N -6 rule show", Output::ok(RULES_OURS));
+    r.respond("ip route show table 100", Output::ok(ROUTE_OURS));
+    r.respond("ip -6 route show table 100", Output::ok(ROUTE_OURS));
+}
+
+/// A private state directory, removed when the test ends (even on panic).
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn state_path(name: &str) -> (TempDir, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("rrsetup-fake-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let path = dir.join("setup.state");
+    (TempDir(dir), path)
+}
+
+/// Commands that change something (not the listings apply reads).
+fn changes(r: &RecordingRunner) -> Vec<String> {
+    r.events()
+        .iter()
+        .filter_map(|e| match e {
+            Event::Run(c) => {
+                let line = c.to_string();
+                let mutating = c.stdin.is_some()
+                    || line.contains(" add ")
+                    || line.contains(" del ")
+                    || line.starts_with("nft delete");
+                mutating.then_some(line)
+            }
+            Event::Write { path, contents } => {
+                Some(format!("write {}={}", path.display(), contents.trim_end()))
+            }
+        })
+        .collect()
+}
+
+fn stdin_of(r: &RecordingRunner, program: &str) -> Vec<String> {
+    r.events()
+        .iter()
+        .filter_map(|e| match e {
+            Event::Run(c) if c.program == program => c.stdin.clone(),
+            _ => None,
+        })
+        .collect()
+}
+
+fn golden(name: &str) -> String {
+    std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/golden")
+            .join(name),
+    )
+    .unwrap()
+}
+
+#[test]
+fn apply_sends_exactly_the_plan_in_order() {
+    let r = fake_host();
+    let (_dir, path) = state_path("apply");
+    let report = ops::apply(&r, &Config::default(), &path, NS).unwrap();
+    assert_eq!(
+        changes(&r),
+        vec![
+            "nft -f -",
+            "ip rule add fwmark 0x1/0x1 lookup 100",
+            "ip -6 rule add fwmark 0x1/0x1 lookup 100",
+            "ip route add local 0.0.0.0/0 dev lo table 100",
+            "ip -6 route add local ::/0 dev lo table 100",
+            "write /proc/sys/net/ipv4/ip_forward=1",
+            "write /proc/sys/net/ipv6/conf/all/forwarding=1",
+            "write /proc/sys/net/ipv4/conf/all/rp_filter=2",
+            "write /proc/sys/net/ipv4/conf/eth1/rp_filter=2",
+        ]
+    );
+    // The script sent is the golden one, byte for byte.
+    assert_eq!(stdin_of(&r, "nft"), vec![golden("defaults.nft")]);
+    let st = State::load(&path).unwrap().unwrap();
+    assert_eq!(st.netns, NS);
+    assert!(st.rules.iter().all(|x| x.added) && st.routes.iter().all(|x| x.added));
+    let originals: Vec<(String, String, String)> = st
+        .sysctls
+        .iter()
+        .map(|s| (s.key.dotted(), s.original.clone(), s.written.clone()))
+        .collect();
+    assert_eq!(
+        originals,
+        vec![
+            ("net.ipv4.ip_forward".into(), "0".into(), "1".into()),
+            (
+                "net.ipv6.conf.all.forwarding".into(),
+                "0".into(),
+                "1".into()
+            ),
+            ("net.ipv4.conf.all.rp_filter".into(), "1".into(), "2".into()),
+            (
+                "net.ipv4.conf.eth1.rp_filter".into(),
+                "1".into(),
+                "2".into()
+            ),
+        ]
+    );
+    // Forwarding writes rewrite every interface: their values are kept to restore.
+    assert_eq!(st.sysctls[0].side.len(), 4);
+    assert!(report
+        .warnings
+        .iter()
+        .any(|w| w.contains("nothing listens on TCP port 15001")));
+}
+
+#[test]
+fn reapply_changes_nothing_twice() {
+    let r = fake_host();
+    let (_dir, path) = state_path("reapply");
+    ops::apply(&r, &Config::default(), &path, NS).unwrap();
+    let first = State::load(&path).unwrap().unwrap();
+    show_ours(&r);
+    r.clear_events();
+    ops::apply(&r, &Config::default(), &path, NS).unwrap();
+    // Only the table replacement (one transaction, same text); no rule, route or
+    // sysctl is added or written again.
+    assert_eq!(changes(&r), vec!["nft -f -"]);
+    assert_eq!(stdin_of(&r, "nft"), vec![golden("defaults.nft")]);
+    // The originals of the first apply are still the ones teardown restores.
+    assert_eq!(State::load(&path).unwrap().unwrap().sysctls, first.sysctls);
+}
+
+#[test]
+fn teardown_removes_exactly_what_apply_added_and_twice_is_fine() {
+    let r = fake_host();
+    let (_dir, path) = state_path("teardown");
+    ops::apply(&r, &Config::default(), &path, NS).unwrap();
+    show_ours(&r);
+    r.clear_events();
+    ops::teardown(&r, &path, NS).unwrap();
+    assert_eq!(
+        changes(&r),
+        vec![
+            "nft -f -",
+            "ip rule del fwmark 0x1/0x1 lookup 100",
+            "ip -6 rule del fwmark 0x1/0x1 lookup 100",
+            "ip route del local 0.0.0.0/0 dev lo table 100",
+            "ip -6 route del local ::/0 dev lo table 100",
+            "write /proc/sys/net/ipv4/conf/eth1/rp_filter=1",
+            "write /proc/sys/net/ipv4/conf/all/rp_filter=1",
+            "write /proc/sys/net/ipv6/conf/all/forwarding=0",
+            "write /proc/sys/net/ipv4/ip_forward=0",
+        ]
+    );
+    assert_eq!(
+        stdin_of(&r, "nft"),
+        vec!["# ringrelay: remove the interception table (setup teardown)\ntable inet ringrelay {}\ndelete table inet ringrelay\n"]
+    );
+    assert!(!path.exists());
+    assert_eq!(
+        r.file("/proc/sys/net/ipv4/conf/all/rp_filter").unwrap(),
+        "1"
+    );
+    // Second teardown: nothing recorded, nothing to do, not an error.
+    let again = ops::teardown(&r, &path, NS).unwrap();
+    assert!(again.lines[0].starts_with("no state file"));
+}
+
+#[test]
+fn teardown_leaves_sysctls_changed_since_apply() {
+    let r = fake_host();
+    let (_dir, path) = state_path("changed");
+    ops::apply(&r, &Config::default(), &path, NS).unwrap();
+    show_ours(&r);
+    r.set_file("/proc/sys/net/ipv4/conf/all/rp_filter", "0");
+    r.clear_events();
+    let report = ops::teardown(&r, &path, NS).unwrap();
+    assert!(!changes(&r).iter().any(|c| c.contains("conf/all/rp_filter")));
+    assert!(report
+        .warnings
+        .iter()
+        .any(|w| w.contains("net.ipv4.conf.all.rp_filter is 0")));
+}
+
+#[test]
+fn failure_midway_rolls_back_what_was_done() {
+    let r = fake_host();
+    // Before the add the kernel has nothing; afterwards it shows what apply added.
+    r.respond_once("ip -N rule show", Output::ok(RULES_DEFAULT));
+    r.respond("ip -N rule show", Output::ok(RULES_OURS));
+    r.respond_once("ip -N -6 rule show", Output::ok(RULES_DEFAULT));
+    r.respond("ip -N -6 rule show", Output::ok(RULES_OURS));
+    r.respond_once("ip route show table 100", Output::ok("")); // preflight
+    r.respond_once("ip route show table 100", Output::ok("")); // apply check
+    r.respond("ip route show table 100", Output::ok(ROUTE_OURS));
+    r.respond(
+        "ip -6 route add",
+        Output::fail(2, "RTNETLINK answers: No such device\n"),
+    );
+    let (_dir, path) = state_path("rollback");
+    let err = ops::apply(&r, &Config::default(), &path, NS).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "`ip -6 route add local ::/0 dev lo table 100` failed (exit 2): RTNETLINK answers: No such device; everything apply had changed was rolled back"
+    );
+    assert_eq!(
+        changes(&r),
+        vec![
+            "nft -f -",
+            "ip rule add fwmark 0x1/0x1 lookup 100",
+            "ip -6 rule add fwmark 0x1/0x1 lookup 100",
+            "ip route add local 0.0.0.0/0 dev lo table 100",
+            "ip -6 route add local ::/0 dev lo table 100",
+            // rollback, newest first
+            "ip route del local 0.0.0.0/0 dev lo table 100",
+            "ip -6 rule del pref 32765 fwmark 0x1/0x1 lookup 100",
+            "ip rule del pref 32765 fwmark 0x1/0x1 lookup 100",
+            "nft -f -",
+        ]
+    );
+    assert!(stdin_of(&r, "nft")[1].contains("delete table inet ringrelay"));
+    assert!(!path.exists(), "no state file after a failed apply");
+}
+
+#[test]
+fn sysctl_failure_restores_earlier_sysctls() {
+    let r = fake_host();
+    r.deny_write("/proc/sys/net/ipv4/conf/eth1/rp_filter");
+    let (_dir, path) = state_path("sysctl");
+    let err = ops::apply(&r, &Config::default(), &path, NS).unwrap_err();
+    assert!(
+        err.to_string().starts_with(
+            "writing /proc/sys/net/ipv4/conf/eth1/rp_filter: operation not permitted: run as root or with CAP_NET_ADMIN; everything apply had changed was rolled back"
+        ),
+        "{err}"
+    );
+    for (key, value) in [
+        ("net/ipv4/ip_forward", "0"),
+        ("net/ipv6/conf/all/forwarding", "0"),
+        ("net/ipv4/conf/all/rp_filter", "1"),
+    ] {
+        assert_eq!(r.file(&format!("/proc/sys/{key}")).unwrap(), value, "{key}");
+    }
+    assert!(!path.exists());
+}
+
+fn assert_refused_untouched(r: &RecordingRunner, config: &Config, want: &str) {
+    let (_dir, path) = state_path("refused");
+    let err = ops::apply(r, config, &path, NS).unwrap_err();
+    assert_eq!(err.to_string(), want);
+    assert_eq!(changes(r), Vec::<String>::new(), "nothing may change");
+    assert!(!path.exists());
+}
+
+#[test]
+fn stale_state_of_a_deleted_namespace_is_ignored() {
+    let r = fake_host();
+    let (_dir, path) = state_path("stale");
+    ops::apply(&r, &Config::default(), &path, NS).unwrap();
+    // The namespace is deleted without teardown; a new one gets the same inode and
+    // sets forwarding itself. Its teardown must not "restore" ip_forward=0.
+    let other = "4026532177-60001-boot";
+    r.clear_events();
+    let report = ops::teardown(&r, &path, other).unwrap();
+    assert!(
+        report.lines[0].contains("earlier network namespace"),
+        "{report:?}"
+    );
+    assert!(!changes(&r).iter().any(|c| c.starts_with("write")));
+    assert!(!path.exists());
+    // And apply in the new namespace records that namespace's own originals.
+    ops::apply(&r, &Config::default(), &path, NS).unwrap();
+    r.set_file("/proc/sys/net/ipv4/ip_forward", "0");
+    let report = ops::apply(&r, &Config::default(), &path, other).unwrap();
+    assert!(report
+        .warnings
+        .iter()
+        .any(|w| w.contains("earlier network namespace")));
+    assert_eq!(State::load(&path).unwrap().unwrap().netns, other);
+}
+
+#[test]
+fn bad_input_changes_nothing() {
+    let r = fake_host();
+    assert_refused_untouched(
+        &r,
+        &Config {
+            in_ifaces: vec!["nosuch0".into()],
+            ..Config::default()
+        },
+        "unknown interface \"nosuch0\" for --in-iface: there is no /sys/class/net/nosuch0 in this network namespace; check the name with `ip link`",
+    );
+
+    let r = fake_host();
+    r.remove_program("nft");
+    assert_refused_untouched(
+        &r,
+        &Config::default(),
+        "nft not found in PATH: install the nftables package, or use --backend iptables",
+    );
+
+    let r = fake_host();
+    r.remove_program("ip6tables-restore");
+    assert_refused_untouched(
+        &r,
+        &Config {
+            backend: Backend::Iptables,
+            fail_mode: FailMode::Closed,
+            ..Config::default()
+        },
+        "ip6tables-restore not found in PATH: install the iptables package, or use --backend nft",
+    );
+
+    let r = fake_host();
+    r.set_file("/proc/self/status", "CapEff:\t0000000000000000\n");
+    assert_refused_untouched(
+        &r,
+        &Config::default(),
+        "setup apply: operation not permitted: run as root or with CAP_NET_ADMIN",
+    );
+
+    let r = fake_host();
+    r.set_file("/sys/class/net/lo/flags", "0x8");
+    assert_refused_untouched(
+        &r,
+        &Config::default(),
+        "the loopback interface lo is down, and the interception route `local default dev lo` needs it: run `ip link set lo up`",
+    );
+
+    let r = fake_host();
+    r.respond(
+        "ip route show table 100",
+        Output::ok("10.0.0.0/8 via 192.0.2.1 dev eth0 \n"),
+    );
+    assert_refused_untouched(
+        &r,
+        &Config::default(),
+        "routing table 100 already holds routes that setup did not add (10.0.0.0/8 via 192.0.2.1 dev eth0): marked packets would follow them; pick a free table with --table",
+    );
+}
+
+#[test]
+fn eperm_from_nft_names_the_fix_and_changes_nothing() {
+    let r = fake_host();
+    r.respond(
+        "nft -f -",
+        Output::fail(
+            1,
+            "netlink: Error: cache initialization failed: Operation not permitted\n",
+        ),
+    );
+    let (_dir, path) = state_path("eperm");
+    let err = ops::apply(&r, &Config::default(), &path, NS).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "`nft -f -`: operation not permitted: run as root or with CAP_NET_ADMIN; nothing was changed"
+    );
+}
+
+#[test]
+fn iptables_backend_sends_golden_input_and_cleans_iptables_nft_tables() {
+    let r = fake_host();
+    r.respond("iptables -V", Output::ok("iptables v1.8.9 (nf_tables)\n"));
+    // iptables-nft has not created the mangle tables yet.
+    r.respond(
+        "nft list",
+        Output::fail(1, "Error: No such file or directory\n"),
+    );
+    let config = Config {
+        backend: Backend::Iptables,
+        fail_mode: FailMode::Closed,
+        ..Config::default()
+    };
+    let (_dir, path) = state_path("ipt");
+    ops::apply(&r, &config, &path, NS).unwrap();
+    assert_eq!(
+        stdin_of(&r, "iptables-restore"),
+        vec![golden("defaults-v4.ipt")]
+    );
+    assert_eq!(
+        stdin_of(&r, "ip6tables-restore"),
+        vec![golden("defaults-v6.ipt")]
+    );
+    let st = State::load(&path).unwrap().unwrap();
+    assert_eq!(st.mangle.len(), 2);
+    assert!(st
+        .mangle
+        .iter()
+        .all(|m| !m.table_existed && !m.prerouting_existed));
+
+    // Re-apply with the jump present: no second jump.
+    show_ours(&r);
+    let saved = "*mangle\n:PREROUTING ACCEPT [0:0]\n:RINGRELAY - [0:0]\n:RINGRELAY_TPROXY - [0:0]\n-A PREROUTING -j RINGRELAY\n-A RINGRELAY -i lo -j RETURN\nCOMMIT\n";
+    r.respond("iptables-save -t mangle", Output::ok(saved));
+    r.respond("ip6tables-save -t mangle", Output::ok(saved));
+    r.clear_events();
+    ops::apply(&r, &config, &path, NS).unwrap();
+    for input in stdin_of(&r, "iptables-restore") {
+        assert!(!input.contains("-I PREROUTING"), "{input}");
+    }
+
+    // Teardown: remove jump and chains, then the now-empty tables iptables-nft made.
+    r.respond(
+        "nft list table ip mangle",
+        Output::ok("table ip mangle {\n}\n"),
+    );
+    r.respond(
+        "nft list table ip6 mangle",
+        Output::ok("table ip6 mangle {\n}\n"),
+    );
+    r.respond(
+        "nft list chain",
+        Output::ok("table ip mangle {\n\tchain PREROUTING {\n\t}\n}\n"),
+    );
+    r.clear_events();
+    ops::teardown(&r, &path, NS).unwrap();
+    let ch = changes(&r);
+    assert_eq!(
+        &ch[..6],
+        &[
+            "iptables-restore --noflush",
+            "nft delete chain ip mangle PREROUTING",
+            "nft delete table ip mangle",
+            "ip6tables-restore --noflush",
+            "nft delete chain ip6 mangle PREROUTING",
+            "nft delete table ip6 mangle",
+        ]
+    );
+    assert_eq!(
+        stdin_of(&r, "iptables-restore")[0],
+        "# ringrelay: remove the interception chains (setup teardown)\n*mangle\n-D PREROUTING -j RINGRELAY\n-F RINGRELAY\n-F RINGRELAY_TPROXY\n-X RINGRELAY\n-X RINGRELAY_TPROXY\nCOMMIT\n"
+    );
+}
+
+#[test]
+fn iptables_tables_that_existed_are_never_deleted() {
+    let r = fake_host();
+    r.respond("iptables -V", Output::ok("iptables v1.8.9 (nf_tables)\n"));
+    r.respond("nft list", Output::ok("table ip mangle {\n}\n"));
+    let config = Config {
+        backend: Backend::Iptables,
+        fail_mode: FailMode::Closed,
+        ..Config::default()
+    };
+    let (_dir, path) = state_path("ipt-existed");
+    ops::apply(&r, &config, &path, NS).unwrap();
+    r.clear_events();
+    ops::teardown(&r, &path, NS).unwrap();
+    assert!(!changes(&r).iter().any(|c| c.starts_with("nft delete")));
+}
+
+#[test]
+fn status_reports_ready_missing_and_conflicts() {
+    let r = fake_host();
+    let (_dir, path) = state_path("status");
+    // Before apply: not ready, and it says why.
+    let before = status::status(&r, &path, NS, &Config::default()).unwrap();
+    assert!(!before.ready());
+    assert!(before.render().contains("MISSING: setup apply has not run"));
+
+    r.respond(
+        "nft list table inet ringrelay",
+        Output::ok("table inet ringrelay {\n\tchain prerouting {\n\t}\n}\n"),
+    );
+    ops::apply(&r, &Config::default(), &path, NS).unwrap();
+    show_ours(&r);
+    r.set_file(
+        "/proc/net/tcp",
+        "  sl  local_address rem_address   st\n   0: 00000000:3A99 00000000:0000 0A\n",
+    );
+    r.set_file(
+        "/proc/net/udp",
+        "  sl  local_address rem_address   st\n   0: 00000000:3A99 00000000:0000 07\n",
+    );
+    let ok = status::status(&r, &path, NS, &Config::default()).unwrap();
+    assert!(ok.ready(), "{}", ok.render());
+    assert!(ok.render().ends_with("ringrelay: ready\n"));
+
+    // Someone edits the table, turns forwarding off, sets src_valid_mark.
+    r.respond(
+        "nft list table inet ringrelay",
+        Output::ok("table inet ringrelay {\n\tchain prerouting {\n\t\tdrop\n\t}\n}\n"),
+    );
+    r.set_file("/proc/sys/net/ipv4/ip_forward", "0");
+    r.set_file("/proc/sys/net/ipv4/conf/all/src_valid_mark", "1");
+    r.respond("ip -N -6 rule show", Output::ok(RULES_DEFAULT));
+    let bad = status::status(&r, &path, NS, &Config::default()).unwrap();
+    let text = bad.render();
+    assert!(!bad.ready());
+    assert!(text.contains("CONFLICT: nft table inet ringrelay changed since apply (line 3: expected `}`, found `drop`)"), "{text}");
+    assert!(
+        text.contains("CONFLICT: net.ipv4.ip_forward is 0, needs 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("MISSING: ip -6 rule fwmark 0x1/0x1 lookup 100"),
+        "{text}"
+    );
+    assert!(text.contains("warning: src_valid_mark=1 on all"), "{text}");
+    assert!(
+        text.ends_with("ringrelay: NOT READY (3 problems)\n"),
+        "{text}"
+    );
+}

@@ -1,0 +1,348 @@
+//! End-to-end: the built `setup` binary in a fresh network namespace, for both
+//! backends. apply -> status 0 -> apply again (nothing duplicated) -> teardown (every
+//! snapshot back to the pre-apply one, foreign objects untouched) -> teardown again
+//! (exit 0) -> status non-zero. Needs root; without it each test prints SKIPPED.
+//!
+//! The iptables tests FAIL (not skip) when iptables is not installed: CI installs it.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+const SETUP: &str = env!("CARGO_BIN_EXE_setup");
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+/// Effective uid from /proc/self/status (no unsafe `geteuid()` needed).
+fn euid() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|v| v.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(u32::MAX)
+}
+
+fn need_root(test: &str) -> bool {
+    if euid() != 0 {
+        eprintln!("SKIPPED: {test}: needs root to create network namespaces");
+        return false;
+    }
+    true
+}
+
+fn run(program: &str, args: &[&str]) -> Output {
+    Command::new(program)
+        .args(args)
+        .env("LC_ALL", "C")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
+}
+
+fn must(program: &str, args: &[&str]) -> String {
+    let out = run(program, args);
+    assert!(
+        out.status.success(),
+        "`{program} {}` failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A network namespace deleted on drop, even when the test panics.
+struct Netns {
+    name: String,
+    state_dir: PathBuf,
+}
+
+impl Netns {
+    fn new() -> Netns {
+        let name = format!(
+            "rrsetup{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        );
+        must("ip", &["netns", "add", &name]);
+        let state_dir = std::env::temp_dir().join(format!("{name}-state"));
+        let _ = std::fs::remove_dir_all(&state_dir);
+        let ns = Netns { name, state_dir };
+        // lo up (the IPv6 local route needs it); two veth ends, left down so that no
+        // link event changes the snapshots behind our back.
+        ns.sh("ip link set lo up && ip link add rrv0 type veth peer name rrv1");
+        // Strict rp_filter on all and one interface, so teardown has something to restore.
+        ns.sh("echo 1 > /proc/sys/net/ipv4/conf/all/rp_filter && echo 1 > /proc/sys/net/ipv4/conf/rrv0/rp_filter");
+        ns
+    }
+
+    /// Runs a shell command in the namespace; it must succeed.
+    fn sh(&self, script: &str) -> String {
+        must("ip", &["netns", "exec", &self.name, "sh", "-c", script])
+    }
+
+    /// Runs the built `setup` binary in the namespace.
+    fn setup(&self, args: &[&str]) -> Output {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name, SETUP])
+            .args(args)
+            .env("RINGRELAY_STATE_DIR", &self.state_dir)
+            .output()
+            .expect("run setup");
+        eprintln!(
+            "--- setup {} -> {:?}\n{}{}",
+            args.join(" "),
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    fn setup_ok(&self, args: &[&str]) -> String {
+        let out = self.setup(args);
+        assert!(out.status.success(), "setup {} failed", args.join(" "));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn state_files(&self) -> Vec<String> {
+        std::fs::read_dir(&self.state_dir)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Everything apply may touch, normalised (counters and timestamps removed).
+    fn snapshot(&self) -> Vec<(&'static str, String)> {
+        let parts: [(&'static str, &str); 6] = [
+            ("nft list ruleset", "nft list ruleset"),
+            ("ip rule", "ip rule"),
+            ("ip -6 rule", "ip -6 rule"),
+            ("ip route show table all", "ip route show table all"),
+            ("ip -6 route show table all", "ip -6 route show table all"),
+            (
+                "sysctls",
+                "for f in /proc/sys/net/ipv4/ip_forward /proc/sys/net/ipv4/conf/*/rp_filter /proc/sys/net/ipv4/conf/*/forwarding /proc/sys/net/ipv4/conf/*/src_valid_mark /proc/sys/net/ipv6/conf/*/forwarding; do echo \"$f=$(cat $f)\"; done",
+            ),
+        ];
+        parts
+            .iter()
+            .map(|(label, cmd)| (*label, normalize(&self.sh(cmd))))
+            .collect()
+    }
+
+    /// A snapshot taken twice in a row with the same result.
+    fn stable_snapshot(&self) -> Vec<(&'static str, String)> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut last = self.snapshot();
+        loop {
+            std::thread::sleep(Duration::from_millis(50));
+            let now = self.snapshot();
+            if now == last || Instant::now() > deadline {
+                return now;
+            }
+            last = now;
+        }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+        let _ = std::fs::remove_dir_all(&self.state_dir);
+    }
+}
+
+/// Drops packet/byte counters and comment lines, which change on their own.
+fn normalize(text: &str) -> String {
+    text.lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .map(|l| {
+            let mut words: Vec<&str> = Vec::new();
+            let mut it = l.split_whitespace().peekable();
+            while let Some(w) = it.next() {
+                if w == "packets" || w == "bytes" {
+                    it.next();
+                    continue;
+                }
+                words.push(w);
+            }
+            words.join(" ")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn assert_same(before: &[(&'static str, String)], after: &[(&'static str, String)], when: &str) {
+    for ((label, a), (_, b)) in before.iter().zip(after) {
+        assert_eq!(
+            a, b,
+            "{label} differs {when}\n--- before\n{a}\n--- after\n{b}"
+        );
+    }
+}
+
+fn count(haystack: &str, needle: &str) -> usize {
+    haystack.matches(needle).count()
+}
+
+fn require_iptables() {
+    let out = Command::new("iptables").arg("-V").output();
+    match out {
+        Ok(o) if o.status.success() => {
+            eprintln!("using {}", String::from_utf8_lossy(&o.stdout).trim());
+        }
+        _ => panic!("iptables is not installed (or `iptables -V` fails): the iptables backend test needs it; install the iptables package"),
+    }
+}
+
+/// Adds objects that are not ours and must survive apply and teardown.
+fn add_foreign(ns: &Netns) {
+    ns.sh("nft add table inet foreign && nft add chain inet foreign pre '{ type filter hook prerouting priority 0; policy accept; }' && nft add rule inet foreign pre iifname rrv0 counter");
+    ns.sh("ip rule add fwmark 0x8 lookup 200 pref 1000 && ip route add unreachable 203.0.113.0/24 table 200");
+}
+
+fn lifecycle(ns: &Netns, apply_args: &[&str]) {
+    let before = ns.stable_snapshot();
+
+    ns.setup_ok(apply_args);
+    assert_eq!(
+        ns.state_files().len(),
+        1,
+        "one state file, named after the netns"
+    );
+    assert!(ns.state_files()[0].starts_with("setup-netns-"));
+    ns.setup_ok(&["status"]);
+    let rules = ns.sh("ip rule");
+    assert_eq!(count(&rules, "fwmark 0x1/0x1 lookup 100"), 1, "{rules}");
+    assert_eq!(count(&ns.sh("ip -6 rule"), "fwmark 0x1/0x1 lookup 100"), 1);
+    assert!(ns
+        .sh("ip route show table 100")
+        .contains("local default dev lo"));
+    assert!(ns
+        .sh("ip -6 route show table 100")
+        .contains("local default dev lo"));
+    assert_eq!(ns.sh("cat /proc/sys/net/ipv4/ip_forward").trim(), "1");
+    assert_eq!(
+        ns.sh("cat /proc/sys/net/ipv4/conf/rrv0/rp_filter").trim(),
+        "2"
+    );
+
+    let applied = ns.snapshot();
+    ns.setup_ok(apply_args);
+    let reapplied = ns.snapshot();
+    assert_same(
+        &applied,
+        &reapplied,
+        "after applying twice (duplicated rules?)",
+    );
+    ns.setup_ok(&["status"]);
+
+    ns.setup_ok(&["teardown"]);
+    assert!(
+        ns.state_files().is_empty(),
+        "teardown removes the state file"
+    );
+    assert_same(&before, &ns.snapshot(), "after teardown");
+
+    ns.setup_ok(&["teardown"]);
+    let status = ns.setup(&["status"]);
+    assert_eq!(
+        status.status.code(),
+        Some(1),
+        "status after teardown must fail"
+    );
+    assert_same(
+        &before,
+        &ns.snapshot(),
+        "after the second teardown and status",
+    );
+}
+
+#[test]
+fn nft_backend_apply_status_teardown() {
+    if !need_root("nft_backend_apply_status_teardown") {
+        return;
+    }
+    let ns = Netns::new();
+    add_foreign(&ns);
+    lifecycle(&ns, &["apply"]);
+    // While applied the table held what the plan says (checked once more here).
+    ns.setup_ok(&[
+        "apply",
+        "--tcp-ports",
+        "80,443,8000-8100",
+        "--udp-ports",
+        "53",
+    ]);
+    let table = ns.sh("nft list table inet ringrelay");
+    assert!(table.contains("tproxy ip to :15001"), "{table}");
+    assert!(table.contains("tproxy ip6 to :15001"), "{table}");
+    assert!(table.contains("fib daddr type { local, broadcast, anycast, multicast } return"));
+    assert!(
+        !table.contains("socket"),
+        "no socket pre-match (TIME_WAIT trap)"
+    );
+    assert!(ns
+        .sh("nft list table inet foreign")
+        .contains("iifname \"rrv0\""));
+    ns.setup_ok(&["teardown"]);
+}
+
+#[test]
+fn iptables_backend_apply_status_teardown() {
+    if !need_root("iptables_backend_apply_status_teardown") {
+        return;
+    }
+    require_iptables();
+    let ns = Netns::new();
+    add_foreign(&ns);
+    lifecycle(&ns, &["apply", "--backend", "iptables"]);
+}
+
+#[test]
+fn iptables_backend_keeps_foreign_mangle_rules_and_rules_it_found() {
+    if !need_root("iptables_backend_keeps_foreign_mangle_rules_and_rules_it_found") {
+        return;
+    }
+    require_iptables();
+    let ns = Netns::new();
+    // A mangle rule of someone else, and our ip rule already there before apply.
+    ns.sh("iptables -t mangle -A PREROUTING -i rrv0 -j MARK --set-mark 0x8");
+    ns.sh("ip6tables -t mangle -A PREROUTING -i rrv0 -j MARK --set-mark 0x8");
+    ns.sh("ip rule add fwmark 0x1/0x1 lookup 100");
+    let mangle_before = normalize(&ns.sh("iptables-save -t mangle"));
+    lifecycle(
+        &ns,
+        &["apply", "--backend", "iptables", "--tcp-ports", "80,443"],
+    );
+    assert_eq!(normalize(&ns.sh("iptables-save -t mangle")), mangle_before);
+}
+
+#[test]
+fn unknown_interface_changes_nothing() {
+    if !need_root("unknown_interface_changes_nothing") {
+        return;
+    }
+    let ns = Netns::new();
+    let before = ns.stable_snapshot();
+    let out = ns.setup(&["apply", "--in-iface", "nosuch0"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("nosuch0"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one clear line: {stderr}");
+    assert_same(&before, &ns.snapshot(), "after a refused apply");
+    assert!(ns.state_files().is_empty());
+
+    let out = ns.setup(&["apply", "--tcp-ports", "80,,443"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("empty entry in port list"));
+    assert_same(&before, &ns.snapshot(), "after a refused port list");
+}

@@ -1,0 +1,1163 @@
+//! Load generators and servers for the scenarios, all plain blocking std sockets.
+//!
+//! Servers run on threads that entered the server namespace, clients on threads that
+//! entered the client namespace; both are pinned to the cores the caller names. Every
+//! loop is bounded twice: by the harness's `done` flag (or Ctrl-C, see
+//! [`crate::stop_requested`]) and by a hard deadline of the run's duration plus
+//! [`HARD_DEADLINE_SLACK`], so a wedged path cannot hang the benchmark.
+//!
+//! Blocking threads rather than an event loop: on veth most of a packet's journey
+//! (router forwarding included) runs synchronously in the sender's system call, so one
+//! thread per connection costs a context switch per message and keeps the generator
+//! simple enough to trust. The same generator measures every target, so its own cost
+//! cancels out in the ratios.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::lab::{self, addrs, Lab, Netns, Proto};
+
+/// Server port of `tcp-bulk` (each scenario has its own, so TIME_WAIT left by one
+/// scenario never meets another's connections).
+pub const PORT_TCP_BULK: u16 = 5001;
+/// Server port of `tcp-crr`.
+pub const PORT_TCP_CRR: u16 = 5002;
+/// Server port of `tcp-rr`.
+pub const PORT_TCP_RR: u16 = 5003;
+/// Server port of `udp-pps`.
+pub const PORT_UDP_PPS: u16 = 5004;
+/// Server port of `udp-rr`.
+pub const PORT_UDP_RR: u16 = 5005;
+
+/// Response size of `tcp-crr` and `tcp-rr` (the request size is the variant's size).
+pub const RESPONSE_SIZE: usize = 128;
+/// Client ephemeral port range for `tcp-crr`: 4000 ports, so at thousands of
+/// connections per second every port comes around within a second or two and
+/// meets the TIME_WAIT its previous connection left (kernel.md pitfall 1).
+pub const CRR_PORT_RANGE: &str = "20000 23999";
+/// How far past its duration a run may go before every loop gives up on its own.
+pub const HARD_DEADLINE_SLACK: Duration = Duration::from_secs(10);
+/// Upper bound on datagrams one `udp-pps` sender sends, whatever the duration.
+pub const UDP_MAX_DATAGRAMS_PER_SENDER: u64 = 200_000_000;
+
+/// Timeout of blocking socket calls in loops: how often a blocked thread looks at
+/// its flags.
+const POLL_SLICE: Duration = Duration::from_millis(50);
+/// Connect timeout of clients: longer than the 1 s initial SYN retransmission, so a
+/// lost SYN shows up as a latency outlier rather than an error.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// A response that takes longer than this is counted as a timeout error.
+const IO_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long `udp-rr` waits for one reply.
+const UDP_REPLY_TIMEOUT: Duration = Duration::from_millis(200);
+/// Largest latency the histograms hold, in nanoseconds (60 s).
+const HIST_MAX_NS: u64 = 60_000_000_000;
+
+/// Address family of the load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    /// IPv4: client 198.18.0.2 to server 198.18.1.2 (the headline numbers).
+    Ipv4,
+    /// IPv6: client fd00:18:0::2 to server fd00:18:1::2.
+    Ipv6,
+}
+
+impl Family {
+    /// The server address the load targets.
+    pub fn server_ip(self) -> IpAddr {
+        match self {
+            Family::Ipv4 => addrs::SERVER4_A.into(),
+            Family::Ipv6 => addrs::SERVER6_A.into(),
+        }
+    }
+
+    /// The client's own address.
+    pub fn client_ip(self) -> IpAddr {
+        match self {
+            Family::Ipv4 => addrs::CLIENT4.into(),
+            Family::Ipv6 => addrs::CLIENT6.into(),
+        }
+    }
+
+    fn unspecified(self) -> IpAddr {
+        match self {
+            Family::Ipv4 => Ipv4Addr::UNSPECIFIED.into(),
+            Family::Ipv6 => Ipv6Addr::UNSPECIFIED.into(),
+        }
+    }
+
+    /// `ipv4` or `ipv6`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Ipv4 => "ipv4",
+            Family::Ipv6 => "ipv6",
+        }
+    }
+}
+
+/// A benchmark scenario.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub enum Scenario {
+    /// Bulk TCP: 1 stream and N streams, Gbit/s counted by the server.
+    #[serde(rename = "tcp-bulk")]
+    TcpBulk,
+    /// TCP connect / request / response / server-closes-first, connections per second.
+    #[serde(rename = "tcp-crr")]
+    TcpCrr,
+    /// Request/response on persistent TCP connections: rate and latency.
+    #[serde(rename = "tcp-rr")]
+    TcpRr,
+    /// UDP blast: delivered datagrams per second and loss, 64 B and 1400 B.
+    #[serde(rename = "udp-pps")]
+    UdpPps,
+    /// UDP request/echo: rate and latency; replies must come from the address asked.
+    #[serde(rename = "udp-rr")]
+    UdpRr,
+}
+
+/// One concrete run of a scenario: how many connections or senders, what size.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Variant {
+    /// Human label, e.g. `4 streams` or `64 B`.
+    pub label: String,
+    /// Streams, connections, client threads or senders.
+    pub conns: usize,
+    /// Write size (bulk), request size (rr, crr) or datagram payload (udp).
+    pub size: usize,
+}
+
+impl Scenario {
+    /// Every scenario in report order.
+    pub const ALL: [Scenario; 5] = [
+        Scenario::TcpBulk,
+        Scenario::TcpCrr,
+        Scenario::TcpRr,
+        Scenario::UdpPps,
+        Scenario::UdpRr,
+    ];
+
+    /// The CLI and report name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::TcpBulk => "tcp-bulk",
+            Scenario::TcpCrr => "tcp-crr",
+            Scenario::TcpRr => "tcp-rr",
+            Scenario::UdpPps => "udp-pps",
+            Scenario::UdpRr => "udp-rr",
+        }
+    }
+
+    /// Parses a CLI name.
+    pub fn parse(s: &str) -> Option<Scenario> {
+        Scenario::ALL.into_iter().find(|x| x.name() == s)
+    }
+
+    /// True for the UDP scenarios (HAProxy cannot carry them).
+    pub fn is_udp(self) -> bool {
+        matches!(self, Scenario::UdpPps | Scenario::UdpRr)
+    }
+
+    /// The server port this scenario uses.
+    pub fn port(self) -> u16 {
+        match self {
+            Scenario::TcpBulk => PORT_TCP_BULK,
+            Scenario::TcpCrr => PORT_TCP_CRR,
+            Scenario::TcpRr => PORT_TCP_RR,
+            Scenario::UdpPps => PORT_UDP_PPS,
+            Scenario::UdpRr => PORT_UDP_RR,
+        }
+    }
+
+    /// The headline metric and its unit, for tables and charts.
+    pub fn headline(self) -> (&'static str, &'static str) {
+        match self {
+            Scenario::TcpBulk => ("gbit_s", "Gbit/s"),
+            Scenario::TcpCrr => ("conn_s", "conn/s"),
+            Scenario::TcpRr | Scenario::UdpRr => ("req_s", "req/s"),
+            Scenario::UdpPps => ("pps", "datagrams/s"),
+        }
+    }
+
+    /// Default connection count (`--conns` overrides it).
+    pub fn default_conns(self) -> usize {
+        match self {
+            Scenario::TcpBulk => 4,
+            Scenario::TcpCrr => 16,
+            Scenario::TcpRr => 8,
+            Scenario::UdpPps => 1,
+            Scenario::UdpRr => 4,
+        }
+    }
+
+    /// The variants to run; `conns` and `size` override the defaults.
+    pub fn variants(self, conns: Option<usize>, size: Option<usize>) -> Vec<Variant> {
+        let n = conns.unwrap_or(self.default_conns()).max(1);
+        let v = |label: String, conns: usize, size: usize| Variant { label, conns, size };
+        match self {
+            Scenario::TcpBulk => {
+                let size = size.unwrap_or(128 * 1024);
+                let mut out = vec![v("1 stream".into(), 1, size)];
+                if n > 1 {
+                    out.push(v(format!("{n} streams"), n, size));
+                }
+                out
+            }
+            Scenario::TcpCrr => vec![v(format!("{n} clients"), n, size.unwrap_or(64))],
+            Scenario::TcpRr => vec![v(format!("{n} conns"), n, size.unwrap_or(64))],
+            Scenario::UdpPps => match size {
+                Some(s) => vec![v(format!("{s} B"), n, s)],
+                None => vec![v("64 B".into(), n, 64), v("1400 B".into(), n, 1400)],
+            },
+            Scenario::UdpRr => vec![v(format!("{n} clients"), n, size.unwrap_or(64).max(8))],
+        }
+    }
+}
+
+/// Where and how long to run the load.
+#[derive(Debug, Clone)]
+pub struct LoadSpec {
+    /// Measurement window.
+    pub duration: Duration,
+    /// Address family.
+    pub family: Family,
+    /// Cores for client threads (round-robin).
+    pub load_cores: Vec<usize>,
+    /// Cores for server threads (round-robin).
+    pub server_cores: Vec<usize>,
+    /// When set, sockets on the scenario's port are counted in this namespace at the
+    /// end of the window (the router: proves that a proxy intercepted the flows).
+    pub probe: Option<Netns>,
+}
+
+/// What one run measured.
+#[derive(Debug, Clone, Default)]
+pub struct Outcome {
+    /// Measurement window actually used.
+    pub elapsed: Duration,
+    /// Payload bytes that reached the server during the window.
+    pub bytes: u64,
+    /// Completed operations: connections (crr), requests (rr), datagrams received (udp-pps).
+    pub ops: u64,
+    /// Datagrams sent (udp-pps only).
+    pub sent: u64,
+    /// Errors by kind (`reset`, `timeout`, `refused`, `short`, `wrong_source`...).
+    pub errors: BTreeMap<String, u64>,
+    /// Latency per operation in nanoseconds (crr, rr, udp-rr).
+    pub latency: Option<Histogram<u64>>,
+    /// Source addresses the server saw (the client's own, or a proxy's).
+    pub peers: BTreeSet<IpAddr>,
+    /// Sockets on the scenario's port in [`LoadSpec::probe`] at the end of the window.
+    pub probe_sockets: Option<usize>,
+}
+
+impl Outcome {
+    /// Sum of all error counts.
+    pub fn error_count(&self) -> u64 {
+        self.errors.values().sum()
+    }
+}
+
+/// Runs one variant of `scenario` from the client namespace to the server namespace.
+pub fn run(lab: &Lab, scenario: Scenario, v: &Variant, spec: &LoadSpec) -> anyhow::Result<Outcome> {
+    let r = match scenario {
+        Scenario::TcpBulk => tcp_bulk(lab, v, spec),
+        Scenario::TcpCrr => tcp_crr(lab, v, spec),
+        Scenario::TcpRr => tcp_rr(lab, v, spec),
+        Scenario::UdpPps => udp_pps(lab, v, spec),
+        Scenario::UdpRr => udp_rr(lab, v, spec),
+    };
+    r.with_context(|| format!("{} {}", scenario.name(), v.label))
+}
+
+/// Flags and counters shared by the harness and the threads of one run.
+struct Shared {
+    /// Clients may start (all connected).
+    go: AtomicBool,
+    /// The window is over: clients stop, servers drain and stop.
+    done: AtomicBool,
+    /// Clients that finished setting up (connected or failed).
+    ready: AtomicUsize,
+    /// Payload bytes counted by the server.
+    bytes: AtomicU64,
+    /// Operations counted by the server (udp-pps datagrams).
+    ops: AtomicU64,
+    /// Clients have all returned: servers stop. Set after the clients are joined, so
+    /// a request in flight when the window closes still gets its answer.
+    servers_done: AtomicBool,
+    /// Bound of every loop.
+    hard_end: Instant,
+}
+
+impl Shared {
+    fn new(duration: Duration) -> Arc<Shared> {
+        Arc::new(Shared {
+            go: AtomicBool::new(false),
+            done: AtomicBool::new(false),
+            ready: AtomicUsize::new(0),
+            bytes: AtomicU64::new(0),
+            ops: AtomicU64::new(0),
+            servers_done: AtomicBool::new(false),
+            hard_end: Instant::now() + duration + HARD_DEADLINE_SLACK,
+        })
+    }
+
+    /// True once the run must end, for whatever reason.
+    fn over(&self) -> bool {
+        self.done.load(Ordering::Relaxed)
+            || crate::stop_requested()
+            || Instant::now() >= self.hard_end
+    }
+
+    /// True once servers must stop: clients are gone, or the hard deadline passed.
+    fn server_over(&self) -> bool {
+        self.servers_done.load(Ordering::Relaxed) || Instant::now() >= self.hard_end
+    }
+
+    /// Harness side: the clients are joined, let the servers go.
+    fn end_servers(&self) {
+        self.servers_done.store(true, Ordering::Release);
+    }
+
+    /// Client side: wait for the start signal; false if the run ended first.
+    fn wait_go(&self) -> bool {
+        while !self.go.load(Ordering::Acquire) {
+            if self.over() {
+                return false;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        true
+    }
+
+    /// Harness side: wait (bounded) until `n` clients have connected or failed.
+    fn ready_or_timeout(&self, n: usize) {
+        let setup_deadline = Instant::now() + CONNECT_TIMEOUT + Duration::from_secs(1);
+        while self.ready.load(Ordering::Acquire) < n && Instant::now() < setup_deadline {
+            if crate::stop_requested() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Harness side: wait until `n` clients are ready (bounded), start them, hold the
+    /// window open for `duration` (or until Ctrl-C), then end it. Runs `at_end`
+    /// just before ending (the probe). Returns the window.
+    fn window(&self, n: usize, duration: Duration, at_end: impl FnOnce()) -> Duration {
+        self.ready_or_timeout(n);
+        let t0 = Instant::now();
+        self.go.store(true, Ordering::Release);
+        while t0.elapsed() < duration && !crate::stop_requested() {
+            std::thread::sleep((duration.saturating_sub(t0.elapsed())).min(POLL_SLICE));
+        }
+        at_end();
+        let elapsed = t0.elapsed();
+        self.done.store(true, Ordering::Release);
+        elapsed
+    }
+}
+
+/// Per-thread results, merged into the [`Outcome`].
+#[derive(Default)]
+struct Tally {
+    ops: u64,
+    errors: BTreeMap<String, u64>,
+    latency: Option<Histogram<u64>>,
+    peers: BTreeSet<IpAddr>,
+}
+
+impl Tally {
+    fn with_histogram() -> Tally {
+        Tally {
+            latency: Some(new_histogram()),
+            ..Tally::default()
+        }
+    }
+
+    fn error(&mut self, kind: &str) {
+        *self.errors.entry(kind.to_string()).or_default() += 1;
+    }
+
+    fn io_error(&mut self, e: &io::Error) {
+        self.error(classify(e));
+    }
+
+    fn record(&mut self, started: Instant) {
+        self.ops += 1;
+        if let Some(h) = self.latency.as_mut() {
+            h.saturating_record(started.elapsed().as_nanos() as u64);
+        }
+    }
+
+    fn merge_into(self, out: &mut Outcome) {
+        out.ops += self.ops;
+        for (k, v) in self.errors {
+            *out.errors.entry(k).or_default() += v;
+        }
+        out.peers.extend(self.peers);
+        if let Some(h) = self.latency {
+            match out.latency.as_mut() {
+                Some(total) => {
+                    // Same bounds on both sides: addition cannot fail.
+                    let _ = total.add(&h);
+                }
+                None => out.latency = Some(h),
+            }
+        }
+    }
+}
+
+fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, HIST_MAX_NS, 3).expect("valid histogram bounds")
+}
+
+/// Error kinds as reported: resets and timeouts are what a broken rule set causes.
+fn classify(e: &io::Error) -> &'static str {
+    use io::ErrorKind::*;
+    match e.kind() {
+        ConnectionReset | ConnectionAborted | BrokenPipe => "reset",
+        ConnectionRefused => "refused",
+        TimedOut | WouldBlock => "timeout",
+        HostUnreachable | NetworkUnreachable => "unreachable",
+        UnexpectedEof => "short",
+        AddrNotAvailable | AddrInUse => "no_port",
+        _ => "other",
+    }
+}
+
+/// Pins the calling thread to `cores[i % len]`; no-op for an empty list.
+fn pin(cores: &[usize], i: usize) {
+    if !cores.is_empty() {
+        let id = cores[i % cores.len()];
+        let _ = core_affinity::set_for_current(core_affinity::CoreId { id });
+    }
+}
+
+fn join<T>(h: JoinHandle<T>, what: &str) -> anyhow::Result<T> {
+    h.join().map_err(|p| {
+        let msg = p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        anyhow!("{what} thread panicked: {msg}")
+    })
+}
+
+/// A listener with a deep backlog (the CRR clients burst) and a receive timeout, so
+/// `accept` returns every [`POLL_SLICE`] and the acceptor can look at its flags
+/// (Linux applies SO_RCVTIMEO to accept).
+fn tcp_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.bind(&addr.into())?;
+    s.listen(4096)?;
+    s.set_read_timeout(Some(POLL_SLICE))?;
+    Ok(s.into())
+}
+
+fn udp_socket(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    // A deep receive buffer absorbs bursts; the kernel caps it at net.core.rmem_max.
+    let _ = s.set_recv_buffer_size(4 << 20);
+    s.bind(&addr.into())?;
+    Ok(s.into())
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+    )
+}
+
+/// Reads exactly `buf.len()` bytes, riding out receive timeouts until `give_up()`.
+/// `Ok(false)`: clean EOF before the first byte.
+fn read_full(s: &mut TcpStream, buf: &mut [u8], give_up: impl Fn() -> bool) -> io::Result<bool> {
+    let mut got = 0;
+    while got < buf.len() {
+        match s.read(&mut buf[got..]) {
+            Ok(0) if got == 0 => return Ok(false),
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => got += n,
+            Err(e) if is_timeout(&e) => {
+                if give_up() {
+                    return Err(io::ErrorKind::TimedOut.into());
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
+/// Accepts connections until the run is over, handing each to `handle` on its own
+/// thread (at most `max_conns`). Returns the acceptor's tally (peers, errors) after
+/// all handlers ended.
+fn accept_loop<H>(
+    listener: TcpListener,
+    sh: Arc<Shared>,
+    max_conns: usize,
+    cores: Vec<usize>,
+    handle: H,
+) -> Tally
+where
+    H: Fn(TcpStream, Arc<Shared>) -> Tally + Send + Sync + Clone + 'static,
+{
+    let mut tally = Tally::default();
+    let mut handlers = Vec::new();
+    while handlers.len() < max_conns && !sh.server_over() {
+        match listener.accept() {
+            Ok((s, peer)) => {
+                tally.peers.insert(peer.ip());
+                let (sh, handle, cores) = (sh.clone(), handle.clone(), cores.clone());
+                let i = handlers.len();
+                handlers.push(std::thread::spawn(move || {
+                    pin(&cores, i);
+                    handle(s, sh)
+                }));
+            }
+            Err(e) if is_timeout(&e) => {}
+            Err(e) => tally.io_error(&e),
+        }
+    }
+    for h in handlers {
+        match h.join() {
+            Ok(t) => {
+                for (k, v) in t.errors {
+                    *tally.errors.entry(format!("server_{k}")).or_default() += v;
+                }
+            }
+            Err(_) => tally.error("server_panic"),
+        }
+    }
+    tally
+}
+
+fn probe(spec: &LoadSpec, port: u16, proto: Proto) -> Option<usize> {
+    spec.probe
+        .as_ref()
+        .map(|ns| lab::count_sockets(ns, port, proto))
+}
+
+/// `tcp-bulk`: each client writes `size`-byte chunks as fast as it can; the server
+/// counts what arrives. The rate is server bytes over the window, ramp-up excluded.
+fn tcp_bulk(lab: &Lab, v: &Variant, spec: &LoadSpec) -> anyhow::Result<Outcome> {
+    let addr = SocketAddr::new(spec.family.server_ip(), PORT_TCP_BULK);
+    let listener = lab
+        .server
+        .run(move || tcp_listener(addr))
+        .context("server listen")?;
+    let sh = Shared::new(spec.duration);
+    let server = {
+        let (sh, cores) = (sh.clone(), spec.server_cores.clone());
+        lab.server.spawn(move || {
+            pin(&cores, 0);
+            accept_loop(listener, sh, usize::MAX, cores, |mut s, sh| {
+                let mut t = Tally::default();
+                let mut buf = vec![0u8; 256 * 1024];
+                let _ = s.set_read_timeout(Some(POLL_SLICE));
+                loop {
+                    match s.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            sh.bytes.fetch_add(n as u64, Ordering::Relaxed);
+                        }
+                        Err(e) if is_timeout(&e) => {
+                            if Instant::now() >= sh.hard_end {
+                                break;
+                            }
+                        }
+                        Err(e) => {
+                            // A reset after `done` is the client closing with data
+                            // in flight, not a path error.
+                            if !sh.done.load(Ordering::Relaxed) {
+                                t.io_error(&e);
+                            }
+                            break;
+                        }
+                    }
+                }
+                t
+            })
+        })
+    };
+    let clients: Vec<_> = (0..v.conns)
+        .map(|i| {
+            let (sh, cores, size) = (sh.clone(), spec.load_cores.clone(), v.size);
+            lab.client.spawn(move || {
+                pin(&cores, i);
+                let mut t = Tally::default();
+                let conn = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT);
+                sh.ready.fetch_add(1, Ordering::Release);
+                let mut s = match conn {
+                    Ok(s) => s,
+                    Err(e) => {
+                        t.io_error(&e);
+                        return t;
+                    }
+                };
+                let _ = s.set_write_timeout(Some(POLL_SLICE));
+                let buf = vec![0x5au8; size];
+                if !sh.wait_go() {
+                    return t;
+                }
+                while !sh.over() {
+                    match s.write(&buf) {
+                        Ok(_) => {}
+                        Err(e) if is_timeout(&e) => {}
+                        Err(e) => {
+                            t.io_error(&e);
+                            break;
+                        }
+                    }
+                }
+                t
+            })
+        })
+        .collect();
+    let mut out = Outcome::default();
+    let mut end_bytes = 0;
+    // Wait for the streams, let them ramp (slow start) for a tenth of the window, then
+    // sample the server's byte count at both edges of the window.
+    sh.ready_or_timeout(v.conns);
+    sh.go.store(true, Ordering::Release);
+    std::thread::sleep((spec.duration / 10).min(Duration::from_millis(200)));
+    let start_bytes = sh.bytes.load(Ordering::Relaxed);
+    out.elapsed = sh.window(0, spec.duration, || {
+        end_bytes = sh.bytes.load(Ordering::Relaxed);
+        out.probe_sockets = probe(spec, PORT_TCP_BULK, Proto::Tcp);
+    });
+    let joined: Vec<_> = clients
+        .into_iter()
+        .map(|c| join(c, "bulk client"))
+        .collect();
+    sh.end_servers();
+    for t in joined {
+        t?.merge_into(&mut out);
+    }
+    join(server, "bulk server")?.merge_into(&mut out);
+    out.ops = 0;
+    out.bytes = end_bytes.saturating_sub(start_bytes);
+    Ok(out)
+}
+
+/// `tcp-rr`: `conns` persistent connections, each a ping-pong of `size` bytes out and
+/// [`RESPONSE_SIZE`] back; rate and per-request latency.
+fn tcp_rr(lab: &Lab, v: &Variant, spec: &LoadSpec) -> anyhow::Result<Outcome> {
+    let addr = SocketAddr::new(spec.family.server_ip(), PORT_TCP_RR);
+    let listener = lab
+        .server
+        .run(move || tcp_listener(addr))
+        .context("server listen")?;
+    let sh = Shared::new(spec.duration);
+    let req_size = v.size;
+    let server = {
+        let (sh, cores) = (sh.clone(), spec.server_cores.clone());
+        lab.server.spawn(move || {
+            pin(&cores, 0);
+            accept_loop(listener, sh, usize::MAX, cores, move |mut s, sh| {
+                let mut t = Tally::default();
+                let _ = s.set_nodelay(true);
+                let _ = s.set_read_timeout(Some(POLL_SLICE));
+                let mut req = vec![0u8; req_size];
+                let resp = [0xa5u8; RESPONSE_SIZE];
+                loop {
+                    match read_full(&mut s, &mut req, || Instant::now() >= sh.hard_end) {
+                        Ok(true) => {}
+                        Ok(false) => break,
+                        Err(e) => {
+                            if !sh.done.load(Ordering::Relaxed) {
+                                t.io_error(&e);
+                            }
+                            break;
+                        }
+                    }
+                    sh.bytes.fetch_add(req_size as u64, Ordering::Relaxed);
+                    if let Err(e) = s.write_all(&resp) {
+                        if !sh.done.load(Ordering::Relaxed) {
+                            t.io_error(&e);
+                        }
+                        break;
+                    }
+                }
+                t
+            })
+        })
+    };
+    let clients: Vec<_> = (0..v.conns)
+        .map(|i| {
+            let (sh, cores) = (sh.clone(), spec.load_cores.clone());
+            lab.client.spawn(move || {
+                pin(&cores, i);
+                let mut t = Tally::with_histogram();
+                let conn = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT);
+                sh.ready.fetch_add(1, Ordering::Release);
+                let mut s = match conn {
+                    Ok(s) => s,
+                    Err(e) => {
+                        t.io_error(&e);
+                        return t;
+                    }
+                };
+                let _ = s.set_nodelay(true);
+                let _ = s.set_read_timeout(Some(POLL_SLICE));
+                let req = vec![0x5au8; req_size];
+                let mut resp = [0u8; RESPONSE_SIZE];
+                if !sh.wait_go() {
+                    return t;
+                }
+                while !sh.over() {
+                    let started = Instant::now();
+                    if let Err(e) = s.write_all(&req) {
+                        t.io_error(&e);
+                        break;
+                    }
+                    let give_up =
+                        || started.elapsed() >= IO_TIMEOUT || Instant::now() >= sh.hard_end;
+                    match read_full(&mut s, &mut resp, give_up) {
+                        Ok(true) => t.record(started),
+                        Ok(false) => {
+                            t.error("short");
+                            break;
+                        }
+                        Err(e) => {
+                            t.io_error(&e);
+                            break;
+                        }
+                    }
+                }
+                t
+            })
+        })
+        .collect();
+    let mut out = Outcome::default();
+    out.elapsed = sh.window(v.conns, spec.duration, || {
+        out.probe_sockets = probe(spec, PORT_TCP_RR, Proto::Tcp);
+    });
+    let mut client_ops = 0;
+    let joined: Vec<_> = clients.into_iter().map(|c| join(c, "rr client")).collect();
+    sh.end_servers();
+    for t in joined {
+        let t = t?;
+        client_ops += t.ops;
+        t.merge_into(&mut out);
+    }
+    let server = join(server, "rr server")?;
+    out.peers.extend(server.peers.iter().copied());
+    for (k, n) in server.errors {
+        *out.errors.entry(k).or_default() += n;
+    }
+    out.ops = client_ops;
+    out.bytes = client_ops * (req_size + RESPONSE_SIZE) as u64;
+    Ok(out)
+}
+
+/// `tcp-crr`: each client thread loops connect, send `size` bytes, read the
+/// [`RESPONSE_SIZE`] response to EOF (the server closes first, HTTP/1.0 style), close.
+/// The client namespace's port range is narrowed to [`CRR_PORT_RANGE`].
+fn tcp_crr(lab: &Lab, v: &Variant, spec: &LoadSpec) -> anyhow::Result<Outcome> {
+    lab.client
+        .sysctl("net.ipv4.ip_local_port_range", CRR_PORT_RANGE)
+        .context("narrowing the client port range")?;
+    let addr = SocketAddr::new(spec.family.server_ip(), PORT_TCP_CRR);
+    let listener = lab
+        .server
+        .run(move || tcp_listener(addr))
+        .context("server listen")?;
+    let sh = Shared::new(spec.duration);
+    let req_size = v.size;
+    // A pool of acceptors, each serving one connection at a time: no thread per
+    // connection at tens of thousands of connections per second.
+    let acceptors = v.conns.clamp(1, 32);
+    let servers: Vec<_> = (0..acceptors)
+        .map(|i| {
+            let (sh, cores) = (sh.clone(), spec.server_cores.clone());
+            let listener = listener.try_clone();
+            lab.server.spawn(move || {
+                pin(&cores, i);
+                let mut t = Tally::default();
+                let listener = match listener {
+                    Ok(l) => l,
+                    Err(e) => {
+                        t.io_error(&e);
+                        return t;
+                    }
+                };
+                let mut req = vec![0u8; req_size];
+                let resp = [0xa5u8; RESPONSE_SIZE];
+                while !sh.server_over() {
+                    let (mut s, peer) = match listener.accept() {
+                        Ok(x) => x,
+                        Err(e) if is_timeout(&e) => continue,
+                        Err(e) => {
+                            t.error(&format!("server_{}", classify(&e)));
+                            continue;
+                        }
+                    };
+                    t.peers.insert(peer.ip());
+                    let _ = s.set_nodelay(true);
+                    let _ = s.set_read_timeout(Some(POLL_SLICE));
+                    let started = Instant::now();
+                    let r = read_full(&mut s, &mut req, || started.elapsed() >= IO_TIMEOUT)
+                        .and_then(|full| {
+                            if full {
+                                s.write_all(&resp)
+                            } else {
+                                Err(io::ErrorKind::UnexpectedEof.into())
+                            }
+                        });
+                    match r {
+                        Ok(()) => {
+                            sh.bytes.fetch_add(req_size as u64, Ordering::Relaxed);
+                        }
+                        Err(e) if !sh.done.load(Ordering::Relaxed) => {
+                            t.error(&format!("server_{}", classify(&e)));
+                        }
+                        Err(_) => {}
+                    }
+                    // Dropping `s` closes first: the server side ends in TIME_WAIT.
+                }
+                t
+            })
+        })
+        .collect();
+    drop(listener);
+    let clients: Vec<_> = (0..v.conns)
+        .map(|i| {
+            let (sh, cores) = (sh.clone(), spec.load_cores.clone());
+            lab.client.spawn(move || {
+                pin(&cores, i);
+                let mut t = Tally::with_histogram();
+                let req = vec![0x5au8; req_size];
+                let mut resp = Vec::with_capacity(RESPONSE_SIZE * 2);
+                sh.ready.fetch_add(1, Ordering::Release);
+                if !sh.wait_go() {
+                    return t;
+                }
+                while !sh.over() {
+                    let started = Instant::now();
+                    let mut s = match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            t.io_error(&e);
+                            // A refused or reset connect returns at once: don't spin.
+                            std::thread::sleep(Duration::from_millis(1));
+                            continue;
+                        }
+                    };
+                    let _ = s.set_nodelay(true);
+                    let _ = s.set_read_timeout(Some(IO_TIMEOUT));
+                    resp.clear();
+                    let r = s.write_all(&req).and_then(|()| s.read_to_end(&mut resp));
+                    match r {
+                        Ok(n) if n == RESPONSE_SIZE => t.record(started),
+                        Ok(_) => t.error("short"),
+                        Err(e) => t.io_error(&e),
+                    }
+                    // Dropping `s` after EOF: the client closes second, so its port
+                    // leaves no TIME_WAIT and is free for the next connect at once.
+                }
+                t
+            })
+        })
+        .collect();
+    let mut out = Outcome::default();
+    out.elapsed = sh.window(v.conns, spec.duration, || {
+        out.probe_sockets = probe(spec, PORT_TCP_CRR, Proto::Tcp);
+    });
+    let joined: Vec<_> = clients.into_iter().map(|c| join(c, "crr client")).collect();
+    sh.end_servers();
+    for t in joined {
+        t?.merge_into(&mut out);
+    }
+    for s in servers {
+        let t = join(s, "crr server")?;
+        out.peers.extend(t.peers.iter().copied());
+        for (k, n) in t.errors {
+            *out.errors.entry(k).or_default() += n;
+        }
+    }
+    out.bytes = out.ops * (req_size + RESPONSE_SIZE) as u64;
+    Ok(out)
+}
+
+/// `udp-pps`: senders blast `size`-byte datagrams for the window (at most
+/// [`UDP_MAX_DATAGRAMS_PER_SENDER`] each); the server counts. Delivered rate and loss.
+fn udp_pps(lab: &Lab, v: &Variant, spec: &LoadSpec) -> anyhow::Result<Outcome> {
+    let addr = SocketAddr::new(spec.family.server_ip(), PORT_UDP_PPS);
+    let sock = lab
+        .server
+        .run(move || udp_socket(addr))
+        .context("server bind")?;
+    let sh = Shared::new(spec.duration);
+    let server_done = Arc::new(AtomicBool::new(false));
+    let server = {
+        let (sh, cores, server_done) = (sh.clone(), spec.server_cores.clone(), server_done.clone());
+        lab.server.spawn(move || {
+            pin(&cores, 0);
+            let mut t = Tally::default();
+            let _ = sock.set_read_timeout(Some(POLL_SLICE));
+            let mut buf = vec![0u8; 65536];
+            let mut last_peer = None;
+            while !server_done.load(Ordering::Relaxed) && Instant::now() < sh.hard_end {
+                match sock.recv_from(&mut buf) {
+                    Ok((n, peer)) => {
+                        sh.ops.fetch_add(1, Ordering::Relaxed);
+                        sh.bytes.fetch_add(n as u64, Ordering::Relaxed);
+                        if last_peer != Some(peer.ip()) {
+                            last_peer = Some(peer.ip());
+                            t.peers.insert(peer.ip());
+                        }
+                    }
+                    Err(e) if is_timeout(&e) => {}
+                    Err(e) => t.io_error(&e),
+                }
+            }
+            t
+        })
+    };
+    let family = spec.family;
+    let senders: Vec<_> = (0..v.conns)
+        .map(|i| {
+            let (sh, cores, size) = (sh.clone(), spec.load_cores.clone(), v.size);
+            lab.client.spawn(move || -> (Tally, u64) {
+                pin(&cores, i);
+                let mut t = Tally::default();
+                let sock = UdpSocket::bind(SocketAddr::new(family.unspecified(), 0))
+                    .and_then(|s| s.connect(addr).map(|()| s));
+                sh.ready.fetch_add(1, Ordering::Release);
+                let sock = match sock {
+                    Ok(s) => s,
+                    Err(e) => {
+                        t.io_error(&e);
+                        return (t, 0);
+                    }
+                };
+                let _ = sock.set_write_timeout(Some(POLL_SLICE));
+                let buf = vec![0x5au8; size];
+                let mut sent = 0u64;
+                if !sh.wait_go() {
+                    return (t, 0);
+                }
+                // Look at the clock only every 32 datagrams: it is a measurable part of
+                // a 64-byte send otherwise.
+                'outer: while sent < UDP_MAX_DATAGRAMS_PER_SENDER && !sh.over() {
+                    for _ in 0..32 {
+                        match sock.send(&buf) {
+                            Ok(_) => sent += 1,
+                            Err(e) if is_timeout(&e) => {}
+                            // ENOBUFS (qdisc full) or ECONNREFUSED (an ICMP from a
+                            // closed port): count, keep sending.
+                            Err(e) => {
+                                t.error(&format!("send_{}", classify(&e)));
+                                if t.errors.values().sum::<u64>() > 1_000_000 {
+                                    break 'outer;
+                                }
+                            }
+                        }
+                    }
+                }
+                (t, sent)
+            })
+        })
+        .collect();
+    let mut out = Outcome::default();
+    out.elapsed = sh.window(v.conns, spec.duration, || {
+        out.probe_sockets = probe(spec, PORT_UDP_PPS, Proto::Udp);
+    });
+    let joined: Vec<_> = senders.into_iter().map(|s| join(s, "udp sender")).collect();
+    let mut failed = None;
+    for j in joined {
+        match j {
+            Ok((t, sent)) => {
+                out.sent += sent;
+                t.merge_into(&mut out);
+            }
+            Err(e) => failed = Some(e),
+        }
+    }
+    // Datagrams still queued in the path count as delivered: wait until the server's
+    // count stops moving (bounded), then stop it.
+    let drain_end = Instant::now() + Duration::from_secs(1);
+    let mut last = sh.ops.load(Ordering::Relaxed);
+    while Instant::now() < drain_end {
+        std::thread::sleep(Duration::from_millis(30));
+        let now = sh.ops.load(Ordering::Relaxed);
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    server_done.store(true, Ordering::Relaxed);
+    let t = join(server, "udp server")?;
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    out.peers.extend(t.peers.iter().copied());
+    for (k, n) in t.errors {
+        *out.errors.entry(format!("server_{k}")).or_default() += n;
+    }
+    out.ops = sh.ops.load(Ordering::Relaxed);
+    out.bytes = sh.bytes.load(Ordering::Relaxed);
+    Ok(out)
+}
+
+/// `udp-rr`: clients send a numbered request and wait for the echo, checking that it
+/// comes from exactly the address and port the request went to (a transparent proxy
+/// must answer from the original destination).
+fn udp_rr(lab: &Lab, v: &Variant, spec: &LoadSpec) -> anyhow::Result<Outcome> {
+    let addr = SocketAddr::new(spec.family.server_ip(), PORT_UDP_RR);
+    let sock = lab
+        .server
+        .run(move || udp_socket(addr))
+        .context("server bind")?;
+    let sh = Shared::new(spec.duration);
+    let server = {
+        let (sh, cores) = (sh.clone(), spec.server_cores.clone());
+        lab.server.spawn(move || {
+            pin(&cores, 0);
+            let mut t = Tally::default();
+            let _ = sock.set_read_timeout(Some(POLL_SLICE));
+            let mut buf = vec![0u8; 65536];
+            while !sh.server_over() {
+                match sock.recv_from(&mut buf) {
+                    Ok((n, peer)) => {
+                        t.peers.insert(peer.ip());
+                        sh.bytes.fetch_add(n as u64, Ordering::Relaxed);
+                        if let Err(e) = sock.send_to(&buf[..n], peer) {
+                            t.io_error(&e);
+                        }
+                    }
+                    Err(e) if is_timeout(&e) => {}
+                    Err(e) => t.io_error(&e),
+                }
+            }
+            t
+        })
+    };
+    let family = spec.family;
+    let clients: Vec<_> = (0..v.conns)
+        .map(|i| {
+            let (sh, cores, size) = (sh.clone(), spec.load_cores.clone(), v.size);
+            lab.client.spawn(move || {
+                pin(&cores, i);
+                let mut t = Tally::with_histogram();
+                // Unconnected on purpose: a connected socket would silently drop a
+                // reply from the wrong source, which must be counted instead.
+                let sock = UdpSocket::bind(SocketAddr::new(family.unspecified(), 0));
+                sh.ready.fetch_add(1, Ordering::Release);
+                let sock = match sock {
+                    Ok(s) => s,
+                    Err(e) => {
+                        t.io_error(&e);
+                        return t;
+                    }
+                };
+                let _ = sock.set_read_timeout(Some(UDP_REPLY_TIMEOUT));
+                let mut req = vec![0x5au8; size];
+                let mut resp = vec![0u8; 65536];
+                if !sh.wait_go() {
+                    return t;
+                }
+                let mut seq: u64 = 0;
+                while !sh.over() {
+                    seq += 1;
+                    req[..8].copy_from_slice(&seq.to_be_bytes());
+                    let started = Instant::now();
+                    if let Err(e) = sock.send_to(&req, addr) {
+                        t.io_error(&e);
+                        continue;
+                    }
+                    loop {
+                        match sock.recv_from(&mut resp) {
+                            Ok((_, from)) if from != addr => t.error("wrong_source"),
+                            // A late echo of an earlier, timed-out request: skip it.
+                            Ok((n, _)) if n < 8 || resp[..8] != seq.to_be_bytes() => {}
+                            Ok((n, _)) if n != size => {
+                                t.error("short");
+                                break;
+                            }
+                            Ok(_) => {
+                                t.record(started);
+                                break;
+                            }
+                            Err(e) => {
+                                t.io_error(&e);
+                                break;
+                            }
+                        }
+                        if started.elapsed() >= UDP_REPLY_TIMEOUT {
+                            t.error("timeout");
+                            break;
+                        }
+                    }
+                }
+                t
+            })
+        })
+        .collect();
+    let mut out = Outcome::default();
+    out.elapsed = sh.window(v.conns, spec.duration, || {
+        out.probe_sockets = probe(spec, PORT_UDP_RR, Proto::Udp);
+    });
+    let joined: Vec<_> = clients
+        .into_iter()
+        .map(|c| join(c, "udp-rr client"))
+        .collect();
+    sh.end_servers();
+    for t in joined {
+        t?.merge_into(&mut out);
+    }
+    let t = join(server, "udp-rr server")?;
+    out.peers.extend(t.peers.iter().copied());
+    for (k, n) in t.errors {
+        *out.errors.entry(format!("server_{k}")).or_default() += n;
+    }
+    out.bytes = out.ops * 2 * v.size as u64;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn variants() {
+        let v = Scenario::TcpBulk.variants(None, None);
+        assert_eq!(v.len(), 2);
+        assert_eq!(v[1].conns, 4);
+        assert_eq!(Scenario::TcpBulk.variants(Some(1), None).len(), 1);
+        let u = Scenario::UdpPps.variants(None, None);
+        assert_eq!(u.iter().map(|v| v.size).collect::<Vec<_>>(), vec![64, 1400]);
+        assert_eq!(Scenario::UdpPps.variants(None, Some(512)).len(), 1);
+        assert_eq!(Scenario::UdpRr.variants(None, Some(1))[0].size, 8);
+        for s in Scenario::ALL {
+            assert_eq!(Scenario::parse(s.name()), Some(s));
+        }
+    }
+
+    #[test]
+    fn error_kinds() {
+        assert_eq!(classify(&io::ErrorKind::ConnectionReset.into()), "reset");
+        assert_eq!(classify(&io::ErrorKind::WouldBlock.into()), "timeout");
+        assert_eq!(classify(&io::ErrorKind::UnexpectedEof.into()), "short");
+    }
+}

@@ -1,0 +1,323 @@
+//! `bench`: builds the lab, puts kernel forwarding, the engine and HAProxy in the
+//! router one after the other, drives TCP and UDP load through each and prints the
+//! comparison. See `bench --help`.
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use ringrelay_bench::harness::{self, Config};
+use ringrelay_bench::lab::{self, Lab};
+use ringrelay_bench::load::{Family, Scenario};
+use ringrelay_bench::report::Report;
+use ringrelay_bench::targets::{Target, Tools, DEFAULT_PORT};
+
+#[derive(Parser)]
+#[command(
+    name = "bench",
+    version,
+    about = "ringrelay benchmark: engine vs kernel forwarding vs HAProxy in a namespace lab (needs root)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Short run of every scenario on every target; tears the lab down at the end, on
+    /// failure and on Ctrl-C. Writes demo.{json,md,svg} to the output directory.
+    Demo {
+        /// Shorter windows (0.5 s per variant instead of 2 s).
+        #[arg(long)]
+        quick: bool,
+        /// Drive IPv6 instead of IPv4.
+        #[arg(long)]
+        ipv6: bool,
+        /// Output directory (default: <cargo target dir>/bench).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Run chosen scenarios on chosen targets.
+    Run(Box<RunArgs>),
+    /// Build a lab and keep it (`up`), or delete kept or stale labs (`down`).
+    Lab {
+        #[command(subcommand)]
+        action: LabCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum LabCmd {
+    /// Build a lab and leave it up; prints its namespace names.
+    Up,
+    /// Delete a lab by prefix (`rr123x0`), or every lab whose process is gone.
+    Down {
+        /// Lab prefix as printed by `bench lab up`; a partial prefix matches all its labs.
+        prefix: Option<String>,
+    },
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Scenario(s): tcp-bulk, tcp-crr, tcp-rr, udp-pps, udp-rr, comma-separated, or all.
+    #[arg(long, default_value = "all")]
+    scenario: String,
+    /// Target(s): direct, engine-splice, engine-copy, haproxy, comma-separated, or all.
+    #[arg(long, default_value = "all")]
+    target: String,
+    /// Measurement window per variant (5s, 0.5s, 500ms).
+    #[arg(long, default_value = "5s")]
+    duration: String,
+    /// Streams / connections / client threads / senders (default: per scenario).
+    #[arg(long)]
+    conns: Option<usize>,
+    /// Write / request / datagram size in bytes (default: per scenario).
+    #[arg(long)]
+    size: Option<usize>,
+    /// Cores for the engine and HAProxy, e.g. `1` or `2-3` (default: the last core).
+    #[arg(long)]
+    engine_cores: Option<String>,
+    /// Cores for client load threads (default: all but the engine's).
+    #[arg(long)]
+    load_cores: Option<String>,
+    /// Cores for server threads (default: the load cores).
+    #[arg(long)]
+    server_cores: Option<String>,
+    /// Drive IPv6 instead of IPv4.
+    #[arg(long)]
+    ipv6: bool,
+    /// Transparent port for setup, engine and HAProxy.
+    #[arg(long, default_value_t = DEFAULT_PORT)]
+    port: u16,
+    /// JSON output (default: <cargo target dir>/bench/results.json).
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Also write the Markdown table here.
+    #[arg(long)]
+    markdown: Option<PathBuf>,
+    /// Also write the SVG chart here.
+    #[arg(long)]
+    svg: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(e) = ringrelay_bench::install_signal_handlers() {
+        eprintln!("bench: cannot install signal handlers: {e:#}");
+        return ExitCode::FAILURE;
+    }
+    // The release profile aborts on panic, so no Drop would delete the namespaces:
+    // do it from the hook.
+    #[cfg(panic = "abort")]
+    {
+        let prev = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            prev(info);
+            lab::cleanup_live_labs();
+        }));
+    }
+    match real_main(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            if lab::is_need_root(&e) {
+                eprintln!(
+                    "bench: {e:#}\nbench: run it as root (sudo), it builds network namespaces"
+                );
+            } else {
+                eprintln!("bench: {e:#}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Demo { quick, ipv6, out } => {
+            let secs = if quick { 0.5 } else { 2.0 };
+            let mut cfg = Config::all(std::time::Duration::from_secs_f64(secs));
+            if ipv6 {
+                cfg.family = Family::Ipv6;
+            }
+            let dir = out.unwrap_or_else(default_out_dir);
+            let outputs = Outputs {
+                json: dir.join("demo.json"),
+                markdown: Some(dir.join("demo.md")),
+                svg: Some(dir.join("demo.svg")),
+            };
+            run(&cfg, &outputs)
+        }
+        Cmd::Run(a) => {
+            let (default_engine, default_load) = harness::default_cores();
+            let engine_cores = match &a.engine_cores {
+                Some(s) => harness::parse_cores(s).context("--engine-cores")?,
+                None => default_engine,
+            };
+            let load_cores = match &a.load_cores {
+                Some(s) => harness::parse_cores(s).context("--load-cores")?,
+                None if a.engine_cores.is_some() => {
+                    let n = core_affinity::get_core_ids().map_or(1, |v| v.len());
+                    let rest: Vec<usize> = (0..n).filter(|c| !engine_cores.contains(c)).collect();
+                    if rest.is_empty() {
+                        engine_cores.clone()
+                    } else {
+                        rest
+                    }
+                }
+                None => default_load,
+            };
+            let server_cores = match &a.server_cores {
+                Some(s) => harness::parse_cores(s).context("--server-cores")?,
+                None => load_cores.clone(),
+            };
+            let cfg = Config {
+                scenarios: parse_list(&a.scenario, &Scenario::ALL, Scenario::parse, "scenario")?,
+                targets: parse_list(&a.target, &Target::ALL, Target::parse, "target")?,
+                duration: harness::parse_duration(&a.duration)?,
+                conns: a.conns,
+                size: a.size,
+                engine_cores,
+                load_cores,
+                server_cores,
+                family: if a.ipv6 { Family::Ipv6 } else { Family::Ipv4 },
+                port: a.port,
+            };
+            let outputs = Outputs {
+                json: a
+                    .json
+                    .unwrap_or_else(|| default_out_dir().join("results.json")),
+                markdown: a.markdown,
+                svg: a.svg,
+            };
+            run(&cfg, &outputs)
+        }
+        Cmd::Lab { action: LabCmd::Up } => {
+            let lab = Lab::up()?;
+            let names: Vec<String> = lab
+                .namespaces()
+                .iter()
+                .map(|n| n.name().to_string())
+                .collect();
+            let prefix = lab.keep();
+            println!("{prefix}");
+            eprintln!(
+                "lab {prefix} is up: namespaces {}\n  e.g. ip netns exec {} bash\n  remove with: bench lab down {prefix}",
+                names.join(" "),
+                names[1]
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Lab {
+            action: LabCmd::Down { prefix },
+        } => {
+            let deleted = match prefix {
+                Some(p) => Lab::down_by_prefix(&p)?,
+                None => Lab::down_stale()?,
+            };
+            if deleted.is_empty() {
+                eprintln!("no lab namespaces to delete");
+            } else {
+                eprintln!("deleted {}", deleted.join(" "));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+struct Outputs {
+    json: PathBuf,
+    markdown: Option<PathBuf>,
+    svg: Option<PathBuf>,
+}
+
+/// Builds the lab, runs the matrix, writes the outputs, prints the table. The lab is
+/// dropped (children killed, namespaces deleted) on every path out of here.
+fn run(cfg: &Config, outputs: &Outputs) -> anyhow::Result<ExitCode> {
+    let tools = Tools::discover();
+    for (name, found) in [
+        ("engine", &tools.engine),
+        ("setup", &tools.setup),
+        ("haproxy", &tools.haproxy),
+    ] {
+        match found {
+            Ok(p) => eprintln!("bench: {name}: {}", p.display()),
+            Err(why) => eprintln!("bench: {name}: unavailable: {why}"),
+        }
+    }
+    eprintln!(
+        "bench: pinning: engine cores {:?}, load cores {:?}, server cores {:?}; {} s per variant, {}",
+        cfg.engine_cores,
+        cfg.load_cores,
+        cfg.server_cores,
+        cfg.duration.as_secs_f64(),
+        cfg.family.name()
+    );
+    let lab = Lab::up()?;
+    eprintln!("bench: lab {} up", lab.prefix());
+    let report = harness::run_matrix(&lab, cfg, &tools, &mut |line| eprintln!("bench: {line}"));
+    drop(lab);
+    write_outputs(&report, outputs)?;
+    println!("{}", report.to_markdown());
+    if report.interrupted {
+        eprintln!("bench: interrupted; lab torn down");
+        return Ok(ExitCode::from(130));
+    }
+    Ok(if report.all_ran() {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("bench: some scenarios FAILED (see the table)");
+        ExitCode::FAILURE
+    })
+}
+
+fn write_outputs(report: &Report, o: &Outputs) -> anyhow::Result<()> {
+    let write = |p: &Path, text: String| -> anyhow::Result<()> {
+        if let Some(d) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(d).with_context(|| format!("mkdir {}", d.display()))?;
+        }
+        std::fs::write(p, text).with_context(|| format!("writing {}", p.display()))?;
+        eprintln!("bench: wrote {}", p.display());
+        Ok(())
+    };
+    write(&o.json, report.to_json())?;
+    if let Some(p) = &o.markdown {
+        write(p, report.to_markdown())?;
+    }
+    if let Some(p) = &o.svg {
+        write(p, report.to_svg())?;
+    }
+    Ok(())
+}
+
+/// `<target>/bench` when running from a cargo target directory (it carries
+/// CACHEDIR.TAG), else `./bench-results`.
+fn default_out_dir() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| {
+            exe.ancestors()
+                .skip(1)
+                .take(3)
+                .find(|d| d.join("CACHEDIR.TAG").is_file())
+                .map(|d| d.join("bench"))
+        })
+        .unwrap_or_else(|| PathBuf::from("bench-results"))
+}
+
+fn parse_list<T: Copy>(
+    s: &str,
+    all: &[T],
+    parse: fn(&str) -> Option<T>,
+    what: &str,
+) -> anyhow::Result<Vec<T>> {
+    if s == "all" {
+        return Ok(all.to_vec());
+    }
+    s.split(',')
+        .map(|x| parse(x.trim()).ok_or_else(|| anyhow::anyhow!("unknown {what} {x:?}")))
+        .collect()
+}

@@ -1,0 +1,707 @@
+//! Results: one [`Record`] per scenario variant and target, the [`Env`] they were
+//! measured in, and renderers for JSON, a Markdown table and a hand-written SVG chart.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::load::Scenario;
+use crate::targets::Target;
+
+/// Outcome class of a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Measured.
+    Ok,
+    /// Not run, for the reason given (a tool missing, HAProxy and UDP...).
+    Skipped,
+    /// Tried and broke (proxy did not start, traffic not intercepted, errors...).
+    Failed,
+}
+
+/// One scenario variant on one target.
+#[derive(Debug, Clone, Serialize)]
+pub struct Record {
+    /// `tcp-bulk`, `tcp-crr`, `tcp-rr`, `udp-pps`, `udp-rr`.
+    pub scenario: Scenario,
+    /// Variant label (`4 streams`, `64 B`...).
+    pub variant: String,
+    /// `direct`, `engine-splice`, `engine-copy`, `haproxy`.
+    pub target: Target,
+    /// Relay mode: `kernel-forwarding`, `splice`, `copy`, `haproxy-splice-auto`.
+    pub relay: String,
+    /// `ipv4` or `ipv6`.
+    pub family: String,
+    /// Ok, skipped or failed.
+    pub status: Status,
+    /// Why skipped or failed.
+    pub reason: Option<String>,
+    /// Measurement window, seconds.
+    pub duration_s: f64,
+    /// Streams, connections, client threads or senders.
+    pub conns: usize,
+    /// Write, request or datagram size in bytes.
+    pub size: usize,
+    /// Payload throughput (tcp-bulk: server-side; udp-pps: delivered).
+    pub gbit_s: Option<f64>,
+    /// Connections per second (tcp-crr).
+    pub conn_s: Option<f64>,
+    /// Requests per second (tcp-rr, udp-rr).
+    pub req_s: Option<f64>,
+    /// Delivered datagrams per second (udp-pps).
+    pub pps: Option<f64>,
+    /// Fraction of sent datagrams not delivered (udp-pps).
+    pub loss: Option<f64>,
+    /// Latency percentiles in microseconds (crr: whole connection; rr: one request).
+    pub p50_us: Option<f64>,
+    /// 99th percentile latency, µs.
+    pub p99_us: Option<f64>,
+    /// 99.9th percentile latency, µs.
+    pub p999_us: Option<f64>,
+    /// Total errors (resets, timeouts, wrong reply source...).
+    pub errors: u64,
+    /// Errors by kind.
+    pub error_kinds: BTreeMap<String, u64>,
+    /// Payload bytes counted for the rate.
+    pub bytes: u64,
+    /// Completed operations (connections, requests, datagrams).
+    pub ops: u64,
+    /// Datagrams sent (udp-pps).
+    pub sent: Option<u64>,
+    /// Source addresses the server saw: the client's own, or the proxy's.
+    pub server_saw: Vec<String>,
+    /// Whether the router held sockets on the server's port (a proxy intercepted the
+    /// flow); `None` when that cannot be told.
+    pub intercepted: Option<bool>,
+}
+
+impl Record {
+    /// A record for something not measured.
+    pub fn not_run(
+        scenario: Scenario,
+        variant: &crate::load::Variant,
+        target: Target,
+        family: &str,
+        status: Status,
+        reason: String,
+    ) -> Record {
+        Record {
+            scenario,
+            variant: variant.label.clone(),
+            target,
+            relay: target.relay().to_string(),
+            family: family.to_string(),
+            status,
+            reason: Some(reason),
+            duration_s: 0.0,
+            conns: variant.conns,
+            size: variant.size,
+            gbit_s: None,
+            conn_s: None,
+            req_s: None,
+            pps: None,
+            loss: None,
+            p50_us: None,
+            p99_us: None,
+            p999_us: None,
+            errors: 0,
+            error_kinds: BTreeMap::new(),
+            bytes: 0,
+            ops: 0,
+            sent: None,
+            server_saw: Vec::new(),
+            intercepted: None,
+        }
+    }
+
+    /// The scenario's headline figure (higher is better for all of them).
+    pub fn headline(&self) -> Option<f64> {
+        match self.scenario {
+            Scenario::TcpBulk => self.gbit_s,
+            Scenario::TcpCrr => self.conn_s,
+            Scenario::TcpRr | Scenario::UdpRr => self.req_s,
+            Scenario::UdpPps => self.pps,
+        }
+    }
+
+    /// Row key: scenario and variant.
+    pub fn row(&self) -> (Scenario, String) {
+        (self.scenario, self.variant.clone())
+    }
+}
+
+/// Where the numbers come from (style lesson 12: record the environment).
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Env {
+    /// `uname -srvm` equivalent.
+    pub kernel: String,
+    /// `model name` from /proc/cpuinfo.
+    pub cpu_model: String,
+    /// Online CPUs.
+    pub cpus: usize,
+    /// Cores the engine (and HAProxy's threads) are pinned to.
+    pub engine_cores: Vec<usize>,
+    /// Cores the client load threads are pinned to.
+    pub load_cores: Vec<usize>,
+    /// Cores the server threads are pinned to.
+    pub server_cores: Vec<usize>,
+    /// `ipv4` or `ipv6`.
+    pub family: String,
+    /// Measurement window per variant, seconds.
+    pub duration_s: f64,
+    /// Engine binary and its build profile.
+    pub engine: Option<String>,
+    /// `release`, `debug` or `unknown`.
+    pub engine_build: String,
+    /// The engine's startup output (ring flags) per relay mode.
+    pub engine_startup: BTreeMap<String, Vec<String>>,
+    /// Setup binary.
+    pub setup: Option<String>,
+    /// `haproxy -v`.
+    pub haproxy: Option<String>,
+    /// RLIMIT_NOFILE.
+    pub fd_limit: u64,
+    /// The bench command line.
+    pub command: String,
+    /// Seconds since the epoch at the start.
+    pub unix_time: u64,
+}
+
+impl Env {
+    /// Reads kernel and CPU facts from /proc.
+    pub fn probe() -> Env {
+        let read = |p: &str| {
+            std::fs::read_to_string(p)
+                .map(|s| s.trim().to_string())
+                .unwrap_or_default()
+        };
+        let kernel = format!(
+            "{} {} {} {}",
+            read("/proc/sys/kernel/ostype"),
+            read("/proc/sys/kernel/osrelease"),
+            read("/proc/sys/kernel/version"),
+            std::env::consts::ARCH
+        );
+        let cpuinfo = read("/proc/cpuinfo");
+        let cpu_model = cpuinfo
+            .lines()
+            .find(|l| l.starts_with("model name"))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+            .unwrap_or_else(|| "unknown".into());
+        Env {
+            kernel,
+            cpu_model,
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            fd_limit: crate::targets::fd_limit(),
+            command: std::env::args().collect::<Vec<_>>().join(" "),
+            unix_time: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            ..Env::default()
+        }
+    }
+
+    /// The lines of the engine's startup output that describe its rings (or, failing
+    /// that, its `ready` line).
+    pub fn ring_flags(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (mode, lines) in &self.engine_startup {
+            let picked: Vec<&String> = lines
+                .iter()
+                .filter(|l| {
+                    let l = l.to_ascii_lowercase();
+                    l.contains("ring") || l.contains("flag") || l.contains("setup")
+                })
+                .collect();
+            let picked = if picked.is_empty() {
+                lines.iter().filter(|l| l.starts_with("ready")).collect()
+            } else {
+                picked
+            };
+            for l in picked {
+                out.push(format!("{mode}: {l}"));
+            }
+        }
+        out
+    }
+}
+
+/// Everything one `bench` run produced.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Report {
+    /// The environment.
+    pub env: Env,
+    /// One record per scenario variant and target.
+    pub records: Vec<Record>,
+    /// Warnings worth reading.
+    pub notes: Vec<String>,
+    /// What each proxy printed when it stopped (the engine's counters), by target.
+    pub proxy_summaries: BTreeMap<String, Vec<String>>,
+    /// True when Ctrl-C / SIGTERM cut the run short.
+    pub interrupted: bool,
+}
+
+impl Report {
+    /// True when every record was measured or skipped for a stated reason, and the
+    /// run was not interrupted.
+    pub fn all_ran(&self) -> bool {
+        !self.interrupted && self.records.iter().all(|r| r.status != Status::Failed)
+    }
+
+    /// Pretty JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("a report always serializes")
+    }
+
+    fn targets(&self) -> Vec<Target> {
+        let set: BTreeSet<Target> = self.records.iter().map(|r| r.target).collect();
+        set.into_iter().collect()
+    }
+
+    fn rows(&self) -> Vec<(Scenario, String)> {
+        let mut seen = Vec::new();
+        for r in &self.records {
+            if !seen.contains(&r.row()) {
+                seen.push(r.row());
+            }
+        }
+        seen
+    }
+
+    fn find(&self, row: &(Scenario, String), t: Target) -> Option<&Record> {
+        self.records
+            .iter()
+            .find(|r| &r.row() == row && r.target == t)
+    }
+
+    /// Markdown: the environment header, the headline table with ratios to kernel
+    /// forwarding and to HAProxy, a latency table, and what was skipped or failed.
+    pub fn to_markdown(&self) -> String {
+        let mut s = String::new();
+        let e = &self.env;
+        let _ = writeln!(s, "| | |\n|---|---|");
+        let _ = writeln!(s, "| kernel | {} |", e.kernel);
+        let _ = writeln!(s, "| CPU | {} ({} online) |", e.cpu_model, e.cpus);
+        let _ = writeln!(
+            s,
+            "| pinning | engine/HAProxy cores {:?}, load cores {:?}, server cores {:?} |",
+            e.engine_cores, e.load_cores, e.server_cores
+        );
+        let _ = writeln!(
+            s,
+            "| family, window | {}, {:.1} s per variant |",
+            e.family, e.duration_s
+        );
+        let _ = writeln!(
+            s,
+            "| engine | {} ({} build) |",
+            e.engine.as_deref().unwrap_or("not available"),
+            e.engine_build
+        );
+        for l in e.ring_flags() {
+            let _ = writeln!(s, "| engine startup | `{}` |", l.replace('|', "\\|"));
+        }
+        let _ = writeln!(
+            s,
+            "| HAProxy | {} |",
+            e.haproxy.as_deref().unwrap_or("not available")
+        );
+        let _ = writeln!(s, "| fd limit | {} |", e.fd_limit);
+        let _ = writeln!(s);
+
+        let targets = self.targets();
+        let _ = write!(s, "| scenario | unit |");
+        for t in &targets {
+            let _ = write!(s, " {} |", t.name());
+        }
+        let ratios = self.ratio_columns();
+        for (name, _, _) in &ratios {
+            let _ = write!(s, " {name} |");
+        }
+        let _ = writeln!(s);
+        let _ = writeln!(
+            s,
+            "|---|---|{}",
+            "---:|".repeat(targets.len() + ratios.len())
+        );
+        for row in self.rows() {
+            let _ = write!(s, "| {} {} | {} |", row.0.name(), row.1, row.0.headline().1);
+            for t in &targets {
+                let cell = match self.find(&row, *t) {
+                    Some(r) if r.status == Status::Ok => {
+                        let mut c = r.headline().map_or("-".into(), fmt_num);
+                        if let Some(loss) = r.loss.filter(|l| *l > 0.0005) {
+                            let _ = write!(c, " ({:.1}% loss)", loss * 100.0);
+                        }
+                        if r.errors > 0 {
+                            let _ = write!(c, " ({} err)", r.errors);
+                        }
+                        c
+                    }
+                    Some(r) if r.status == Status::Skipped => "skipped".into(),
+                    Some(_) => "FAILED".into(),
+                    None => "".into(),
+                };
+                let _ = write!(s, " {cell} |");
+            }
+            for (_, a, b) in &ratios {
+                let cell = self
+                    .ratio(&row, *a, *b)
+                    .map_or("".into(), |x| format!("{x:.2}x"));
+                let _ = write!(s, " {cell} |");
+            }
+            let _ = writeln!(s);
+        }
+
+        let lat_rows: Vec<_> = self
+            .rows()
+            .into_iter()
+            .filter(|r| matches!(r.0, Scenario::TcpCrr | Scenario::TcpRr | Scenario::UdpRr))
+            .collect();
+        if !lat_rows.is_empty() {
+            let _ = writeln!(
+                s,
+                "\nLatency, µs (p50 / p99 / p99.9; tcp-crr: whole connection):\n"
+            );
+            let _ = write!(s, "| scenario |");
+            for t in &targets {
+                let _ = write!(s, " {} |", t.name());
+            }
+            let _ = writeln!(s, "\n|---|{}", "---:|".repeat(targets.len()));
+            for row in lat_rows {
+                let _ = write!(s, "| {} {} |", row.0.name(), row.1);
+                for t in &targets {
+                    let cell = match self.find(&row, *t) {
+                        Some(r) if r.status == Status::Ok => format!(
+                            "{} / {} / {}",
+                            r.p50_us.map_or("-".into(), fmt_num),
+                            r.p99_us.map_or("-".into(), fmt_num),
+                            r.p999_us.map_or("-".into(), fmt_num)
+                        ),
+                        _ => "".into(),
+                    };
+                    let _ = write!(s, " {cell} |");
+                }
+                let _ = writeln!(s);
+            }
+        }
+
+        let not_ok: Vec<&Record> = self
+            .records
+            .iter()
+            .filter(|r| r.status != Status::Ok)
+            .collect();
+        if !not_ok.is_empty() {
+            let _ = writeln!(s, "\nNot measured:\n");
+            // One line per (target, status, reason), listing the scenarios it hit.
+            let mut grouped: BTreeMap<(Target, String, String), Vec<String>> = BTreeMap::new();
+            for r in not_ok {
+                grouped
+                    .entry((
+                        r.target,
+                        format!("{:?}", r.status).to_lowercase(),
+                        r.reason.clone().unwrap_or_default(),
+                    ))
+                    .or_default()
+                    .push(format!("{} {}", r.scenario.name(), r.variant));
+            }
+            for ((t, st, why), rows) in grouped {
+                let _ = writeln!(s, "- {} {st} ({}): {why}", t.name(), rows.join(", "));
+            }
+        }
+        if !self.notes.is_empty() {
+            let _ = writeln!(s, "\nNotes:\n");
+            for n in &self.notes {
+                let _ = writeln!(s, "- {}", n.replace('\n', " "));
+            }
+        }
+        for (t, lines) in &self.proxy_summaries {
+            let _ = writeln!(s, "\n{t} exit summary:\n\n```\n{}\n```", lines.join("\n"));
+        }
+        if self.interrupted {
+            let _ = writeln!(s, "\n**Interrupted**: the run was cut short.");
+        }
+        s
+    }
+
+    /// Ratio columns that have data: engine vs kernel, engine vs HAProxy.
+    fn ratio_columns(&self) -> Vec<(String, Target, Target)> {
+        let have = self.targets();
+        let mut v = Vec::new();
+        for e in [Target::EngineSplice, Target::EngineCopy] {
+            for base in [Target::Direct, Target::Haproxy] {
+                if have.contains(&e) && have.contains(&base) {
+                    v.push((format!("{} / {}", e.name(), base.name()), e, base));
+                }
+            }
+        }
+        if have.contains(&Target::Haproxy) && have.contains(&Target::Direct) {
+            v.push(("haproxy / direct".into(), Target::Haproxy, Target::Direct));
+        }
+        v
+    }
+
+    fn ratio(&self, row: &(Scenario, String), a: Target, b: Target) -> Option<f64> {
+        let va = self
+            .find(row, a)
+            .filter(|r| r.status == Status::Ok)?
+            .headline()?;
+        let vb = self
+            .find(row, b)
+            .filter(|r| r.status == Status::Ok)?
+            .headline()?;
+        (vb > 0.0).then(|| va / vb)
+    }
+
+    /// A grouped bar chart: one group per scenario variant, one bar per target, bar
+    /// height relative to kernel forwarding (the units differ between scenarios, the
+    /// ratio does not), labelled with the absolute figure.
+    pub fn to_svg(&self) -> String {
+        let targets = self.targets();
+        let rows = self.rows();
+        let colors = |t: Target| match t {
+            Target::Direct => "#8c8c8c",
+            Target::EngineSplice => "#1f77b4",
+            Target::EngineCopy => "#6baed6",
+            Target::Haproxy => "#ff7f0e",
+        };
+        // Each group's bars are scaled to the best target of that group, or to direct.
+        let base = |row: &(Scenario, String)| -> Option<f64> {
+            self.find(row, Target::Direct)
+                .filter(|r| r.status == Status::Ok)
+                .and_then(Record::headline)
+                .filter(|v| *v > 0.0)
+                .or_else(|| {
+                    targets
+                        .iter()
+                        .filter_map(|t| {
+                            self.find(row, *t)
+                                .filter(|r| r.status == Status::Ok)?
+                                .headline()
+                        })
+                        .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))))
+                        .filter(|v| *v > 0.0)
+                })
+        };
+        let max_ratio = rows
+            .iter()
+            .flat_map(|row| {
+                let b = base(row);
+                targets.iter().filter_map(move |t| {
+                    let v = self
+                        .find(row, *t)
+                        .filter(|r| r.status == Status::Ok)?
+                        .headline()?;
+                    Some(v / b?)
+                })
+            })
+            .fold(1.0f64, f64::max)
+            .max(1.0);
+        let bar_w = 26.0;
+        let group_gap = 34.0;
+        let group_w = bar_w * targets.len().max(1) as f64 + group_gap;
+        let left = 60.0;
+        let top = 50.0;
+        let plot_h = 260.0;
+        let width = left + group_w * rows.len().max(1) as f64 + 20.0;
+        let height = top + plot_h + 110.0;
+        // 8 % headroom above the tallest bar for its label.
+        let y = |ratio: f64| top + plot_h - ratio / (max_ratio * 1.08) * plot_h;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0}" height="{height:.0}" viewBox="0 0 {width:.0} {height:.0}" font-family="sans-serif" font-size="11">"#
+        );
+        let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
+        let _ = writeln!(
+            s,
+            r#"<text x="{left}" y="20" font-size="14" font-weight="bold">ringrelay vs kernel forwarding vs HAProxy ({}; relative to direct = 100%)</text>"#,
+            xml(&self.env.family)
+        );
+        let _ = writeln!(
+            s,
+            r##"<text x="{left}" y="36" fill="#555">{}; engine cores {:?}, load cores {:?}</text>"##,
+            xml(&self.env.kernel),
+            self.env.engine_cores,
+            self.env.load_cores
+        );
+        // Gridlines every 25 %.
+        let mut g = 0.0;
+        while g <= max_ratio + 1e-9 {
+            let yy = y(g);
+            let _ = writeln!(
+                s,
+                r##"<line x1="{left}" x2="{:.1}" y1="{yy:.1}" y2="{yy:.1}" stroke="#ddd"/><text x="{:.1}" y="{:.1}" text-anchor="end" fill="#555">{:.0}%</text>"##,
+                width - 20.0,
+                left - 4.0,
+                yy + 4.0,
+                g * 100.0
+            );
+            g += 0.25;
+        }
+        for (i, row) in rows.iter().enumerate() {
+            let gx = left + group_gap / 2.0 + i as f64 * group_w;
+            let b = base(row);
+            for (j, t) in targets.iter().enumerate() {
+                let x = gx + j as f64 * bar_w;
+                match self.find(row, *t) {
+                    Some(r) if r.status == Status::Ok => {
+                        let v = r.headline().unwrap_or(0.0);
+                        let ratio = b.map_or(0.0, |b| v / b);
+                        let yy = y(ratio);
+                        let _ = writeln!(
+                            s,
+                            r#"<rect x="{x:.1}" y="{yy:.1}" width="{:.1}" height="{:.1}" fill="{}"><title>{} {} {}: {} {} ({:.0}% of direct)</title></rect>"#,
+                            bar_w - 3.0,
+                            (top + plot_h - yy).max(0.0),
+                            colors(*t),
+                            t.name(),
+                            row.0.name(),
+                            xml(&row.1),
+                            fmt_num(v),
+                            row.0.headline().1,
+                            ratio * 100.0
+                        );
+                        let _ = writeln!(
+                            s,
+                            r#"<text x="{:.1}" y="{:.1}" font-size="9" text-anchor="middle">{}</text>"#,
+                            x + (bar_w - 3.0) / 2.0,
+                            yy - 3.0,
+                            fmt_num(v)
+                        );
+                    }
+                    Some(r) => {
+                        let word = if r.status == Status::Skipped {
+                            "skip"
+                        } else {
+                            "FAIL"
+                        };
+                        let _ = writeln!(
+                            s,
+                            r##"<text x="{:.1}" y="{:.1}" font-size="9" text-anchor="middle" fill="#999" transform="rotate(-90 {:.1} {:.1})">{word}</text>"##,
+                            x + bar_w / 2.0,
+                            top + plot_h - 4.0,
+                            x + bar_w / 2.0,
+                            top + plot_h - 4.0
+                        );
+                    }
+                    None => {}
+                }
+            }
+            let cx = gx + bar_w * targets.len() as f64 / 2.0;
+            let _ = writeln!(
+                s,
+                r##"<text x="{cx:.1}" y="{:.1}" text-anchor="middle">{}</text><text x="{cx:.1}" y="{:.1}" text-anchor="middle" fill="#555">{} ({})</text>"##,
+                top + plot_h + 16.0,
+                row.0.name(),
+                top + plot_h + 30.0,
+                xml(&row.1),
+                row.0.headline().1
+            );
+        }
+        let _ = writeln!(
+            s,
+            r#"<line x1="{left}" x2="{:.1}" y1="{:.1}" y2="{:.1}" stroke="black"/>"#,
+            width - 20.0,
+            top + plot_h,
+            top + plot_h
+        );
+        for (j, t) in targets.iter().enumerate() {
+            let lx = left + j as f64 * 130.0;
+            let ly = top + plot_h + 60.0;
+            let _ = writeln!(
+                s,
+                r#"<rect x="{lx:.1}" y="{:.1}" width="12" height="12" fill="{}"/><text x="{:.1}" y="{:.1}">{}</text>"#,
+                ly - 10.0,
+                colors(*t),
+                lx + 16.0,
+                ly,
+                t.name()
+            );
+        }
+        let _ = writeln!(s, "</svg>");
+        s
+    }
+}
+
+/// 3 significant digits, thousands as `k`.
+pub fn fmt_num(v: f64) -> String {
+    if v >= 100_000.0 {
+        format!("{:.0}k", v / 1000.0)
+    } else if v >= 10_000.0 {
+        format!("{:.1}k", v / 1000.0)
+    } else if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn xml(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::load::Variant;
+
+    fn rec(t: Target, v: f64) -> Record {
+        let var = Variant {
+            label: "1 stream".into(),
+            conns: 1,
+            size: 1,
+        };
+        let mut r = Record::not_run(
+            Scenario::TcpBulk,
+            &var,
+            t,
+            "ipv4",
+            Status::Ok,
+            String::new(),
+        );
+        r.reason = None;
+        r.gbit_s = Some(v);
+        r
+    }
+
+    #[test]
+    fn markdown_and_svg_render() {
+        let mut rep = Report::default();
+        rep.records.push(rec(Target::Direct, 20.0));
+        rep.records.push(rec(Target::EngineSplice, 15.0));
+        let mut skipped = rec(Target::Haproxy, 0.0);
+        skipped.status = Status::Skipped;
+        skipped.reason = Some("haproxy is not installed".into());
+        rep.records.push(skipped);
+        let md = rep.to_markdown();
+        assert!(
+            md.contains("| tcp-bulk 1 stream | Gbit/s | 20.0 | 15.0 | skipped |"),
+            "{md}"
+        );
+        assert!(md.contains("0.75x"), "{md}");
+        assert!(md.contains("haproxy skipped (tcp-bulk 1 stream): haproxy is not installed"));
+        let svg = rep.to_svg();
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        assert!(svg.contains("75% of direct"));
+        assert!(rep.all_ran());
+        let json = rep.to_json();
+        assert!(json.contains("\"scenario\": \"tcp-bulk\""));
+        assert!(json.contains("\"target\": \"engine-splice\""));
+    }
+
+    #[test]
+    fn numbers() {
+        assert_eq!(fmt_num(123_456.0), "123k");
+        assert_eq!(fmt_num(12_345.0), "12.3k");
+        assert_eq!(fmt_num(9.876), "9.88");
+    }
+}

@@ -1,0 +1,644 @@
+//! What sits in the router while the load runs: nothing (kernel forwarding), the
+//! engine in one of its relay modes, or HAProxy; plus finding the binaries.
+//!
+//! An [`Armed`] target owns the router's state for its lifetime: `setup apply` has run
+//! and the proxy is up; dropping it stops the proxy and runs `setup teardown`, so the
+//! next target starts from a router without rules.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context};
+use nix::sys::signal::Signal;
+use serde::Serialize;
+
+use crate::lab::{self, Lab, NsChild};
+
+/// The transparent port (docs/CONTRACTS.md).
+pub const DEFAULT_PORT: u16 = 15001;
+/// How long a proxy may take to come up.
+const START_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a proxy may take to drain and exit after SIGTERM.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// Something to measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub enum Target {
+    /// Kernel forwarding through the router, no interception rules: the baseline.
+    #[serde(rename = "direct")]
+    Direct,
+    /// `engine --relay splice` behind `setup apply`.
+    #[serde(rename = "engine-splice")]
+    EngineSplice,
+    /// `engine --relay copy` behind `setup apply`.
+    #[serde(rename = "engine-copy")]
+    EngineCopy,
+    /// HAProxy, transparent bind, `option splice-auto`, behind `setup apply`.
+    #[serde(rename = "haproxy")]
+    Haproxy,
+}
+
+impl Target {
+    /// Every target, baseline first (it runs on a router that never saw rules).
+    pub const ALL: [Target; 4] = [
+        Target::Direct,
+        Target::EngineSplice,
+        Target::EngineCopy,
+        Target::Haproxy,
+    ];
+
+    /// CLI and report name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::Direct => "direct",
+            Target::EngineSplice => "engine-splice",
+            Target::EngineCopy => "engine-copy",
+            Target::Haproxy => "haproxy",
+        }
+    }
+
+    /// Parses a CLI name.
+    pub fn parse(s: &str) -> Option<Target> {
+        Target::ALL.into_iter().find(|t| t.name() == s)
+    }
+
+    /// The relay mode recorded with each result.
+    pub fn relay(self) -> &'static str {
+        match self {
+            Target::Direct => "kernel-forwarding",
+            Target::EngineSplice => "splice",
+            Target::EngineCopy => "copy",
+            Target::Haproxy => "haproxy-splice-auto",
+        }
+    }
+
+    /// True for the targets that need `setup apply` and a proxy.
+    pub fn is_proxy(self) -> bool {
+        self != Target::Direct
+    }
+}
+
+/// A tool found on disk, or why not.
+pub type Found = Result<PathBuf, String>;
+
+/// The external programs the targets need, located once.
+#[derive(Debug, Clone)]
+pub struct Tools {
+    /// The engine binary (env `RINGRELAY_ENGINE`, else next to this executable).
+    pub engine: Found,
+    /// The setup binary (env `RINGRELAY_SETUP`, else next to this executable).
+    pub setup: Found,
+    /// `haproxy` from `PATH`.
+    pub haproxy: Found,
+    /// `haproxy -v`, first line.
+    pub haproxy_version: Option<String>,
+}
+
+impl Tools {
+    /// Finds the engine, setup and HAProxy, and checks that each answers `--help`
+    /// (or `-v`) with the CLI the harness relies on.
+    pub fn discover() -> Tools {
+        let engine = locate("engine", "RINGRELAY_ENGINE").and_then(|p| {
+            check_help(
+                &p,
+                "--relay",
+                "engine binary does not implement `--relay` yet",
+            )
+        });
+        let setup = locate("setup", "RINGRELAY_SETUP")
+            .map_err(|_| {
+                "setup binary not built (cargo build --release -p ringrelay-setup)".to_string()
+            })
+            .and_then(|p| check_help(&p, "apply", "setup binary does not implement `apply` yet"));
+        let (haproxy, haproxy_version) = match which("haproxy") {
+            Some(p) => match run_with_timeout(Command::new(&p).arg("-v"), Duration::from_secs(5)) {
+                Ok(out) => {
+                    let v = out.lines().next().unwrap_or("").trim().to_string();
+                    (Ok(p), Some(v))
+                }
+                Err(e) => (Err(format!("haproxy -v failed: {e:#}")), None),
+            },
+            None => (
+                Err("haproxy is not installed (apt-get install haproxy)".into()),
+                None,
+            ),
+        };
+        Tools {
+            engine,
+            setup,
+            haproxy,
+            haproxy_version,
+        }
+    }
+
+    /// Why `target` cannot run, if it cannot.
+    pub fn missing_for(&self, target: Target) -> Option<String> {
+        let reason = |f: &Found| f.as_ref().err().cloned();
+        match target {
+            Target::Direct => None,
+            Target::EngineSplice | Target::EngineCopy => {
+                reason(&self.engine).or_else(|| reason(&self.setup))
+            }
+            Target::Haproxy => reason(&self.haproxy).or_else(|| {
+                reason(&self.setup).map(|r| format!("{r} (HAProxy needs its TPROXY rules)"))
+            }),
+        }
+    }
+
+    /// `release`, `debug` or `unknown`, judged by the target directory the engine
+    /// binary sits in. Benchmarks of a debug engine are meaningless.
+    pub fn engine_build(&self) -> &'static str {
+        match &self.engine {
+            Ok(p) => build_kind(p),
+            Err(_) => "unknown",
+        }
+    }
+}
+
+/// `release`/`debug` from a path such as `target/release/engine`.
+pub fn build_kind(p: &Path) -> &'static str {
+    let comps: Vec<_> = p
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy())
+        .collect();
+    if comps.iter().any(|c| c == "debug") {
+        "debug"
+    } else if comps.iter().any(|c| c == "release") {
+        "release"
+    } else {
+        "unknown"
+    }
+}
+
+/// The binary named by `env`, else `name` in this executable's directory, else in
+/// its parent (test binaries live in `target/<profile>/deps/`).
+fn locate(name: &str, env: &str) -> Found {
+    if let Some(p) = std::env::var_os(env) {
+        let p = PathBuf::from(p);
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(format!("{env}={} does not exist", p.display()))
+        };
+    }
+    let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
+    let dir = exe.parent().ok_or("current_exe has no directory")?;
+    let mut candidates = vec![dir.join(name)];
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        if let Some(up) = dir.parent() {
+            candidates.push(up.join(name));
+        }
+    }
+    candidates.into_iter().find(|c| c.is_file()).ok_or_else(|| {
+        format!(
+            "{name} binary not built (looked in {}; set {env})",
+            dir.display()
+        )
+    })
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_string_lossy()
+        .split(':')
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
+}
+
+/// Runs `p --help` and requires `needle` in its output: a stub binary exits 0 and
+/// prints nothing, and must not be mistaken for a working one.
+fn check_help(p: &Path, needle: &str, why: &str) -> Found {
+    match run_with_timeout(Command::new(p).arg("--help"), Duration::from_secs(5)) {
+        Ok(out) if out.contains(needle) => Ok(p.to_path_buf()),
+        Ok(_) => Err(format!("{why} ({} --help)", p.display())),
+        Err(e) => Err(format!("{} --help failed: {e:#}", p.display())),
+    }
+}
+
+/// Runs a short command to completion (bounded), returning stdout+stderr.
+fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> anyhow::Result<String> {
+    let mut child = NsChild::spawn(
+        format!("{cmd:?}"),
+        std::mem::replace(cmd, Command::new("true")),
+    )?;
+    match child.wait_timeout(timeout) {
+        Some(st) => {
+            child.finish_output();
+            let text = format!("{}{}", child.stdout(), child.stderr());
+            if st.success() {
+                Ok(text)
+            } else {
+                Err(anyhow!("{st}: {}", text.trim()))
+            }
+        }
+        None => Err(anyhow!("no answer within {timeout:?}")),
+    }
+}
+
+/// Options for arming a target.
+#[derive(Debug, Clone)]
+pub struct ArmOptions {
+    /// Cores for the engine (`--cores`) or HAProxy (`nbthread` + `cpu-map`).
+    pub engine_cores: Vec<usize>,
+    /// Transparent port.
+    pub port: u16,
+}
+
+/// Why a target could not be armed.
+#[derive(Debug, thiserror::Error)]
+pub enum ArmError {
+    /// Something it needs is missing: report the target as skipped.
+    #[error("{0}")]
+    Skipped(String),
+    /// It is there but did not come up: report the target as failed.
+    #[error("{0:#}")]
+    Failed(anyhow::Error),
+}
+
+/// A target in place in the router: rules applied, proxy running.
+pub struct Armed<'a> {
+    lab: &'a Lab,
+    target: Target,
+    setup: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+    child: Option<NsChild>,
+    /// Startup output of the proxy (the engine prints its ring flags there).
+    pub startup: Vec<String>,
+    /// Problems worth a line in the report (no `ready` line, teardown failure...).
+    pub notes: Vec<String>,
+    /// What the proxy printed after `ready` (the engine's exit summary).
+    pub summary: Vec<String>,
+}
+
+static NEXT_TMP: AtomicU32 = AtomicU32::new(0);
+
+/// A fresh private directory for a HAProxy config or setup's state file.
+fn temp_dir(what: &str) -> anyhow::Result<PathBuf> {
+    let n = NEXT_TMP.fetch_add(1, Ordering::Relaxed);
+    let d = std::env::temp_dir().join(format!("ringrelay-bench-{}-{what}-{n}", std::process::id()));
+    std::fs::create_dir_all(&d).with_context(|| format!("mkdir {}", d.display()))?;
+    Ok(d)
+}
+
+/// Comma list of cores, as `engine --cores` takes it.
+pub fn core_list(cores: &[usize]) -> String {
+    cores
+        .iter()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+impl<'a> Armed<'a> {
+    /// Applies the rules and starts the proxy for `target` (nothing for `direct`).
+    pub fn arm(
+        lab: &'a Lab,
+        target: Target,
+        tools: &Tools,
+        opts: &ArmOptions,
+    ) -> Result<Armed<'a>, ArmError> {
+        if let Some(why) = tools.missing_for(target) {
+            return Err(ArmError::Skipped(why));
+        }
+        let mut armed = Armed {
+            lab,
+            target,
+            setup: None,
+            state_dir: None,
+            child: None,
+            startup: Vec::new(),
+            notes: Vec::new(),
+            summary: Vec::new(),
+        };
+        if target == Target::Direct {
+            return Ok(armed);
+        }
+        let setup = tools.setup.clone().map_err(ArmError::Skipped)?;
+        armed.state_dir = Some(temp_dir("setup-state").map_err(ArmError::Failed)?);
+        armed
+            .setup_cmd(&setup, &["apply", "--port", &opts.port.to_string()])
+            .map_err(ArmError::Failed)?;
+        armed.setup = Some(setup);
+        let started = match target {
+            Target::EngineSplice | Target::EngineCopy => {
+                let engine = tools.engine.clone().map_err(ArmError::Skipped)?;
+                armed.start_engine(&engine, opts)
+            }
+            Target::Haproxy => {
+                let haproxy = tools.haproxy.clone().map_err(ArmError::Skipped)?;
+                armed.start_haproxy(&haproxy, opts)
+            }
+            Target::Direct => Ok(()),
+        };
+        // On failure `armed` drops here: proxy stopped, rules torn down.
+        started.map_err(ArmError::Failed)?;
+        Ok(armed)
+    }
+
+    /// `setup ARGS` in the router, with a private state directory so that labs of
+    /// parallel tests never share setup's state file.
+    fn setup_cmd(&self, setup: &Path, args: &[&str]) -> anyhow::Result<String> {
+        let mut cmd = self.lab.router.command(setup);
+        cmd.args(args);
+        if let Some(d) = &self.state_dir {
+            cmd.env("RINGRELAY_STATE_DIR", d);
+        }
+        let out = cmd
+            .stdin(std::process::Stdio::null())
+            .output()
+            .with_context(|| format!("starting {}", setup.display()))?;
+        if !out.status.success() {
+            return Err(anyhow!(
+                "`setup {}` in the router failed ({}): {}{}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim(),
+                String::from_utf8_lossy(&out.stdout).trim()
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn start_engine(&mut self, engine: &Path, opts: &ArmOptions) -> anyhow::Result<()> {
+        let mut cmd = self.lab.router.command(engine);
+        cmd.args([
+            "--cores",
+            &core_list(&opts.engine_cores),
+            "--port",
+            &opts.port.to_string(),
+            "--relay",
+            self.target.relay(),
+        ]);
+        let child = NsChild::spawn(format!("engine --relay {}", self.target.relay()), cmd)?;
+        self.child = Some(child);
+        self.wait_up(opts.port, true)
+    }
+
+    fn start_haproxy(&mut self, haproxy: &Path, opts: &ArmOptions) -> anyhow::Result<()> {
+        let dir = temp_dir("haproxy")?;
+        let cfg = dir.join("haproxy.cfg");
+        std::fs::write(
+            &cfg,
+            haproxy_config(&opts.engine_cores, opts.port, fd_limit()),
+        )
+        .with_context(|| format!("writing {}", cfg.display()))?;
+        // Validate first: a config error then reads as such, not as "did not start".
+        let check = self
+            .lab
+            .router
+            .command(haproxy)
+            .arg("-c")
+            .arg("-f")
+            .arg(&cfg)
+            .output()?;
+        if !check.status.success() {
+            return Err(anyhow!(
+                "haproxy -c rejected {}: {}{}",
+                cfg.display(),
+                String::from_utf8_lossy(&check.stdout).trim(),
+                String::from_utf8_lossy(&check.stderr).trim()
+            ));
+        }
+        let mut cmd = self.lab.router.command(haproxy);
+        cmd.arg("-db").arg("-f").arg(&cfg);
+        self.child = Some(NsChild::spawn("haproxy", cmd)?);
+        self.startup
+            .push(format!("haproxy -db -f {}", cfg.display()));
+        self.wait_up(opts.port, false)
+    }
+
+    /// Waits for the `ready` line (engine) and/or a TCP listener on `port`, whichever
+    /// the target provides; fails early if the proxy exits.
+    fn wait_up(&mut self, port: u16, expect_ready_line: bool) -> anyhow::Result<()> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        let mut listening_since: Option<Instant> = None;
+        let router = self.lab.router.clone();
+        let child = self.child.as_mut().context("no proxy child")?;
+        loop {
+            let out = child.stdout();
+            if let Some(line) = out.lines().find(|l| l.starts_with("ready")) {
+                self.startup.extend(startup_lines(&out, &child.stderr()));
+                let _ = line;
+                return Ok(());
+            }
+            if let Some(st) = child.try_wait() {
+                child.finish_output();
+                return Err(anyhow!(
+                    "{} exited during startup ({st}): {}{}",
+                    child.label(),
+                    child.stdout().trim(),
+                    child.stderr().trim()
+                ));
+            }
+            if lab::wait_tcp_listen(&router, port, Duration::ZERO).is_ok() {
+                let since = *listening_since.get_or_insert_with(Instant::now);
+                // HAProxy prints nothing; the engine gets a moment to print `ready`
+                // after its first listener appears, then the listener is trusted.
+                if !expect_ready_line || since.elapsed() > Duration::from_secs(2) {
+                    if expect_ready_line {
+                        self.notes.push(format!(
+                            "{} printed no `ready` line; started on its TCP listener",
+                            child.label()
+                        ));
+                    }
+                    self.startup
+                        .extend(startup_lines(&child.stdout(), &child.stderr()));
+                    return Ok(());
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(anyhow!(
+                    "{} not up after {START_TIMEOUT:?}: stdout: {} stderr: {}",
+                    child.label(),
+                    child.stdout().trim(),
+                    child.stderr().trim()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// `Err(reason)` when the proxy has died since it started.
+    pub fn check_alive(&mut self) -> Result<(), String> {
+        match self.child.as_mut() {
+            None => Ok(()),
+            Some(c) => match c.try_wait() {
+                None => Ok(()),
+                Some(st) => {
+                    c.finish_output();
+                    Err(format!(
+                        "{} died ({st}): {}",
+                        c.label(),
+                        tail(&c.stderr(), 400)
+                    ))
+                }
+            },
+        }
+    }
+
+    /// Stops the proxy (SIGTERM: the engine drains and prints a summary) and tears the
+    /// rules down. Returns the notes and the proxy's output after `ready`.
+    pub fn disarm(mut self) -> (Vec<String>, Vec<String>) {
+        self.shutdown();
+        (
+            std::mem::take(&mut self.notes),
+            std::mem::take(&mut self.summary),
+        )
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.signal(Signal::SIGTERM);
+            let st = c.wait_timeout(STOP_GRACE);
+            match st {
+                Some(st) if st.success() => {}
+                Some(st) if self.target == Target::Haproxy => {
+                    // haproxy -db exits 0 or 143 on SIGTERM depending on version.
+                    let _ = st;
+                }
+                Some(st) => self
+                    .notes
+                    .push(format!("{} exited with {st} on SIGTERM", c.label())),
+                None => {
+                    self.notes.push(format!(
+                        "{} did not exit within {STOP_GRACE:?} of SIGTERM; killed",
+                        c.label()
+                    ));
+                    c.stop(Duration::ZERO);
+                }
+            }
+            c.finish_output();
+            self.summary = c
+                .stdout()
+                .lines()
+                .skip_while(|l| !l.starts_with("ready"))
+                .skip(1)
+                .take(200)
+                .map(str::to_string)
+                .collect();
+        }
+        if let Some(setup) = self.setup.take() {
+            if let Err(e) = self.setup_cmd(&setup, &["teardown"]) {
+                self.notes.push(format!("{e:#}"));
+            }
+        }
+        if let Some(d) = self.state_dir.take() {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+impl Drop for Armed<'_> {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// The proxy's startup output worth keeping: everything up to and including `ready`
+/// (the engine states its ring flags there), bounded.
+fn startup_lines(stdout: &str, stderr: &str) -> Vec<String> {
+    let mut v: Vec<String> = Vec::new();
+    for l in stdout.lines() {
+        v.push(l.to_string());
+        if l.starts_with("ready") {
+            break;
+        }
+    }
+    v.extend(stderr.lines().map(|l| format!("stderr: {l}")));
+    v.truncate(40);
+    v
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let s = s.trim();
+    let start = s.len().saturating_sub(n);
+    let start = (start..=s.len())
+        .find(|&i| s.is_char_boundary(i))
+        .unwrap_or(s.len());
+    s[start..].to_string()
+}
+
+/// RLIMIT_NOFILE (soft) of this process, from `/proc/self/limits`; children inherit it.
+pub fn fd_limit() -> u64 {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
+        })
+        .unwrap_or(1024)
+}
+
+/// The HAProxy configuration doing the engine's job: transparent listeners on the
+/// TPROXY port for both families, connect to the original destination
+/// (`server orig 0.0.0.0:0`), splice when it pays (`option splice-auto`), one thread
+/// per engine core pinned like the engine.
+pub fn haproxy_config(cores: &[usize], port: u16, fd_limit: u64) -> String {
+    let nbthread = cores.len().max(1);
+    // Each proxied connection holds two sockets plus, while splicing, half a pipe
+    // (maxpipes defaults to maxconn/4, two fds each): 2.5 fds per connection, and a
+    // margin for listeners and logs. HAProxy refuses to start past the fd limit.
+    let maxconn = (fd_limit.saturating_sub(500) * 2 / 5).max(100);
+    let cpu_map = if nbthread == 1 {
+        format!("cpu-map 1/1 {}", cores.first().copied().unwrap_or(0))
+    } else {
+        format!(
+            "cpu-map auto:1/1-{nbthread} {}",
+            cores
+                .iter()
+                .map(|c| c.to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
+        )
+    };
+    format!(
+        "# Written by ringrelay bench: HAProxy as a transparent proxy, same rules as the engine.
+global
+    nbthread {nbthread}
+    {cpu_map}
+    maxconn {maxconn}
+
+defaults
+    mode tcp
+    option splice-auto
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+
+listen tproxy
+    bind :{port} transparent
+    bind :::{port} v6only transparent
+    # 0.0.0.0:0 = connect to the address and port the client connected to.
+    server orig 0.0.0.0:0
+"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn haproxy_config_shape() {
+        let c = haproxy_config(&[1], 15001, 20000);
+        assert!(c.contains("nbthread 1"));
+        assert!(c.contains("cpu-map 1/1 1"));
+        assert!(c.contains("maxconn 7800"));
+        assert!(c.contains("bind :15001 transparent"));
+        assert!(c.contains("bind :::15001 v6only transparent"));
+        assert!(c.contains("server orig 0.0.0.0:0"));
+        let c2 = haproxy_config(&[2, 3], 15001, 20000);
+        assert!(c2.contains("cpu-map auto:1/1-2 2 3"));
+    }
+
+    #[test]
+    fn build_kinds() {
+        assert_eq!(build_kind(Path::new("/w/target/release/engine")), "release");
+        assert_eq!(build_kind(Path::new("/w/target/debug/engine")), "debug");
+        assert_eq!(build_kind(Path::new("/usr/bin/engine")), "unknown");
+        assert_eq!(Target::parse("engine-copy"), Some(Target::EngineCopy));
+    }
+}

@@ -1,0 +1,241 @@
+//! Smoke test of the harness: every scenario on every target with tiny windows. It
+//! checks that each produced a sane record, or a skipped one with a reason; it asserts
+//! no speed. Needs root (network namespaces); prints SKIPPED otherwise.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use ringrelay_bench::harness::{run_matrix, Config};
+use ringrelay_bench::lab::{self, Lab};
+use ringrelay_bench::load::Scenario;
+use ringrelay_bench::report::{Record, Status};
+use ringrelay_bench::targets::{Target, Tools};
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+fn skip(name: &str) -> bool {
+    if is_root() {
+        return false;
+    }
+    println!("SKIPPED: {name}: needs root for network namespaces");
+    true
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("rr-bench-smoke-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn lab_namespaces_of(pid: u32) -> Vec<String> {
+    let prefix = format!("rr{pid}x");
+    std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&prefix))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// What a measured record must look like, whatever the speed.
+fn check_ok(r: &Record) {
+    let what = format!("{} {} on {}", r.scenario.name(), r.variant, r.target.name());
+    let head = r.headline().unwrap_or(0.0);
+    assert!(head > 0.0 && head.is_finite(), "{what}: headline {head}");
+    assert!(r.bytes > 0, "{what}: no bytes");
+    assert!(r.duration_s > 0.0, "{what}: no window");
+    assert_eq!(r.errors, 0, "{what}: errors {:?}", r.error_kinds);
+    if matches!(
+        r.scenario,
+        Scenario::TcpCrr | Scenario::TcpRr | Scenario::UdpRr
+    ) {
+        let (p50, p99, p999) = (r.p50_us.unwrap(), r.p99_us.unwrap(), r.p999_us.unwrap());
+        assert!(
+            0.0 < p50 && p50 <= p99 && p99 <= p999,
+            "{what}: {p50} {p99} {p999}"
+        );
+    }
+    if r.scenario == Scenario::UdpPps {
+        let loss = r.loss.unwrap();
+        assert!((0.0..=1.0).contains(&loss), "{what}: loss {loss}");
+        assert!(r.sent.unwrap() >= r.ops, "{what}: more delivered than sent");
+    }
+    if r.target.is_proxy() && !r.scenario.is_udp() {
+        assert_eq!(r.intercepted, Some(true), "{what}: not intercepted");
+    }
+    if r.target == Target::Direct {
+        assert_ne!(r.intercepted, Some(true), "{what}: baseline intercepted");
+    }
+}
+
+#[test]
+fn every_scenario_on_every_target() {
+    let name = "every_scenario_on_every_target";
+    if skip(name) {
+        return;
+    }
+    let lab = match Lab::up() {
+        Ok(l) => l,
+        Err(e) if lab::is_need_root(&e) => {
+            println!("SKIPPED: {name}: needs root for network namespaces ({e:#})");
+            return;
+        }
+        Err(e) => panic!("lab: {e:#}"),
+    };
+    let tools = Tools::discover();
+    let mut cfg = Config::all(Duration::from_millis(300));
+    cfg.conns = Some(2);
+    let started = Instant::now();
+    let rep = run_matrix(&lab, &cfg, &tools, &mut |l| println!("{l}"));
+    println!("{}", rep.to_markdown());
+    assert!(!rep.interrupted);
+    for s in Scenario::ALL {
+        for v in s.variants(Some(2), None) {
+            for t in Target::ALL {
+                let r = rep
+                    .records
+                    .iter()
+                    .find(|r| r.scenario == s && r.variant == v.label && r.target == t)
+                    .unwrap_or_else(|| {
+                        panic!("no record for {} {} on {}", s.name(), v.label, t.name())
+                    });
+                match r.status {
+                    Status::Ok => check_ok(r),
+                    Status::Skipped => {
+                        let why = r.reason.as_deref().unwrap_or("");
+                        assert!(!why.is_empty(), "skipped without a reason: {r:?}");
+                        println!("SKIPPED: {} {} on {}: {why}", s.name(), v.label, t.name());
+                    }
+                    Status::Failed => panic!(
+                        "{} {} on {} FAILED: {}",
+                        s.name(),
+                        v.label,
+                        t.name(),
+                        r.reason.as_deref().unwrap_or("")
+                    ),
+                }
+            }
+        }
+    }
+    // The baseline always runs.
+    assert!(rep
+        .records
+        .iter()
+        .filter(|r| r.target == Target::Direct)
+        .all(|r| r.status == Status::Ok));
+    let md = rep.to_markdown();
+    assert!(md.contains("| tcp-bulk 1 stream | Gbit/s |"));
+    assert!(rep.to_svg().contains("</svg>"));
+    println!("matrix took {:?}", started.elapsed());
+}
+
+#[test]
+fn cli_run_writes_json_markdown_svg() {
+    if skip("cli_run_writes_json_markdown_svg") {
+        return;
+    }
+    let d = tmp("cli");
+    let out = Command::new(env!("CARGO_BIN_EXE_bench"))
+        .args([
+            "run",
+            "--scenario",
+            "tcp-rr,udp-rr",
+            "--target",
+            "direct",
+            "--duration",
+            "0.2s",
+            "--conns",
+            "2",
+        ])
+        .arg("--json")
+        .arg(d.join("r.json"))
+        .arg("--markdown")
+        .arg(d.join("r.md"))
+        .arg("--svg")
+        .arg(d.join("r.svg"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench run failed: {stderr}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("r.json")).unwrap()).unwrap();
+    let recs = json["records"].as_array().unwrap();
+    assert_eq!(recs.len(), 2);
+    for r in recs {
+        assert_eq!(r["status"], "ok", "{r}");
+        assert_eq!(r["target"], "direct");
+        assert!(r["req_s"].as_f64().unwrap() > 0.0);
+        assert!(r["p99_us"].as_f64().unwrap() > 0.0);
+    }
+    assert!(json["env"]["kernel"].as_str().unwrap().contains("Linux"));
+    assert!(!json["env"]["load_cores"].as_array().unwrap().is_empty());
+    assert!(std::fs::read_to_string(d.join("r.md"))
+        .unwrap()
+        .contains("| tcp-rr 2 conns | req/s |"));
+    assert!(std::fs::read_to_string(d.join("r.svg"))
+        .unwrap()
+        .starts_with("<svg"));
+    let _ = std::fs::remove_dir_all(d);
+}
+
+#[test]
+fn demo_tears_down_on_sigint() {
+    if skip("demo_tears_down_on_sigint") {
+        return;
+    }
+    let d = tmp("sigint");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bench"))
+        .args(["demo", "--quick", "--out"])
+        .arg(&d)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    // Wait for its lab to exist and the load to be running, then interrupt.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while lab_namespaces_of(pid).len() < 3 {
+        assert!(Instant::now() < deadline, "bench demo built no lab");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(700));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("bench demo did not stop after SIGINT");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    use std::io::Read;
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(status.code(), Some(130), "exit {status}; stderr: {err}");
+    assert!(
+        lab_namespaces_of(pid).is_empty(),
+        "left behind: {:?}",
+        lab_namespaces_of(pid)
+    );
+    // The partial results are still written.
+    assert!(d.join("demo.json").is_file(), "stderr: {err}");
+    let _ = std::fs::remove_dir_all(d);
+}

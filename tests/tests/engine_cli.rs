@@ -1,0 +1,163 @@
+//! The engine's startup errors and its clean shutdown.
+//!
+//! Each test gets a fresh lab and uses only its router namespace, so a broken
+//! validation can never leave an engine listening in the host namespace.
+//! Needs root; without it each test prints `SKIPPED: <name>: needs root ...`.
+#![forbid(unsafe_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::time::Duration;
+
+use ringrelay_tests::*;
+use socket2::{Domain, Socket, Type};
+
+/// A lab, or `None` (after printing SKIPPED) without root.
+fn lab(test: &str) -> Option<Lab> {
+    if skip_without_root(test) {
+        return None;
+    }
+    match Lab::up() {
+        Ok(l) => Some(l),
+        Err(e) if is_need_root(&e) => {
+            print_skip(test);
+            None
+        }
+        Err(e) => panic!("{test}: lab: {e:#}"),
+    }
+}
+
+/// Runs the engine in `ns` expecting it to refuse to start; returns its stderr.
+fn engine_fails(ns: &Netns, args: &[&str]) -> String {
+    let mut cmd = ns.command(engine_bin());
+    cmd.args(args);
+    let out = run_with_timeout(cmd, Duration::from_secs(15)).unwrap();
+    assert!(
+        !out.status.success(),
+        "engine {args:?} started (status {}); stdout: {}",
+        out.status,
+        out.stdout
+    );
+    assert!(
+        !out.stdout.contains("ready:"),
+        "engine {args:?} said ready: {}",
+        out.stdout
+    );
+    out.stderr
+}
+
+#[test]
+fn engine_rejects_unknown_cores() {
+    let Some(lab) = lab("engine_rejects_unknown_cores") else {
+        return;
+    };
+    let err = engine_fails(&lab.router, &["--cores", "999"]);
+    assert!(
+        err.contains("--cores") && err.contains("999"),
+        "message must name --cores and 999: {err}"
+    );
+}
+
+#[test]
+fn engine_rejects_interception_mark() {
+    let Some(lab) = lab("engine_rejects_interception_mark") else {
+        return;
+    };
+    for mark in ["0x1", "3"] {
+        let err = engine_fails(&lab.router, &["--cores", "0", "--mark", mark]);
+        assert!(
+            err.contains("--mark") && err.contains("interception bit"),
+            "--mark {mark}: message must name the interception bit: {err}"
+        );
+    }
+}
+
+#[test]
+fn engine_refuses_port_in_use() {
+    let Some(lab) = lab("engine_refuses_port_in_use") else {
+        return;
+    };
+    let port = 15001;
+    // TCP on IPv4, TCP on IPv6 only, UDP on IPv4: each alone must stop the engine.
+    let v4 = SocketAddr::new(Family::V4.unspecified(), port);
+    let v6 = SocketAddr::new(Family::V6.unspecified(), port);
+    let tcp4: TcpListener = lab.router.run(move || TcpListener::bind(v4)).unwrap();
+    let err = engine_fails(&lab.router, &["--cores", "0"]);
+    assert!(err.contains("already in use"), "TCP v4 taken: {err}");
+    drop(tcp4);
+
+    let tcp6: TcpListener = lab
+        .router
+        .run(move || -> std::io::Result<TcpListener> {
+            let s = Socket::new(Domain::IPV6, Type::STREAM, None)?;
+            s.set_only_v6(true)?;
+            s.bind(&v6.into())?;
+            s.listen(16)?;
+            Ok(s.into())
+        })
+        .unwrap();
+    let err = engine_fails(&lab.router, &["--cores", "0"]);
+    assert!(err.contains("already in use"), "TCP v6 taken: {err}");
+    drop(tcp6);
+
+    let udp4: UdpSocket = lab.router.run(move || UdpSocket::bind(v4)).unwrap();
+    let err = engine_fails(&lab.router, &["--cores", "0"]);
+    assert!(err.contains("already in use"), "UDP v4 taken: {err}");
+    drop(udp4);
+
+    // Control: with the port free again the same command starts.
+    let engine = Engine::start(&lab.router, &["--cores".into(), "0".into()]);
+    assert!(engine.is_ok(), "{:?}", engine.err());
+}
+
+/// SIGTERM with a connection still open: the engine drains for --drain-timeout-s,
+/// exits 0, and its summary shows every fd it opened closed again.
+#[test]
+fn engine_sigterm_drains_and_exits_clean() {
+    let test = "engine_sigterm_drains_and_exits_clean";
+    let Some(mut rig) = Rig::start(test, RigConfig::new()) else {
+        return;
+    };
+    let dst = SocketAddr::new(Family::V4.server_a(), 5020);
+    let _srv = TcpServer::echo(&rig.lab.server, dst).unwrap();
+    let udp_dst = SocketAddr::new(Family::V6.server_a(), 5021);
+    let _udp = UdpEcho::start(&rig.lab.server, udp_dst, false).unwrap();
+    let (held, udp_sock) = rig
+        .lab
+        .client
+        .run(move || -> anyhow::Result<_> {
+            let mut s = tcp_connect(dst)?;
+            s.write_all(b"x")?;
+            let mut b = [0u8; 1];
+            s.read_exact(&mut b)?;
+            let u = udp_client(Family::V6, Duration::from_secs(3))?;
+            u.send_to(b"y", udp_dst)?;
+            let mut b = [0u8; 8];
+            u.recv_from(&mut b)?;
+            Ok((s, u))
+        })
+        .unwrap();
+    let e = rig.engine_mut();
+    let c = e.counters();
+    assert_eq!((c.get("active"), c.get("udp_flows_active")), (1, 1));
+    let (status, stdout, stderr) = e.stop(Duration::from_secs(6));
+    let status = status.expect("engine did not exit");
+    assert!(status.success(), "exit {status}; stderr: {stderr}");
+    let summary = stdout
+        .lines()
+        .find(|l| l.starts_with("summary:"))
+        .unwrap_or_else(|| panic!("no summary line: {stdout}"));
+    let nums: Vec<u64> = summary
+        .split("fds at start ")
+        .nth(1)
+        .map(|rest| {
+            rest.split(|c: char| !c.is_ascii_digit())
+                .filter(|s| !s.is_empty())
+                .map(|s| s.parse().unwrap())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(nums.len(), 2, "cannot parse: {summary}");
+    assert_eq!(nums[0], nums[1], "fds leaked at exit: {summary}");
+    drop((held, udp_sock));
+}

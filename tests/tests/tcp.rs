@@ -1,0 +1,760 @@
+//! TCP through the engine: bytes, original destinations, half-close, upstream
+//! failures, many connections, the connection limit, and what must bypass the engine.
+//!
+//! Every test runs in its own lab (see `ringrelay_tests::Rig`) and needs root; without
+//! it each prints `SKIPPED: <name>: needs root ...` and returns.
+#![forbid(unsafe_code)]
+
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context};
+use ringrelay_tests::*;
+
+// ---------------------------------------------------------------------------------
+// 1. Bytes intact, both directions at once, both relay modes
+// ---------------------------------------------------------------------------------
+
+const C2S_BYTES: u64 = 8 << 20;
+const S2C_BYTES: u64 = 6 << 20;
+
+fn bytes_intact(test: &str, family: Family, relay: &str) {
+    let Some(mut rig) = Rig::start(test, RigConfig::new().relay(relay)) else {
+        return;
+    };
+    let before = rig.engine_mut().counters();
+    let dst = SocketAddr::new(family.server_a(), 5001);
+    // The server reads the client's stream to EOF while it sends its own stream.
+    let seen: Arc<Mutex<Vec<Digest>>> = Arc::default();
+    let seen2 = seen.clone();
+    let server = TcpServer::start(&rig.lab.server, dst, move |s, _| {
+        let mut w = s.try_clone()?;
+        let writer = std::thread::spawn(move || -> std::io::Result<()> {
+            write_pattern(&mut w, 2, S2C_BYTES)?;
+            w.shutdown(Shutdown::Write)
+        });
+        let got = read_digest(&mut &s)?;
+        writer.join().expect("server writer panicked")?;
+        seen2.lock().unwrap().push(got);
+        Ok(())
+    })
+    .unwrap();
+
+    let (sent, got, local) = rig
+        .lab
+        .client
+        .run(move || -> anyhow::Result<(Digest, Digest, SocketAddr)> {
+            let s = tcp_connect(dst)?;
+            let local = s.local_addr()?;
+            let mut w = s.try_clone()?;
+            let writer = std::thread::spawn(move || -> std::io::Result<Digest> {
+                let d = write_pattern(&mut w, 1, C2S_BYTES)?;
+                w.shutdown(Shutdown::Write)?;
+                Ok(d)
+            });
+            let got = read_digest(&mut &s)?;
+            let sent = writer.join().expect("client writer panicked")?;
+            Ok((sent, got, local))
+        })
+        .unwrap();
+
+    assert_eq!(sent, pattern_digest(1, C2S_BYTES));
+    assert_eq!(
+        got,
+        pattern_digest(2, S2C_BYTES),
+        "server->client stream corrupted"
+    );
+    assert!(server.wait_finished(1, Duration::from_secs(10)));
+    assert_eq!(server.errors(), Vec::<String>::new());
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![pattern_digest(1, C2S_BYTES)],
+        "client->server stream corrupted"
+    );
+    let acc = server.accepted();
+    assert_eq!(acc.len(), 1, "{acc:?}");
+    assert_eq!(
+        acc[0].local, dst,
+        "server must see the original destination"
+    );
+    assert_eq!(
+        acc[0].peer.ip(),
+        family.router_s(),
+        "peer must be the engine's upstream address (the router), not the client"
+    );
+    assert_ne!(acc[0].peer, local);
+
+    let e = rig.engine_mut();
+    let after = e
+        .wait_counters(Duration::from_secs(5), |c| {
+            c.get("bytes_c2s") >= before.get("bytes_c2s") + C2S_BYTES
+                && c.get("bytes_s2c") >= before.get("bytes_s2c") + S2C_BYTES
+        })
+        .unwrap_or_else(|c| panic!("byte counters did not grow: {c:?}"));
+    assert_eq!(after.get("accepted"), before.get("accepted") + 1);
+    // The relay mode asked for is the one that moved the bytes.
+    let (used, unused) = match relay {
+        "splice" => ("splice_bytes", "copy_bytes"),
+        _ => ("copy_bytes", "splice_bytes"),
+    };
+    assert!(
+        after.get(used) >= C2S_BYTES + S2C_BYTES,
+        "{used}: {after:?}"
+    );
+    assert_eq!(after.get(unused), 0, "{unused}: {after:?}");
+}
+
+#[test]
+fn tcp_bytes_intact_v4_splice() {
+    bytes_intact("tcp_bytes_intact_v4_splice", Family::V4, "splice");
+}
+
+#[test]
+fn tcp_bytes_intact_v6_splice() {
+    bytes_intact("tcp_bytes_intact_v6_splice", Family::V6, "splice");
+}
+
+#[test]
+fn tcp_bytes_intact_v4_copy() {
+    bytes_intact("tcp_bytes_intact_v4_copy", Family::V4, "copy");
+}
+
+#[test]
+fn tcp_bytes_intact_v6_copy() {
+    bytes_intact("tcp_bytes_intact_v6_copy", Family::V6, "copy");
+}
+
+/// The same relay path with the iptables backend programming the interception.
+#[test]
+fn tcp_bytes_intact_iptables_backend() {
+    let test = "tcp_bytes_intact_iptables_backend";
+    let Some(mut rig) = Rig::start(test, RigConfig::new().backend(Backend::Iptables)) else {
+        return;
+    };
+    for family in [Family::V4, Family::V6] {
+        let before = rig.engine_mut().counters().get("accepted");
+        let dst = SocketAddr::new(family.server_b(), 5002);
+        let server = TcpServer::echo(&rig.lab.server, dst).unwrap();
+        let got = rig
+            .lab
+            .client
+            .run(move || -> anyhow::Result<Digest> {
+                let s = tcp_connect(dst)?;
+                let mut w = s.try_clone()?;
+                let writer = std::thread::spawn(move || -> std::io::Result<()> {
+                    write_pattern(&mut w, 5, 2 << 20)?;
+                    w.shutdown(Shutdown::Write)
+                });
+                let got = read_digest(&mut &s)?;
+                writer.join().expect("writer panicked")?;
+                Ok(got)
+            })
+            .unwrap();
+        assert_eq!(got, pattern_digest(5, 2 << 20), "{family:?}");
+        let acc = server.accepted();
+        assert_eq!(acc.len(), 1);
+        assert_eq!(acc[0].local, dst);
+        assert_eq!(
+            acc[0].peer.ip(),
+            family.router_s(),
+            "{family:?}: not relayed"
+        );
+        assert_eq!(
+            rig.engine_mut().counters().get("accepted"),
+            before + 1,
+            "{family:?}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// 2. Original destination: two servers, two ports
+// ---------------------------------------------------------------------------------
+
+/// Handler: the first line names where the client meant to go; it must be this
+/// socket's local address. Answers `ok <local>`.
+fn dst_checker(s: TcpStream, info: ConnInfo) -> anyhow::Result<()> {
+    let mut r = BufReader::new(s.try_clone()?);
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    let want = line.trim().strip_prefix("to ").context("no `to` line")?;
+    ensure!(
+        want == info.local.to_string(),
+        "connection meant for {want} arrived at {}",
+        info.local
+    );
+    (&s).write_all(format!("ok {}\n", info.local).as_bytes())?;
+    Ok(())
+}
+
+fn orig_dst_two_servers(test: &str, family: Family) {
+    let Some(mut rig) = Rig::start(test, RigConfig::new()) else {
+        return;
+    };
+    let before = rig.engine_mut().counters().get("accepted");
+    let a = SocketAddr::new(family.server_a(), 7101);
+    let b = SocketAddr::new(family.server_b(), 7202);
+    let sa = TcpServer::start(&rig.lab.server, a, dst_checker).unwrap();
+    let sb = TcpServer::start(&rig.lab.server, b, dst_checker).unwrap();
+    const PER_SERVER: usize = 6;
+    rig.lab
+        .client
+        .run(move || -> anyhow::Result<()> {
+            // Interleaved and all open at once, so the engine holds both kinds together.
+            let mut open = Vec::new();
+            for i in 0..2 * PER_SERVER {
+                let dst = if i % 2 == 0 { a } else { b };
+                let mut s = tcp_connect(dst)?;
+                s.write_all(format!("to {dst}\n").as_bytes())?;
+                open.push((dst, s));
+            }
+            for (dst, s) in open {
+                let mut line = String::new();
+                BufReader::new(s).read_line(&mut line)?;
+                ensure!(line == format!("ok {dst}\n"), "to {dst}: answer {line:?}");
+            }
+            Ok(())
+        })
+        .unwrap();
+    for (srv, addr) in [(&sa, a), (&sb, b)] {
+        assert!(srv.wait_finished(PER_SERVER, Duration::from_secs(5)));
+        assert_eq!(srv.errors(), Vec::<String>::new(), "server {addr}");
+        let acc = srv.accepted();
+        assert_eq!(acc.len(), PER_SERVER, "server {addr}: {acc:?}");
+        for c in acc {
+            assert_eq!(c.local, addr);
+            assert_eq!(c.peer.ip(), family.router_s(), "server {addr}: not relayed");
+        }
+    }
+    let after = rig.engine_mut().counters().get("accepted");
+    assert_eq!(after, before + 2 * PER_SERVER as u64);
+}
+
+#[test]
+fn tcp_orig_dst_two_servers_v4() {
+    orig_dst_two_servers("tcp_orig_dst_two_servers_v4", Family::V4);
+}
+
+#[test]
+fn tcp_orig_dst_two_servers_v6() {
+    orig_dst_two_servers("tcp_orig_dst_two_servers_v6", Family::V6);
+}
+
+// ---------------------------------------------------------------------------------
+// 3. Half-close
+// ---------------------------------------------------------------------------------
+
+const HALF_CLOSE_REQ: u64 = 300_000;
+const HALF_CLOSE_RESP: u64 = 400_000;
+
+fn half_close(test: &str, family: Family, relay: &str) {
+    let Some(mut rig) = Rig::start(test, RigConfig::new().relay(relay)) else {
+        return;
+    };
+    let before = rig.engine_mut().counters();
+    let dst = SocketAddr::new(family.server_a(), 5003);
+    // Reads to EOF first (so the client's FIN must have been relayed), checks the
+    // request, and only then answers and closes.
+    let server = TcpServer::start(&rig.lab.server, dst, |s, _| {
+        let got = read_digest(&mut &s)?;
+        ensure!(
+            got == pattern_digest(11, HALF_CLOSE_REQ),
+            "request corrupted: {got:?}"
+        );
+        write_pattern(&mut &s, 12, HALF_CLOSE_RESP)?;
+        Ok(()) // dropping the stream closes it
+    })
+    .unwrap();
+    let got = rig
+        .lab
+        .client
+        .run(move || -> anyhow::Result<Digest> {
+            let mut s = tcp_connect(dst)?;
+            write_pattern(&mut s, 11, HALF_CLOSE_REQ)?;
+            s.shutdown(Shutdown::Write)?;
+            Ok(read_digest(&mut s)?)
+        })
+        .unwrap();
+    assert_eq!(got, pattern_digest(12, HALF_CLOSE_RESP), "response");
+    assert!(server.wait_finished(1, Duration::from_secs(5)));
+    assert_eq!(server.errors(), Vec::<String>::new());
+    assert_eq!(server.accepted()[0].peer.ip(), family.router_s());
+    // Both sides closed in order: a clean close, no reset.
+    let after = rig
+        .engine_mut()
+        .wait_counters(Duration::from_secs(5), |c| {
+            c.get("closed") > before.get("closed")
+        })
+        .unwrap_or_else(|c| panic!("no clean close counted: {c:?}"));
+    assert_eq!(after.get("resets"), before.get("resets"), "{after:?}");
+    assert_eq!(after.get("accepted"), before.get("accepted") + 1);
+}
+
+#[test]
+fn tcp_half_close_v4_splice() {
+    half_close("tcp_half_close_v4_splice", Family::V4, "splice");
+}
+
+#[test]
+fn tcp_half_close_v6_splice() {
+    half_close("tcp_half_close_v6_splice", Family::V6, "splice");
+}
+
+#[test]
+fn tcp_half_close_v4_copy() {
+    half_close("tcp_half_close_v4_copy", Family::V4, "copy");
+}
+
+#[test]
+fn tcp_half_close_v6_copy() {
+    half_close("tcp_half_close_v6_copy", Family::V6, "copy");
+}
+
+// ---------------------------------------------------------------------------------
+// 4./5. Upstream refused and upstream silent
+// ---------------------------------------------------------------------------------
+
+/// Connects (the engine accepts: the TPROXY socket completes the handshake), then
+/// reads. Returns the time from the start of the connect until the outcome, and the
+/// outcome: the read's result, or the connect's error when the engine's reset already
+/// arrived before `connect()` returned (the refusal upstream can take microseconds).
+/// ECONNREFUSED at connect is an error: then no engine answered the SYN.
+fn connect_then_read(dst: SocketAddr) -> anyhow::Result<(Duration, std::io::Result<usize>)> {
+    let t = Instant::now();
+    let mut s = match TcpStream::connect_timeout(&dst, Duration::from_secs(2)) {
+        Ok(s) => s,
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => return Ok((t.elapsed(), Err(e))),
+        Err(e) => {
+            return Err(e).with_context(|| format!("connect {dst}: the engine should accept it"))
+        }
+    };
+    s.set_read_timeout(Some(Duration::from_secs(6)))?;
+    let mut buf = [0u8; 16];
+    let r = s.read(&mut buf);
+    Ok((t.elapsed(), r))
+}
+
+fn upstream_refused(test: &str, family: Family) {
+    let Some(mut rig) = Rig::start(test, RigConfig::new()) else {
+        return;
+    };
+    let before = rig.engine_mut().counters();
+    // Nothing listens on 7999 in the server namespace.
+    let dst = SocketAddr::new(family.server_a(), 7999);
+    let (took, r) = rig.lab.client.run(move || connect_then_read(dst)).unwrap();
+    match r {
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+        other => panic!("expected ECONNRESET, got {other:?} after {took:?}"),
+    }
+    assert!(took < Duration::from_secs(1), "reset took {took:?}");
+    let after = rig
+        .engine_mut()
+        .wait_counters(Duration::from_secs(2), |c| {
+            c.get("connect_refused") > before.get("connect_refused")
+        })
+        .unwrap_or_else(|c| panic!("connect_refused did not grow: {c:?}"));
+    assert_eq!(after.get("accepted"), before.get("accepted") + 1);
+}
+
+#[test]
+fn tcp_upstream_refused_resets_v4() {
+    upstream_refused("tcp_upstream_refused_resets_v4", Family::V4);
+}
+
+#[test]
+fn tcp_upstream_refused_resets_v6() {
+    upstream_refused("tcp_upstream_refused_resets_v6", Family::V6);
+}
+
+fn upstream_silent(test: &str, family: Family) {
+    let cfg = RigConfig::new().engine_args(&["--connect-timeout-ms", "1000"]);
+    let Some(mut rig) = Rig::start(test, cfg) else {
+        return;
+    };
+    // The server namespace swallows SYNs to 7998: the engine's connect never completes.
+    rig.lab
+        .server
+        .sh("nft add table inet blackhole && \
+             nft add chain inet blackhole input '{ type filter hook input priority 0; }' && \
+             nft add rule inet blackhole input tcp dport 7998 counter drop")
+        .unwrap();
+    let before = rig.engine_mut().counters();
+    let dst = SocketAddr::new(family.server_a(), 7998);
+    let (took, r) = rig.lab.client.run(move || connect_then_read(dst)).unwrap();
+    match r {
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+        other => panic!("expected ECONNRESET, got {other:?} after {took:?}"),
+    }
+    assert!(
+        took >= Duration::from_millis(800) && took <= Duration::from_secs(3),
+        "reset after {took:?}, expected about 1 s (--connect-timeout-ms 1000)"
+    );
+    let after = rig
+        .engine_mut()
+        .wait_counters(Duration::from_secs(2), |c| {
+            c.get("connect_timeout") > before.get("connect_timeout")
+        })
+        .unwrap_or_else(|c| panic!("connect_timeout did not grow: {c:?}"));
+    assert_eq!(after.get("connect_refused"), before.get("connect_refused"));
+    // The drop rule really saw the engine's SYNs (the timeout is not from elsewhere).
+    let rules = rig.lab.server.sh("nft list table inet blackhole").unwrap();
+    assert!(!rules.contains("packets 0 "), "{rules}");
+}
+
+#[test]
+fn tcp_upstream_silent_times_out_v4() {
+    upstream_silent("tcp_upstream_silent_times_out_v4", Family::V4);
+}
+
+#[test]
+fn tcp_upstream_silent_times_out_v6() {
+    upstream_silent("tcp_upstream_silent_times_out_v6", Family::V6);
+}
+
+// ---------------------------------------------------------------------------------
+// 6. Many concurrent connections, and fds back to baseline
+// ---------------------------------------------------------------------------------
+
+/// Handler: one request line, one answer line, then wait for the client's EOF.
+fn req_resp(s: TcpStream, _: ConnInfo) -> anyhow::Result<()> {
+    let mut r = BufReader::new(s.try_clone()?);
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    let n = line.trim().strip_prefix("req ").context("bad request")?;
+    (&s).write_all(format!("resp {n}\n").as_bytes())?;
+    let mut rest = Vec::new();
+    r.read_to_end(&mut rest)?;
+    ensure!(rest.is_empty(), "unexpected bytes after the request");
+    Ok(())
+}
+
+fn many_concurrent(test: &str, family: Family, n: usize) {
+    let Some(mut rig) = Rig::start(test, RigConfig::new()) else {
+        return;
+    };
+    let before = rig.engine_mut().counters();
+    let dst = SocketAddr::new(family.server_a(), 5004);
+    let server = TcpServer::start(&rig.lab.server, dst, req_resp).unwrap();
+    let t = Instant::now();
+    let conns = rig
+        .lab
+        .client
+        .run(move || -> anyhow::Result<Vec<TcpStream>> {
+            let mut conns = Vec::with_capacity(n);
+            for i in 0..n {
+                conns.push(tcp_connect(dst).with_context(|| format!("connection {i}"))?);
+            }
+            Ok(conns)
+        })
+        .unwrap();
+    // All n are open at once; now every one exchanges a request and a response.
+    for (i, s) in conns.iter().enumerate() {
+        (&*s).write_all(format!("req {i}\n").as_bytes()).unwrap();
+    }
+    for (i, s) in conns.iter().enumerate() {
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).unwrap();
+        assert_eq!(line, format!("resp {i}\n"), "connection {i}");
+    }
+    let mid = rig.engine_mut().counters();
+    assert_eq!(mid.get("accepted"), before.get("accepted") + n as u64);
+    assert_eq!(mid.get("active"), n as u64, "{mid:?}");
+    drop(conns);
+    assert!(
+        server.wait_finished(n, Duration::from_secs(20)),
+        "only {} of {n} server handlers saw EOF",
+        server.finished()
+    );
+    assert_eq!(server.errors(), Vec::<String>::new());
+    assert_eq!(server.accepted().len(), n);
+    let e = rig.engine_mut();
+    e.wait_counters(Duration::from_secs(10), |c| c.get("active") == 0)
+        .unwrap_or_else(|c| panic!("connections still active: {c:?}"));
+    if let Err(last) = e.wait_fds_baseline(Duration::from_secs(5)) {
+        panic!(
+            "engine fds did not return to the baseline {} (now {last})",
+            e.baseline_fds
+        );
+    }
+    eprintln!("{test}: {n} connections in {:?}", t.elapsed());
+}
+
+#[test]
+fn tcp_many_concurrent_v4() {
+    many_concurrent("tcp_many_concurrent_v4", Family::V4, 2000);
+}
+
+#[test]
+fn tcp_many_concurrent_v6() {
+    many_concurrent("tcp_many_concurrent_v6", Family::V6, 500);
+}
+
+// ---------------------------------------------------------------------------------
+// 7. Connection limit
+// ---------------------------------------------------------------------------------
+
+const LIMIT: usize = 50;
+const OVER: usize = 80;
+
+/// One client connection of the limit test: index, socket, and what happened to it.
+struct Held {
+    i: usize,
+    /// `None` when the connect itself already saw the reset.
+    s: Option<TcpStream>,
+    answered: bool,
+    failed: Option<String>,
+}
+
+/// Reads the echo from each connection not yet answered or failed, without blocking;
+/// returns the indices answered this round. Failures (a reset, an EOF) are recorded.
+fn collect_answers(conns: &mut [Held]) -> Vec<usize> {
+    let mut done = Vec::new();
+    for h in conns.iter_mut() {
+        let Some(s) = h.s.as_mut() else { continue };
+        if h.answered || h.failed.is_some() {
+            continue;
+        }
+        let mut buf = [0u8; 64];
+        match s.read(&mut buf) {
+            Ok(n) if n > 0 => {
+                assert_eq!(
+                    &buf[..n],
+                    format!("ping {}\n", h.i).as_bytes(),
+                    "conn {}",
+                    h.i
+                );
+                h.answered = true;
+                done.push(h.i);
+            }
+            Ok(_) => h.failed = Some("EOF instead of the echo".into()),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) => h.failed = Some(e.to_string()),
+        }
+    }
+    done
+}
+
+fn failures(conns: &[Held]) -> Vec<String> {
+    conns
+        .iter()
+        .filter_map(|h| h.failed.as_ref().map(|f| format!("#{}: {f}", h.i)))
+        .collect()
+}
+
+fn connection_limit(test: &str, family: Family) {
+    let cfg = RigConfig::new()
+        .cores("0")
+        .engine_args(&["--max-conns", &LIMIT.to_string()]);
+    let Some(mut rig) = Rig::start(test, cfg) else {
+        return;
+    };
+    let dst = SocketAddr::new(family.server_a(), 5005);
+    let _server = TcpServer::echo(&rig.lab.server, dst).unwrap();
+    // Client + upstream socket per connection, plus a small reserve for sockets the
+    // engine accepted in the moment it reached the limit.
+    let max_sockets = rig.engine().baseline_sockets + 2 * LIMIT + 16;
+    let mut conns: Vec<Held> = rig
+        .lab
+        .client
+        .run(move || -> anyhow::Result<Vec<Held>> {
+            (0..OVER)
+                .map(|i| {
+                    // A reset may already be on its way: record it, keep going.
+                    let mut s = match tcp_connect(dst) {
+                        Ok(s) => s,
+                        Err(e) if e.kind() == ErrorKind::ConnectionReset => {
+                            return Ok(Held {
+                                i,
+                                s: None,
+                                answered: false,
+                                failed: Some(format!("connect: {e}")),
+                            })
+                        }
+                        Err(e) => return Err(e).context(format!("connection {i}")),
+                    };
+                    let failed = s.write_all(format!("ping {i}\n").as_bytes()).err();
+                    s.set_nonblocking(true)?;
+                    Ok(Held {
+                        i,
+                        s: Some(s),
+                        answered: false,
+                        failed: failed.map(|e| format!("write: {e}")),
+                    })
+                })
+                .collect()
+        })
+        .unwrap();
+    // The first LIMIT are relayed; the rest must wait in the kernel's accept queue.
+    let mut served = Vec::new();
+    let mut peak = 0;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while served.len() < LIMIT && Instant::now() < deadline {
+        served.extend(collect_answers(&mut conns));
+        peak = peak.max(rig.engine().sockets());
+        std::thread::sleep(POLL_INTERVAL);
+    }
+    assert_eq!(served.len(), LIMIT, "answered: {served:?}");
+    // Absence needs a window: for 300 ms nothing beyond the limit is served.
+    let window = Instant::now() + Duration::from_millis(300);
+    while Instant::now() < window {
+        let extra = collect_answers(&mut conns);
+        assert!(
+            extra.is_empty(),
+            "served beyond --max-conns {LIMIT}: {extra:?}"
+        );
+        peak = peak.max(rig.engine().sockets());
+        std::thread::sleep(POLL_INTERVAL);
+    }
+    let paused = rig.engine_mut().counters();
+    assert!(paused.get("accept_paused") >= 1, "{paused:?}");
+    assert_eq!(paused.get("active"), LIMIT as u64, "{paused:?}");
+    // Close the served ones: the waiting ones must now be accepted and answered.
+    conns.retain(|h| !h.answered);
+    assert_eq!(conns.len(), OVER - LIMIT);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut late = 0;
+    while late < OVER - LIMIT
+        && conns.iter().any(|h| !h.answered && h.failed.is_none())
+        && Instant::now() < deadline
+    {
+        late += collect_answers(&mut conns).len();
+        peak = peak.max(rig.engine().sockets());
+        std::thread::sleep(POLL_INTERVAL);
+    }
+    let e = rig.engine_mut();
+    assert!(e.is_running(), "engine died: {}", e.child.stderr());
+    let c = e.counters();
+    assert!(
+        peak <= max_sockets,
+        "engine held {peak} sockets, limit {LIMIT} allows {max_sockets}"
+    );
+    assert_eq!(c.get("accept_emfile"), 0, "{c:?}");
+    assert_eq!(
+        failures(&conns),
+        Vec::<String>::new(),
+        "connections over --max-conns must wait in the accept queue, not be reset \
+         (engine over_limit={}, accept_paused={})",
+        c.get("over_limit"),
+        c.get("accept_paused")
+    );
+    assert_eq!(
+        late,
+        OVER - LIMIT,
+        "waiting connections not served after room was made"
+    );
+    assert_eq!(c.get("accepted"), OVER as u64, "{c:?}");
+}
+
+#[test]
+fn tcp_connection_limit_v4() {
+    connection_limit("tcp_connection_limit_v4", Family::V4);
+}
+
+#[test]
+fn tcp_connection_limit_v6() {
+    connection_limit("tcp_connection_limit_v6", Family::V6);
+}
+
+// ---------------------------------------------------------------------------------
+// 8. What must bypass the engine
+// ---------------------------------------------------------------------------------
+
+/// One request/response over a fresh connection to `dst` from the client namespace.
+fn ping(rig: &Rig, dst: SocketAddr) {
+    rig.lab
+        .client
+        .run(move || -> anyhow::Result<()> {
+            let mut s = tcp_connect(dst)?;
+            s.write_all(b"ping\n")?;
+            s.shutdown(Shutdown::Write)?;
+            let mut v = Vec::new();
+            s.read_to_end(&mut v)?;
+            ensure!(v == b"ping\n", "{dst}: echo {v:?}");
+            Ok(())
+        })
+        .unwrap();
+}
+
+fn excluded_port_bypasses(test: &str, family: Family) {
+    let cfg = RigConfig::new().setup_args(&["--tcp-ports", "5000-5100"]);
+    let Some(mut rig) = Rig::start(test, cfg) else {
+        return;
+    };
+    let inside = SocketAddr::new(family.server_a(), 5050);
+    let outside = SocketAddr::new(family.server_a(), 6000);
+    let s_in = TcpServer::echo(&rig.lab.server, inside).unwrap();
+    let s_out = TcpServer::echo(&rig.lab.server, outside).unwrap();
+
+    let c0 = rig.engine_mut().counters().get("accepted");
+    ping(&rig, outside);
+    let c1 = rig.engine_mut().counters().get("accepted");
+    assert_eq!(
+        c1, c0,
+        "port 6000 is not in --tcp-ports but reached the engine"
+    );
+    let acc = s_out.accepted();
+    assert_eq!(acc.len(), 1);
+    assert_eq!(acc[0].local, outside);
+    assert_eq!(
+        acc[0].peer.ip(),
+        family.client(),
+        "excluded traffic must arrive straight from the client"
+    );
+
+    // Control: a port inside the list does go through the engine in the same rig.
+    ping(&rig, inside);
+    let c2 = rig.engine_mut().counters().get("accepted");
+    assert_eq!(
+        c2,
+        c1 + 1,
+        "port 5050 is in --tcp-ports but bypassed the engine"
+    );
+    assert_eq!(s_in.accepted()[0].peer.ip(), family.router_s());
+}
+
+#[test]
+fn tcp_excluded_port_bypasses_v4() {
+    excluded_port_bypasses("tcp_excluded_port_bypasses_v4", Family::V4);
+}
+
+#[test]
+fn tcp_excluded_port_bypasses_v6() {
+    excluded_port_bypasses("tcp_excluded_port_bypasses_v6", Family::V6);
+}
+
+fn router_local_not_intercepted(test: &str, family: Family) {
+    // Every port intercepted: only the "addressed to the box" exclusion protects it.
+    let Some(mut rig) = Rig::start(test, RigConfig::new()) else {
+        return;
+    };
+    let local = SocketAddr::new(family.router_c(), 2222);
+    let srv = TcpServer::echo(&rig.lab.router, local).unwrap();
+    let forwarded = SocketAddr::new(family.server_a(), 2222);
+    let fwd_srv = TcpServer::echo(&rig.lab.server, forwarded).unwrap();
+
+    let c0 = rig.engine_mut().counters().get("accepted");
+    ping(&rig, local);
+    let c1 = rig.engine_mut().counters().get("accepted");
+    assert_eq!(c1, c0, "traffic to the router itself reached the engine");
+    let acc = srv.accepted();
+    assert_eq!(acc.len(), 1);
+    assert_eq!(acc[0].local, local);
+    assert_eq!(acc[0].peer.ip(), family.client());
+
+    // Control: the same port through the router is intercepted.
+    ping(&rig, forwarded);
+    assert_eq!(rig.engine_mut().counters().get("accepted"), c1 + 1);
+    assert_eq!(fwd_srv.accepted()[0].peer.ip(), family.router_s());
+}
+
+#[test]
+fn tcp_router_local_not_intercepted_v4() {
+    router_local_not_intercepted("tcp_router_local_not_intercepted_v4", Family::V4);
+}
+
+#[test]
+fn tcp_router_local_not_intercepted_v6() {
+    router_local_not_intercepted("tcp_router_local_not_intercepted_v6", Family::V6);
+}

@@ -1,0 +1,477 @@
+//! UDP through the engine: real DNS (dnsmasq + dig), many flows to two servers,
+//! datagram sizes, flow expiry, flow eviction, and what must bypass the engine.
+//!
+//! Every test runs in its own lab and needs root; without it each prints
+//! `SKIPPED: <name>: needs root ...` and returns.
+#![forbid(unsafe_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context};
+use ringrelay_tests::*;
+
+/// Sends `payload` to `dst` and waits for one reply; returns it with its source.
+fn exchange(
+    s: &UdpSocket,
+    dst: SocketAddr,
+    payload: &[u8],
+) -> anyhow::Result<(Vec<u8>, SocketAddr)> {
+    s.send_to(payload, dst)
+        .with_context(|| format!("send {} bytes to {dst}", payload.len()))?;
+    let mut buf = vec![0u8; 70_000];
+    let (n, from) = s
+        .recv_from(&mut buf)
+        .with_context(|| format!("no reply from {dst} to {} bytes", payload.len()))?;
+    buf.truncate(n);
+    Ok((buf, from))
+}
+
+// ---------------------------------------------------------------------------------
+// (a) DNS with dnsmasq and dig
+// ---------------------------------------------------------------------------------
+
+/// dnsmasq in the server namespace answering `example.test` A and AAAA on the A
+/// addresses, port 53. Returned child is killed on drop.
+fn start_dnsmasq(rig: &Rig) -> NsChild {
+    let listen = format!("--listen-address={},{}", addrs::SERVER4_A, addrs::SERVER6_A);
+    let child = rig
+        .lab
+        .server
+        .spawn_child(
+            "dnsmasq",
+            [
+                "--no-daemon",
+                "--conf-file=/dev/null",
+                "--pid-file=",
+                "--user=root",
+                "--no-resolv",
+                "--no-hosts",
+                "--bind-interfaces",
+                listen.as_str(),
+                "--port=53",
+                "--address=/example.test/192.0.2.7",
+                "--address=/example.test/2001:db8::7",
+            ],
+        )
+        .expect("starting dnsmasq");
+    // dnsmasq opens TCP 53 next to UDP 53: its listener says it is up.
+    wait_tcp_listen(&rig.lab.server, 53, Duration::from_secs(10)).expect("dnsmasq listening");
+    child
+}
+
+fn dns(test: &str, family: Family) {
+    let Some(mut rig) = Rig::start(test, RigConfig::new()) else {
+        return;
+    };
+    let mut dnsmasq = start_dnsmasq(&rig);
+    let before = rig.engine_mut().counters();
+    let server = family.server_a().to_string();
+    const ROUNDS: usize = 3;
+    for round in 0..ROUNDS {
+        for (qtype, want) in [("A", "192.0.2.7"), ("AAAA", "2001:db8::7")] {
+            let mut cmd = rig.lab.client.command("dig");
+            cmd.args([
+                &format!("@{server}"),
+                "+time=2",
+                "+tries=1",
+                "+short",
+                "example.test",
+                qtype,
+            ]);
+            let out = run_with_timeout(cmd, Duration::from_secs(10)).unwrap();
+            assert!(
+                out.status.success() && out.stdout.trim() == want,
+                "round {round}: dig @{server} example.test {qtype}: status {}, stdout {:?}, \
+                 stderr {:?}; dnsmasq: {}",
+                out.status,
+                out.stdout,
+                out.stderr,
+                dnsmasq.stderr()
+            );
+        }
+    }
+    let queries = (ROUNDS * 2) as u64;
+    let after = rig
+        .engine_mut()
+        .wait_counters(Duration::from_secs(3), |c| {
+            c.get("udp_dgrams_s2c") >= before.get("udp_dgrams_s2c") + queries
+        })
+        .unwrap_or_else(|c| panic!("replies not counted: {c:?}"));
+    assert!(
+        after.get("udp_dgrams_c2s") >= before.get("udp_dgrams_c2s") + queries,
+        "queries did not go through the engine: {after:?}"
+    );
+    assert!(dnsmasq.try_wait().is_none(), "dnsmasq exited");
+}
+
+#[test]
+fn udp_dns_dig_v4() {
+    dns("udp_dns_dig_v4", Family::V4);
+}
+
+#[test]
+fn udp_dns_dig_v6() {
+    dns("udp_dns_dig_v6", Family::V6);
+}
+
+// ---------------------------------------------------------------------------------
+// (b) Many flows to two servers
+// ---------------------------------------------------------------------------------
+
+const CLIENTS: usize = 300;
+
+fn many_flows(test: &str, family: Family) {
+    let Some(mut rig) = Rig::start(test, RigConfig::new()) else {
+        return;
+    };
+    let a = SocketAddr::new(family.server_a(), 7001);
+    let b = SocketAddr::new(family.server_b(), 7002);
+    let ea = UdpEcho::start(&rig.lab.server, a, true).unwrap();
+    let eb = UdpEcho::start(&rig.lab.server, b, true).unwrap();
+    let before = rig.engine_mut().counters();
+    rig.lab
+        .client
+        .run(move || -> anyhow::Result<()> {
+            let mut socks = Vec::new();
+            for i in 0..CLIENTS {
+                let s = udp_client(family, Duration::from_secs(3))?;
+                let dst = if i % 2 == 0 { a } else { b };
+                socks.push((i, dst, s));
+            }
+            let ports: BTreeSet<u16> = socks
+                .iter()
+                .map(|(_, _, s)| s.local_addr().map(|a| a.port()))
+                .collect::<Result<_, _>>()?;
+            ensure!(ports.len() == CLIENTS, "source ports not distinct");
+            // All 300 flows live at once (the idle timeout is 30 s). Sent in waves of 50
+            // so that a burst never overflows a socket buffer: UDP may drop then, and
+            // this test is about addresses, not loss.
+            for wave in socks.chunks(50) {
+                for (i, dst, s) in wave {
+                    s.send_to(format!("client {i}").as_bytes(), dst)?;
+                }
+                for (i, dst, s) in wave {
+                    let mut buf = [0u8; 256];
+                    let (n, from) = s
+                        .recv_from(&mut buf)
+                        .with_context(|| format!("client {i}: no reply from {dst}"))?;
+                    ensure!(
+                        from == *dst,
+                        "client {i}: reply from {from}, but it sent to {dst}"
+                    );
+                    let mut want = udp_tag(*dst);
+                    want.extend_from_slice(format!("client {i}").as_bytes());
+                    ensure!(
+                        buf[..n] == want[..],
+                        "client {i}: got {:?}, want {:?}",
+                        String::from_utf8_lossy(&buf[..n]),
+                        String::from_utf8_lossy(&want)
+                    );
+                }
+            }
+            Ok(())
+        })
+        .unwrap();
+    for (echo, addr) in [(&ea, a), (&eb, b)] {
+        let peers = echo.peers();
+        assert_eq!(peers.len(), CLIENTS / 2, "server {addr}");
+        assert!(
+            peers.iter().all(|p| p.ip() == family.router_s()),
+            "server {addr} saw peers other than the engine: {peers:?}"
+        );
+        // One upstream socket per client flow: distinct source ports.
+        let distinct: BTreeSet<_> = peers.iter().collect();
+        assert_eq!(distinct.len(), CLIENTS / 2, "server {addr}: flows merged");
+    }
+    let after = rig.engine_mut().counters();
+    let n = CLIENTS as u64;
+    assert_eq!(
+        after.get("udp_dgrams_c2s") - before.get("udp_dgrams_c2s"),
+        n,
+        "{after:?}"
+    );
+    assert_eq!(
+        after.get("udp_dgrams_s2c") - before.get("udp_dgrams_s2c"),
+        n,
+        "{after:?}"
+    );
+    assert_eq!(after.get("udp_flows_created"), n, "{after:?}");
+    // All of them were alive together (the single-exchange timeout is 5 s).
+    assert_eq!(after.get("udp_flows_active"), n, "{after:?}");
+}
+
+#[test]
+fn udp_many_flows_two_servers_v4() {
+    many_flows("udp_many_flows_two_servers_v4", Family::V4);
+}
+
+#[test]
+fn udp_many_flows_two_servers_v6() {
+    many_flows("udp_many_flows_two_servers_v6", Family::V6);
+}
+
+// ---------------------------------------------------------------------------------
+// (c) Datagram sizes
+// ---------------------------------------------------------------------------------
+
+const SIZES: [usize; 4] = [1, 1400, 9000, 65000];
+
+fn sizes(test: &str, family: Family) {
+    let Some(mut rig) = Rig::start(test, RigConfig::new()) else {
+        return;
+    };
+    let dst = SocketAddr::new(family.server_a(), 7003);
+    let echo = UdpEcho::start(&rig.lab.server, dst, false).unwrap();
+    let results = rig
+        .lab
+        .client
+        .run(move || -> anyhow::Result<Vec<String>> {
+            let s = udp_client(family, Duration::from_secs(3))?;
+            let mut bad = Vec::new();
+            for (k, &len) in SIZES.iter().enumerate() {
+                let payload = Pattern::bytes(100 + k as u64, len);
+                match exchange(&s, dst, &payload) {
+                    Ok((got, from)) => {
+                        if from != dst {
+                            bad.push(format!("{len} B: reply from {from}"));
+                        }
+                        if got.len() != len || fnv(&got) != fnv(&payload) {
+                            bad.push(format!("{len} B: got {} B, hash differs", got.len()));
+                        }
+                    }
+                    Err(e) => bad.push(format!("{len} B: {e:#}")),
+                }
+            }
+            Ok(bad)
+        })
+        .unwrap();
+    let c = rig.engine_mut().counters();
+    assert_eq!(
+        results,
+        Vec::<String>::new(),
+        "server received {} datagrams; engine: {c:?}",
+        echo.received()
+    );
+    let total: u64 = SIZES.iter().map(|&n| n as u64).sum();
+    assert_eq!(c.get("udp_bytes_c2s"), total, "{c:?}");
+    assert_eq!(c.get("udp_bytes_s2c"), total, "{c:?}");
+}
+
+#[test]
+fn udp_datagram_sizes_v4() {
+    sizes("udp_datagram_sizes_v4", Family::V4);
+}
+
+#[test]
+fn udp_datagram_sizes_v6() {
+    sizes("udp_datagram_sizes_v6", Family::V6);
+}
+
+// ---------------------------------------------------------------------------------
+// (d) Expiry
+// ---------------------------------------------------------------------------------
+
+fn expiry(test: &str, family: Family) {
+    let cfg = RigConfig::new().engine_args(&[
+        "--udp-idle-timeout-s",
+        "2",
+        "--udp-single-exchange-timeout-s",
+        "1",
+    ]);
+    let Some(mut rig) = Rig::start(test, cfg) else {
+        return;
+    };
+    let dst = SocketAddr::new(family.server_a(), 7004);
+    let _echo = UdpEcho::start(&rig.lab.server, dst, true).unwrap();
+    const SINGLE: usize = 10;
+    const MULTI: usize = 5;
+    // Keep the client sockets open: expiry must come from the engine's timers, not
+    // from anything the client does.
+    let socks = rig
+        .lab
+        .client
+        .run(move || -> anyhow::Result<Vec<UdpSocket>> {
+            let mut socks = Vec::new();
+            for i in 0..SINGLE + MULTI {
+                let s = udp_client(family, Duration::from_secs(3))?;
+                let rounds = if i < SINGLE { 1 } else { 3 };
+                for r in 0..rounds {
+                    let msg = format!("{i}/{r}");
+                    let (got, from) = exchange(&s, dst, msg.as_bytes())?;
+                    ensure!(from == dst && got.ends_with(msg.as_bytes()), "{i}/{r}");
+                }
+                socks.push(s);
+            }
+            Ok(socks)
+        })
+        .unwrap();
+    let e = rig.engine_mut();
+    let t = Instant::now();
+    let live = e.counters();
+    let n = (SINGLE + MULTI) as u64;
+    assert_eq!(live.get("udp_flows_active"), n, "{live:?}");
+    assert!(e.fds() > e.baseline_fds, "flows hold no sockets?");
+    let done = e
+        .wait_counters(Duration::from_secs(10), |c| {
+            c.get("udp_flows_active") == 0 && c.get("udp_flows_expired") >= n
+        })
+        .unwrap_or_else(|c| panic!("flows did not expire: {c:?}"));
+    let took = t.elapsed();
+    assert_eq!(done.get("udp_flows_expired"), n, "{done:?}");
+    assert_eq!(done.get("udp_flows_evicted"), 0, "{done:?}");
+    assert!(
+        took <= Duration::from_secs(5),
+        "expiry took {took:?} with an idle timeout of 2 s"
+    );
+    if let Err(last) = e.wait_fds_baseline(Duration::from_secs(5)) {
+        panic!(
+            "engine fds did not return to the baseline {} (now {last})",
+            e.baseline_fds
+        );
+    }
+    drop(socks);
+}
+
+#[test]
+fn udp_flow_expiry_v4() {
+    expiry("udp_flow_expiry_v4", Family::V4);
+}
+
+#[test]
+fn udp_flow_expiry_v6() {
+    expiry("udp_flow_expiry_v6", Family::V6);
+}
+
+// ---------------------------------------------------------------------------------
+// (e) Eviction
+// ---------------------------------------------------------------------------------
+
+const MAX_FLOWS: usize = 20;
+const EVICT_CLIENTS: usize = 100;
+
+fn eviction(test: &str, family: Family) {
+    let cfg = RigConfig::new()
+        .cores("0")
+        .engine_args(&["--udp-max-flows", &MAX_FLOWS.to_string()]);
+    let Some(mut rig) = Rig::start(test, cfg) else {
+        return;
+    };
+    let dst = SocketAddr::new(family.server_a(), 7005);
+    let _echo = UdpEcho::start(&rig.lab.server, dst, true).unwrap();
+    let pid = rig.engine().pid();
+    let bound = rig.engine().baseline_fds + 2 * MAX_FLOWS + 4;
+    let mut peak = 0;
+    let mut socks = Vec::new();
+    for i in 0..EVICT_CLIENTS {
+        // Each client is a new flow (new source port); sockets stay open.
+        let s = rig
+            .lab
+            .client
+            .run(move || -> anyhow::Result<UdpSocket> {
+                let s = udp_client(family, Duration::from_secs(3))?;
+                let msg = format!("flow {i}");
+                let (got, from) = exchange(&s, dst, msg.as_bytes())?;
+                ensure!(
+                    from == dst && got.ends_with(msg.as_bytes()),
+                    "flow {i}: {got:?} from {from}"
+                );
+                Ok(s)
+            })
+            .unwrap();
+        socks.push(s);
+        peak = peak.max(fd_count(pid).unwrap());
+    }
+    let e = rig.engine_mut();
+    let c = e.counters();
+    assert!(
+        c.get("udp_flows_evicted") >= (EVICT_CLIENTS - MAX_FLOWS) as u64,
+        "{c:?}"
+    );
+    assert!(c.get("udp_flows_active") <= MAX_FLOWS as u64, "{c:?}");
+    assert!(
+        peak < bound,
+        "engine fds peaked at {peak}, bound {bound} (baseline {} + 2 x {MAX_FLOWS} + 4)",
+        e.baseline_fds
+    );
+    assert!(e.is_running());
+}
+
+#[test]
+fn udp_flow_eviction_v4() {
+    eviction("udp_flow_eviction_v4", Family::V4);
+}
+
+#[test]
+fn udp_flow_eviction_v6() {
+    eviction("udp_flow_eviction_v6", Family::V6);
+}
+
+// ---------------------------------------------------------------------------------
+// Bypass: excluded ports and traffic for the router itself
+// ---------------------------------------------------------------------------------
+
+/// One tagged exchange from a fresh client socket; returns the reply's source.
+fn udp_ping(rig: &Rig, family: Family, dst: SocketAddr) -> SocketAddr {
+    rig.lab
+        .client
+        .run(move || -> anyhow::Result<SocketAddr> {
+            let s = udp_client(family, Duration::from_secs(3))?;
+            let (got, from) = exchange(&s, dst, b"ping")?;
+            let mut want = udp_tag(dst);
+            want.extend_from_slice(b"ping");
+            ensure!(got == want, "{dst}: {:?}", String::from_utf8_lossy(&got));
+            Ok(from)
+        })
+        .unwrap()
+}
+
+fn udp_bypass(test: &str, family: Family) {
+    let cfg = RigConfig::new().setup_args(&["--udp-ports", "5000-5100"]);
+    let Some(mut rig) = Rig::start(test, cfg) else {
+        return;
+    };
+    let excluded = SocketAddr::new(family.server_a(), 6000);
+    let included = SocketAddr::new(family.server_a(), 5053);
+    let local = SocketAddr::new(family.router_c(), 5054);
+    let e_ex = UdpEcho::start(&rig.lab.server, excluded, true).unwrap();
+    let e_in = UdpEcho::start(&rig.lab.server, included, true).unwrap();
+    let e_local = UdpEcho::start(&rig.lab.router, local, true).unwrap();
+
+    let dgrams = |rig: &mut Rig| rig.engine_mut().counters().get("udp_dgrams_c2s");
+    let mut seen: BTreeMap<&str, Vec<SocketAddr>> = BTreeMap::new();
+    let c0 = dgrams(&mut rig);
+    assert_eq!(udp_ping(&rig, family, excluded), excluded);
+    assert_eq!(
+        udp_ping(&rig, family, local),
+        local,
+        "router-local UDP answered"
+    );
+    let c1 = dgrams(&mut rig);
+    assert_eq!(c1, c0, "excluded or router-local UDP reached the engine");
+    seen.insert("excluded", e_ex.peers());
+    seen.insert("local", e_local.peers());
+    for (what, peers) in &seen {
+        assert_eq!(peers.len(), 1, "{what}");
+        assert_eq!(
+            peers[0].ip(),
+            family.client(),
+            "{what}: not straight from the client"
+        );
+    }
+    // Control: a port in the list goes through the engine.
+    assert_eq!(udp_ping(&rig, family, included), included);
+    assert_eq!(dgrams(&mut rig), c1 + 1, "port 5053 bypassed the engine");
+    assert_eq!(e_in.peers()[0].ip(), family.router_s());
+}
+
+#[test]
+fn udp_excluded_and_local_bypass_v4() {
+    udp_bypass("udp_excluded_and_local_bypass_v4", Family::V4);
+}
+
+#[test]
+fn udp_excluded_and_local_bypass_v6() {
+    udp_bypass("udp_excluded_and_local_bypass_v6", Family::V6);
+}

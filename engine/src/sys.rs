@@ -215,6 +215,26 @@ pub fn set_recv_orig_dst(fd: BorrowedFd<'_>, v6: bool) -> io::Result<()> {
     .map(drop)
 }
 
+/// `SO_RCVBUFFORCE`: a receive buffer above `net.core.rmem_max` (needs
+/// CAP_NET_ADMIN, which the engine has). Falls back to the capped `SO_RCVBUF`.
+pub fn set_recv_buffer_force(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
+    let v = bytes.min(i32::MAX as usize) as libc::c_int;
+    // SAFETY: setsockopt with a pointer to a local c_int and its exact size.
+    let r = cvt(unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&v as *const libc::c_int).cast(),
+            mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    });
+    match r {
+        Ok(_) => Ok(()),
+        Err(_) => socket2::SockRef::from(&fd).set_recv_buffer_size(bytes),
+    }
+}
+
 /// Non-blocking `send(2)` on a connected socket.
 pub fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     // SAFETY: `buf` is a valid slice for the duration of the call.

@@ -102,8 +102,9 @@ fn tproxy_socket(v6: bool, port: u16) -> io::Result<OwnedFd> {
     sys::set_recv_orig_dst(s.as_fd(), v6)?;
     s.set_reuse_address(true)?;
     s.set_reuse_port(true)?;
-    // Bursts land here before the ring drains them; a larger queue absorbs them.
-    let _ = s.set_recv_buffer_size(4 << 20);
+    // Bursts land here while the worker is busy with other completions; a queue
+    // beyond the default rmem_max (208 KiB, ~150 full-size datagrams) absorbs them.
+    let _ = sys::set_recv_buffer_force(s.as_fd(), 8 << 20);
     s.bind(&sys::unspecified(v6, port).into())?;
     Ok(s.into())
 }

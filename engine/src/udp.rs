@@ -283,16 +283,7 @@ impl UdpState {
             }
         }
         if c.result < 0 {
-            match -c.result {
-                libc::ENOBUFS => {
-                    w.stats.udp_enobufs.fetch_add(1, Relaxed);
-                }
-                libc::ECANCELED => {}
-                e => w.log_limited(format_args!(
-                    "udp: recvmsg: {}",
-                    io::Error::from_raw_os_error(e)
-                )),
-            }
+            recv_error(w, -c.result, "recvmsg");
             return;
         }
         let Some(b) = bid else {
@@ -452,18 +443,7 @@ impl UdpState {
             self.rearm.push(tok);
         }
         if c.result < 0 {
-            match -c.result {
-                libc::ENOBUFS => {
-                    w.stats.udp_enobufs.fetch_add(1, Relaxed);
-                }
-                libc::ECANCELED => {}
-                // ICMP port/host unreachable reported on the connected socket.
-                libc::ECONNREFUSED | libc::EHOSTUNREACH | libc::ENETUNREACH => {}
-                e => w.log_limited(format_args!(
-                    "udp: recv: {}",
-                    io::Error::from_raw_os_error(e)
-                )),
-            }
+            recv_error(w, -c.result, "recv");
             return;
         }
         let Some(b) = bid else {
@@ -526,5 +506,23 @@ impl UdpState {
     /// Nothing left in flight or open (for the final wind-down).
     pub fn is_drained(&self) -> bool {
         self.flows.is_empty() && self.closing.is_empty() && self.sockets.iter().all(|s| !s.armed)
+    }
+}
+
+/// A failed (or finished) multishot receive; the caller re-arms it.
+fn recv_error(w: &mut Worker, errno: i32, op: &str) {
+    match errno {
+        // Every provided buffer was in use: re-armed once this batch returned them.
+        libc::ENOBUFS => {
+            w.stats.udp_enobufs.fetch_add(1, Relaxed);
+        }
+        libc::ECANCELED => {}
+        // ICMP port/host unreachable reported on a connected upstream socket: the
+        // server is not there (yet); the flow stays and expires if nothing comes back.
+        libc::ECONNREFUSED | libc::EHOSTUNREACH | libc::ENETUNREACH => {}
+        e => w.log_limited(format_args!(
+            "udp: {op}: {}",
+            io::Error::from_raw_os_error(e)
+        )),
     }
 }

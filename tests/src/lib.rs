@@ -188,24 +188,8 @@ pub fn poll_until<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Opt
 // The rig: lab + setup + engine
 // ---------------------------------------------------------------------------------
 
-/// Firewall front end for `setup apply --backend`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Backend {
-    /// nftables (`table inet ringrelay`).
-    Nft,
-    /// iptables mangle chains.
-    Iptables,
-}
-
-impl Backend {
-    /// The `--backend` value.
-    pub fn name(self) -> &'static str {
-        match self {
-            Backend::Nft => "nft",
-            Backend::Iptables => "iptables",
-        }
-    }
-}
+/// Firewall front end for `setup apply --backend` (the setup crate's own type).
+pub use ringrelay_setup::config::Backend;
 
 /// What a [`Rig`] sets up. Built with the chained setters.
 #[derive(Clone, Debug)]

@@ -392,12 +392,14 @@ impl Worker {
         let Some(conn) = self.conns.get(tok.slot, tok.generation) else {
             return;
         };
-        conn.inflight -= 1;
         let is_in = matches!(tok.op, Op::PollIn0 | Op::PollIn1);
-        if is_in {
-            conn.dirs[d].poll_in = false;
-        } else {
-            conn.dirs[d].poll_out = false;
+        if !c.more() {
+            conn.inflight -= 1;
+            if is_in {
+                conn.dirs[d].poll_in = false;
+            } else {
+                conn.dirs[d].poll_out = false;
+            }
         }
         if conn.phase != Phase::Relaying {
             self.maybe_free(tok.slot, tok.generation);
@@ -580,6 +582,14 @@ impl Worker {
                                 conn.last_tick = self.tick;
                             }
                             conn.dirs[d].machine.on_read(Io::from_result(r));
+                            if conn.dirs[d].machine.buffered() == 0 {
+                                // Nothing read (would block, EOF or error): an idle
+                                // connection must not sit on a pipe (2 fds + pinned
+                                // kernel memory) while it waits.
+                                if let Some(p) = conn.dirs[d].pipe.take() {
+                                    self.give_pipe(p);
+                                }
+                            }
                         }
                         RelayMode::Copy => {
                             let bufs = self.copy_bufs.as_ref().expect("copy mode has buffers");
@@ -639,10 +649,15 @@ impl Worker {
                     if !conn.dirs[d].poll_in {
                         conn.dirs[d].poll_in = true;
                         conn.inflight += 1;
+                        // Multishot: armed once, it stays on the socket's wait queue
+                        // and posts a completion per wakeup. Only a wait that follows
+                        // a read that would block is ever served by it, so no data can
+                        // arrive unnoticed; wakeups while busy are ignored.
                         let sqe = opcode::PollAdd::new(
                             types::Fd(conn.src(d)),
                             (libc::POLLIN | libc::POLLRDHUP) as u32,
                         )
+                        .multi(true)
                         .build()
                         .user_data(dir_token(Op::poll_in(d), slot, g));
                         self.submit(sqe);

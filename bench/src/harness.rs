@@ -31,6 +31,10 @@ pub struct Config {
     pub family: Family,
     /// Transparent port.
     pub port: u16,
+    /// How many times the whole target sequence is repeated. Targets alternate
+    /// within each round, so slow drift of a noisy machine hits all of them alike;
+    /// tables show the median round.
+    pub rounds: usize,
 }
 
 impl Config {
@@ -48,6 +52,7 @@ impl Config {
             load_cores,
             family: Family::Ipv4,
             port: DEFAULT_PORT,
+            rounds: 1,
         }
     }
 }
@@ -113,6 +118,7 @@ pub fn run_matrix(lab: &Lab, cfg: &Config, tools: &Tools, log: &mut dyn FnMut(&s
     rep.env.server_cores = cfg.server_cores.clone();
     rep.env.family = cfg.family.name().into();
     rep.env.duration_s = cfg.duration.as_secs_f64();
+    rep.env.rounds = cfg.rounds.max(1);
     rep.env.engine = tools.engine.as_ref().ok().map(|p| p.display().to_string());
     rep.env.engine_build = tools.engine_build().into();
     rep.env.setup = tools.setup.as_ref().ok().map(|p| p.display().to_string());
@@ -146,15 +152,44 @@ pub fn run_matrix(lab: &Lab, cfg: &Config, tools: &Tools, log: &mut dyn FnMut(&s
         .iter()
         .map(|s| (*s, s.variants(cfg.conns, cfg.size)))
         .collect();
-    let family = cfg.family.name();
 
+    for round in 0..cfg.rounds.max(1) {
+        let first = rep.records.len();
+        if cfg.rounds > 1 {
+            log(&format!("round {} of {}", round + 1, cfg.rounds));
+        }
+        run_round(lab, cfg, tools, &arm_opts, &plan, &mut rep, log);
+        for r in &mut rep.records[first..] {
+            r.round = round;
+        }
+        if rep.interrupted {
+            break;
+        }
+    }
+    if crate::stop_requested() {
+        rep.interrupted = true;
+    }
+    rep
+}
+
+/// One pass over every target.
+fn run_round(
+    lab: &Lab,
+    cfg: &Config,
+    tools: &Tools,
+    arm_opts: &ArmOptions,
+    plan: &[(Scenario, Vec<Variant>)],
+    rep: &mut Report,
+    log: &mut dyn FnMut(&str),
+) {
+    let family = cfg.family.name();
     for &target in &cfg.targets {
         if crate::stop_requested() {
             rep.interrupted = true;
             break;
         }
         log(&format!("[{}] arming", target.name()));
-        let mut armed = match Armed::arm(lab, target, tools, &arm_opts) {
+        let mut armed = match Armed::arm(lab, target, tools, arm_opts) {
             Ok(a) => a,
             Err(e) => {
                 let status = match e {
@@ -162,7 +197,7 @@ pub fn run_matrix(lab: &Lab, cfg: &Config, tools: &Tools, log: &mut dyn FnMut(&s
                     ArmError::Failed(_) => Status::Failed,
                 };
                 log(&format!("[{}] {:?}: {e}", target.name(), status));
-                for (s, vs) in &plan {
+                for (s, vs) in plan {
                     for v in vs {
                         rep.records.push(Record::not_run(
                             *s,
@@ -189,7 +224,7 @@ pub fn run_matrix(lab: &Lab, cfg: &Config, tools: &Tools, log: &mut dyn FnMut(&s
             server_cores: cfg.server_cores.clone(),
             probe: Some(lab.router.clone()),
         };
-        for (scenario, variants) in &plan {
+        for (scenario, variants) in plan {
             for v in variants {
                 if crate::stop_requested() {
                     rep.interrupted = true;
@@ -252,10 +287,6 @@ pub fn run_matrix(lab: &Lab, cfg: &Config, tools: &Tools, log: &mut dyn FnMut(&s
                 .insert(target.name().to_string(), summary);
         }
     }
-    if crate::stop_requested() {
-        rep.interrupted = true;
-    }
-    rep
 }
 
 /// Turns a load outcome into a record, judging it: a proxy target whose flows never

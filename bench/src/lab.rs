@@ -629,14 +629,25 @@ pub fn count_sockets(ns: &Netns, port: u16, proto: Proto) -> usize {
         files
             .iter()
             .filter_map(|f| std::fs::read_to_string(f).ok())
-            .map(|text| {
-                text.lines()
-                    .skip(1)
-                    .filter(|l| local_port(l) == Some(port))
-                    .count()
-            })
+            .map(|text| count_in_proc_net(&text, port, proto))
             .sum()
     })
+}
+
+/// Sockets on local `port` in one `/proc/net/{tcp,udp}{,6}` text. TCP TIME_WAIT
+/// entries (state 06) are left out: they outlive the proxy that made them by up to a
+/// minute and say nothing about who holds the flows of the current run.
+fn count_in_proc_net(text: &str, port: u16, proto: Proto) -> usize {
+    text.lines()
+        .skip(1)
+        .filter(|l| local_port(l) == Some(port))
+        .filter(|l| !(proto == Proto::Tcp && tcp_state(l) == Some(0x06)))
+        .count()
+}
+
+/// The state column (`st`, hex) of one `/proc/net/{tcp,udp}{,6}` line.
+fn tcp_state(line: &str) -> Option<u8> {
+    u8::from_str_radix(line.split_whitespace().nth(3)?, 16).ok()
 }
 
 /// The local port of one `/proc/net/{tcp,udp}{,6}` line.
@@ -1019,6 +1030,23 @@ mod tests {
         assert!(!proc_net_has_listener(text, 80));
         let text6 = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   0: 00000000000000000000000000000000:3A99 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 3 1 0000000000000000 100 0 0 10 0\n";
         assert!(proc_net_has_listener(text6, 15001));
+    }
+
+    #[test]
+    fn socket_count_ignores_time_wait() {
+        let head = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n";
+        let est = "   0: 0100007F:1F91 0200007F:9C40 01 00000000:00000000 00:00000000 00000000     0        0 2 1 0000000000000000 100 0 0 10 0\n";
+        let tw = "   1: 0100007F:1F91 0200007F:9C41 06 00000000:00000000 03:00001000 00000000     0        0 0 3 0000000000000000\n";
+        let other = "   2: 0100007F:0050 0200007F:9C42 01 00000000:00000000 00:00000000 00000000     0        0 4 1 0000000000000000 100 0 0 10 0\n";
+        let text = format!("{head}{est}{tw}{other}");
+        assert_eq!(count_in_proc_net(&text, 8081, Proto::Tcp), 1);
+        assert_eq!(
+            count_in_proc_net(&format!("{head}{tw}"), 8081, Proto::Tcp),
+            0
+        );
+        // UDP has no TIME_WAIT; state 06 is not special there.
+        assert_eq!(count_in_proc_net(&text, 8081, Proto::Udp), 2);
+        assert_eq!(count_in_proc_net(&text, 80, Proto::Tcp), 1);
     }
 
     #[test]

@@ -72,6 +72,10 @@ struct RunArgs {
     /// Measurement window per variant (5s, 0.5s, 500ms).
     #[arg(long, default_value = "5s")]
     duration: String,
+    /// Repeat the whole target sequence this many times (targets alternate within a
+    /// round); tables show the median round and the min-max spread.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
     /// Streams / connections / client threads / senders (default: per scenario).
     #[arg(long)]
     conns: Option<usize>,
@@ -185,6 +189,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 server_cores,
                 family: if a.ipv6 { Family::Ipv6 } else { Family::Ipv4 },
                 port: a.port,
+                rounds: a.rounds.max(1),
             };
             let outputs = Outputs {
                 json: a

@@ -75,6 +75,8 @@ pub struct Record {
     /// Whether the router held sockets on the server's port (a proxy intercepted the
     /// flow); `None` when that cannot be told.
     pub intercepted: Option<bool>,
+    /// Which round (0-based) of a `--rounds N` run produced this record.
+    pub round: usize,
 }
 
 impl Record {
@@ -113,6 +115,7 @@ impl Record {
             sent: None,
             server_saw: Vec::new(),
             intercepted: None,
+            round: 0,
         }
     }
 
@@ -151,6 +154,8 @@ pub struct Env {
     pub family: String,
     /// Measurement window per variant, seconds.
     pub duration_s: f64,
+    /// Rounds over all targets; tables show the median round of each cell.
+    pub rounds: usize,
     /// Engine binary and its build profile.
     pub engine: Option<String>,
     /// `release`, `debug` or `unknown`.
@@ -271,10 +276,42 @@ impl Report {
         seen
     }
 
+    /// The record of a table cell: with several rounds, the measured one with the
+    /// median headline (its latencies come from the same run); else the first.
     fn find(&self, row: &(Scenario, String), t: Target) -> Option<&Record> {
+        let mut ok: Vec<&Record> = self
+            .cell(row, t)
+            .filter(|r| r.status == Status::Ok)
+            .collect();
+        if ok.is_empty() {
+            return self.cell(row, t).next();
+        }
+        ok.sort_by(|a, b| {
+            a.headline()
+                .unwrap_or(0.0)
+                .total_cmp(&b.headline().unwrap_or(0.0))
+        });
+        Some(ok[(ok.len() - 1) / 2])
+    }
+
+    fn cell(&self, row: &(Scenario, String), t: Target) -> impl Iterator<Item = &Record> + '_ {
+        let row = row.clone();
         self.records
             .iter()
-            .find(|r| &r.row() == row && r.target == t)
+            .filter(move |r| r.row() == row && r.target == t)
+    }
+
+    /// (min, max) headline over the measured rounds of a cell, when there are several.
+    fn spread(&self, row: &(Scenario, String), t: Target) -> Option<(f64, f64)> {
+        let v: Vec<f64> = self
+            .cell(row, t)
+            .filter(|r| r.status == Status::Ok)
+            .filter_map(|r| r.headline())
+            .collect();
+        (v.len() > 1).then(|| {
+            v.iter()
+                .fold((f64::MAX, f64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)))
+        })
     }
 
     /// Markdown: the environment header, the headline table with ratios to kernel
@@ -292,8 +329,11 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "| family, window | {}, {:.1} s per variant |",
-            e.family, e.duration_s
+            "| family, window | {}, {:.1} s per variant, {} round(s): median shown{} |",
+            e.family,
+            e.duration_s,
+            e.rounds.max(1),
+            if e.rounds > 1 { " (min-max)" } else { "" }
         );
         let _ = writeln!(
             s,
@@ -333,6 +373,9 @@ impl Report {
                 let cell = match self.find(&row, *t) {
                     Some(r) if r.status == Status::Ok => {
                         let mut c = r.headline().map_or("-".into(), fmt_num);
+                        if let Some((lo, hi)) = self.spread(&row, *t) {
+                            let _ = write!(c, " ({}-{})", fmt_num(lo), fmt_num(hi));
+                        }
                         if let Some(loss) = r.loss.filter(|l| *l > 0.0005) {
                             let _ = write!(c, " ({:.1}% loss)", loss * 100.0);
                         }
@@ -399,14 +442,22 @@ impl Report {
             // One line per (target, status, reason), listing the scenarios it hit.
             let mut grouped: BTreeMap<(Target, String, String), Vec<String>> = BTreeMap::new();
             for r in not_ok {
-                grouped
+                let rows = grouped
                     .entry((
                         r.target,
                         format!("{:?}", r.status).to_lowercase(),
                         r.reason.clone().unwrap_or_default(),
                     ))
-                    .or_default()
-                    .push(format!("{} {}", r.scenario.name(), r.variant));
+                    .or_default();
+                // A skip repeats identically every round; a failure says which round.
+                let row = if self.env.rounds > 1 && r.status == Status::Failed {
+                    format!("{} {} round {}", r.scenario.name(), r.variant, r.round + 1)
+                } else {
+                    format!("{} {}", r.scenario.name(), r.variant)
+                };
+                if !rows.contains(&row) {
+                    rows.push(row);
+                }
             }
             for ((t, st, why), rows) in grouped {
                 let _ = writeln!(s, "- {} {st} ({}): {why}", t.name(), rows.join(", "));

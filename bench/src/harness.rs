@@ -183,7 +183,7 @@ fn run_round(
     log: &mut dyn FnMut(&str),
 ) {
     let family = cfg.family.name();
-    for &target in &cfg.targets {
+    for (ti, &target) in cfg.targets.iter().enumerate() {
         if crate::stop_requested() {
             rep.interrupted = true;
             break;
@@ -223,6 +223,7 @@ fn run_round(
             load_cores: cfg.load_cores.clone(),
             server_cores: cfg.server_cores.clone(),
             probe: Some(lab.router.clone()),
+            crr_ports: load::crr_port_range(ti),
         };
         for (scenario, variants) in plan {
             for v in variants {

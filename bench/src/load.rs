@@ -41,10 +41,23 @@ pub const PORT_UDP_RR: u16 = 5005;
 
 /// Response size of `tcp-crr` and `tcp-rr` (the request size is the variant's size).
 pub const RESPONSE_SIZE: usize = 128;
-/// Client ephemeral port range for `tcp-crr`: 4000 ports, so at thousands of
-/// connections per second every port comes around within a second or two and
-/// meets the TIME_WAIT its previous connection left (kernel.md pitfall 1).
-pub const CRR_PORT_RANGE: &str = "20000 23999";
+/// Client ephemeral ports for `tcp-crr`: windows of 4000, so at thousands of
+/// connections per second every port comes around within a second or two and meets
+/// the TIME_WAIT its previous connection left (kernel.md pitfall 1).
+pub const CRR_PORT_WINDOW: u16 = 4000;
+/// First port of the first `tcp-crr` window; target `i` of a run gets window `i`.
+pub const CRR_PORT_BASE: u16 = 20000;
+
+/// The `tcp-crr` client port window of the `i`-th target of a run (wrapping after
+/// eight). Each target gets its own: a proxy that relays the server's close leaves
+/// TIME_WAIT sockets for the client's 4-tuples in the router, and for up to 60 s
+/// after the proxy is gone the kernel's early demux attaches them to forwarded SYNs
+/// of the same 4-tuple, which `ip_forward` then drops. The kernel baseline that
+/// follows a proxy must not reuse the proxy's client ports.
+pub fn crr_port_range(i: usize) -> (u16, u16) {
+    let lo = CRR_PORT_BASE + (i % 8) as u16 * CRR_PORT_WINDOW;
+    (lo, lo + CRR_PORT_WINDOW - 1)
+}
 /// How far past its duration a run may go before every loop gives up on its own.
 pub const HARD_DEADLINE_SLACK: Duration = Duration::from_secs(10);
 /// Upper bound on datagrams one `udp-pps` sender sends, whatever the duration.
@@ -238,6 +251,8 @@ pub struct LoadSpec {
     /// When set, sockets on the scenario's port are counted in this namespace at the
     /// end of the window (the router: proves that a proxy intercepted the flows).
     pub probe: Option<Netns>,
+    /// Client ephemeral port range for `tcp-crr` (see [`crr_port_range`]).
+    pub crr_ports: (u16, u16),
 }
 
 /// What one run measured.
@@ -772,10 +787,11 @@ fn tcp_rr(lab: &Lab, v: &Variant, spec: &LoadSpec) -> anyhow::Result<Outcome> {
 
 /// `tcp-crr`: each client thread loops connect, send `size` bytes, read the
 /// [`RESPONSE_SIZE`] response to EOF (the server closes first, HTTP/1.0 style), close.
-/// The client namespace's port range is narrowed to [`CRR_PORT_RANGE`].
+/// The client namespace's port range is narrowed to `spec.crr_ports`.
 fn tcp_crr(lab: &Lab, v: &Variant, spec: &LoadSpec) -> anyhow::Result<Outcome> {
+    let (lo, hi) = spec.crr_ports;
     lab.client
-        .sysctl("net.ipv4.ip_local_port_range", CRR_PORT_RANGE)
+        .sysctl("net.ipv4.ip_local_port_range", &format!("{lo} {hi}"))
         .context("narrowing the client port range")?;
     let addr = SocketAddr::new(spec.family.server_ip(), PORT_TCP_CRR);
     let listener = lab
@@ -1138,6 +1154,20 @@ fn udp_rr(lab: &Lab, v: &Variant, spec: &LoadSpec) -> anyhow::Result<Outcome> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn crr_port_windows_are_disjoint_and_ephemeral() {
+        let w: Vec<(u16, u16)> = (0..8).map(crr_port_range).collect();
+        for (i, (lo, hi)) in w.iter().enumerate() {
+            assert_eq!(hi - lo + 1, CRR_PORT_WINDOW);
+            // Clear of the scenario ports and the tproxy port, inside u16.
+            assert!(*lo > 15001 && *hi < 60999, "{lo}-{hi}");
+            for (l2, h2) in &w[i + 1..] {
+                assert!(hi < l2 || h2 < lo, "windows overlap");
+            }
+        }
+        assert_eq!(crr_port_range(8), crr_port_range(0));
+    }
 
     #[test]
     fn variants() {

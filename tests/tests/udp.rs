@@ -174,6 +174,15 @@ fn many_flows(test: &str, family: Family) {
             Ok(())
         })
         .unwrap();
+    // The fd design (docs/architecture.md): one upstream socket per flow, and reply
+    // sockets shared per (core, destination): 2 destinations on 2 cores add 2 to 4,
+    // not one per flow.
+    let e = rig.engine_mut();
+    let extra = e.fds() - e.baseline_fds;
+    assert!(
+        (CLIENTS + 2..=CLIENTS + 4).contains(&extra),
+        "{CLIENTS} live flows to 2 destinations hold {extra} fds beyond the baseline"
+    );
     for (echo, addr) in [(&ea, a), (&eb, b)] {
         let peers = echo.peers();
         assert_eq!(peers.len(), CLIENTS / 2, "server {addr}");

@@ -35,7 +35,7 @@ use clap::Parser;
 use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
 use socket2::{Domain, Socket, Type};
 
-use config::{Args, Config};
+use config::{Args, Config, RelayMode};
 use stats::CoreStats;
 
 fn main() -> ExitCode {
@@ -113,6 +113,34 @@ fn check_port_free(cfg: &Config) -> Result<()> {
     Ok(())
 }
 
+/// Splice relays: makes one pipe of `--pipe-size` and warns when the kernel granted
+/// less. Without CAP_SYS_RESOURCE, `fs.pipe-max-size` caps each pipe and, once the
+/// user's pipes add up to `fs.pipe-user-pages-soft` pages, new pipes get 8 KiB:
+/// the relay still works, just slower (counted as `pipes_undersized`).
+fn check_pipe_size(cfg: &Config) -> Result<()> {
+    let (true, RelayMode::Splice, Some(want)) = (cfg.tcp, cfg.relay, cfg.pipe_size) else {
+        return Ok(());
+    };
+    let pipe = sys::Pipe::new(Some(want)).context("creating a pipe for the splice relay")?;
+    if pipe.capacity < want {
+        let read = |k: &str| {
+            std::fs::read_to_string(format!("/proc/sys/fs/{k}"))
+                .map(|s| s.trim().to_string())
+                .unwrap_or_else(|_| "?".into())
+        };
+        eprintln!(
+            "engine: warning: --pipe-size {want} not granted, pipes get {} bytes: without \
+             CAP_SYS_RESOURCE the kernel caps a pipe at fs.pipe-max-size ({}) and shrinks new \
+             pipes once this user's add up to fs.pipe-user-pages-soft ({} pages); raise \
+             those sysctls, grant CAP_SYS_RESOURCE, or pass a smaller --pipe-size",
+            pipe.capacity,
+            read("pipe-max-size"),
+            read("pipe-user-pages-soft"),
+        );
+    }
+    Ok(())
+}
+
 fn resolve(args: &Args) -> Result<(Config, u64)> {
     let allowed = cpus::allowed();
     let cores = match &args.cores {
@@ -124,6 +152,12 @@ fn resolve(args: &Args) -> Result<(Config, u64)> {
         None if allowed.is_empty() => bail!("cannot read this process's CPU affinity"),
         None => allowed,
     };
+    if !args.no_tcp && args.pipe_size != 0 && args.pipe_size < 4096 {
+        bail!(
+            "--pipe-size {} is too small (minimum 4096, or 0 for the kernel's default)",
+            args.pipe_size
+        );
+    }
     if !args.no_tcp && args.copy_buf_size < 4096 {
         bail!(
             "--copy-buf-size {} is too small (minimum 4096)",
@@ -164,7 +198,7 @@ fn resolve(args: &Args) -> Result<(Config, u64)> {
             idle_timeout_s: args.idle_timeout_s.max(1),
             max_conns_per_core: max_conns.div_ceil(n).max(1),
             drain_timeout_s: args.drain_timeout_s,
-            pipe_size: args.pipe_size,
+            pipe_size: (args.pipe_size != 0).then_some(args.pipe_size),
             copy_buf_size: args.copy_buf_size,
             ipv6: !args.no_ipv6,
             tcp: !args.no_tcp,
@@ -199,6 +233,7 @@ fn run(args: Args) -> Result<()> {
     ring::probe().map_err(|e| anyhow::anyhow!(e))?;
     check_privileges(cfg.mark)?;
     check_port_free(&cfg)?;
+    check_pipe_size(&cfg)?;
     let cfg = Arc::new(cfg);
 
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGUSR1])
@@ -252,12 +287,16 @@ fn run(args: Args) -> Result<()> {
         _ => "udp",
     };
     println!(
-        "ready: port {} {protos} {} cores {} relay {} mark {:#x} max_conns {} udp_max_flows {} \
-         nofile {nofile} ring {ring_flags}",
+        "ready: port {} {protos} {} cores {} relay {} buf {} mark {:#x} max_conns {} \
+         udp_max_flows {} nofile {nofile} ring {ring_flags}",
         cfg.port,
         if cfg.ipv6 { "ipv4+ipv6" } else { "ipv4" },
         cpus::format(&cfg.cores),
         cfg.relay,
+        match cfg.relay {
+            RelayMode::Splice => cfg.pipe_size.map_or("kernel".into(), |n| n.to_string()),
+            RelayMode::Copy => cfg.copy_buf_size.to_string(),
+        },
         cfg.mark,
         cfg.max_conns_per_core * cfg.cores.len(),
         cfg.udp_max_flows_per_core * cfg.cores.len(),

@@ -83,6 +83,8 @@ counters! {
     loop_refused,
     /// Pipes created (the pool reuses them; this grows only with concurrency).
     pipes_created,
+    /// Pipes the kernel made smaller than `--pipe-size` (fs.pipe-user-pages-soft).
+    pipes_undersized,
     /// UDP datagrams relayed client to server.
     udp_dgrams_c2s,
     /// UDP datagrams relayed server to client.

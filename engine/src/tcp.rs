@@ -28,6 +28,9 @@ use crate::sys;
 use crate::token::{next_generation, Op, Token};
 use crate::worker::Worker;
 
+/// A pipe's size when `--pipe-size 0` leaves it to the kernel.
+const KERNEL_PIPE_SIZE: usize = 65536;
+
 /// Creates one transparent TCP listener of a worker.
 ///
 /// `IP_TRANSPARENT` must be set before `bind()`: nft `tproxy` only assigns packets to
@@ -295,7 +298,7 @@ impl Worker {
             }
         };
         let cap = match self.cfg.relay {
-            RelayMode::Splice => self.cfg.pipe_size.unwrap_or(65536),
+            RelayMode::Splice => self.cfg.pipe_size.unwrap_or(KERNEL_PIPE_SIZE),
             RelayMode::Copy => self.cfg.copy_buf_size,
         };
         let conn = Box::new(Conn {

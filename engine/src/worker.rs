@@ -448,6 +448,11 @@ impl Worker {
                 self.stats
                     .pipes_created
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if self.cfg.pipe_size.is_some_and(|want| p.capacity < want) {
+                    self.stats
+                        .pipes_undersized
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 Ok(p)
             }
         }

@@ -59,6 +59,20 @@ fn engine_rejects_unknown_cores() {
 }
 
 #[test]
+fn engine_rejects_tiny_buffers() {
+    let Some(lab) = lab("engine_rejects_tiny_buffers") else {
+        return;
+    };
+    for flag in ["--pipe-size", "--copy-buf-size"] {
+        let err = engine_fails(&lab.router, &["--cores", "0", flag, "100"]);
+        assert!(
+            err.contains(flag) && err.contains("100") && err.contains("4096"),
+            "message must name {flag}, the value and the minimum: {err}"
+        );
+    }
+}
+
+#[test]
 fn engine_rejects_interception_mark() {
     let Some(lab) = lab("engine_rejects_interception_mark") else {
         return;

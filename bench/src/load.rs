@@ -431,6 +431,15 @@ impl Tally {
             }
         }
     }
+
+    /// Merges a SERVER's tally: the peers it saw and its errors (named with `prefix`),
+    /// not its ops, which the clients count.
+    fn merge_server_into(self, out: &mut Outcome, prefix: &str) {
+        out.peers.extend(self.peers);
+        for (k, n) in self.errors {
+            *out.errors.entry(format!("{prefix}{k}")).or_default() += n;
+        }
+    }
 }
 
 fn new_histogram() -> Histogram<u64> {
@@ -776,10 +785,7 @@ fn tcp_rr(lab: &Lab, v: &Variant, spec: &LoadSpec) -> anyhow::Result<Outcome> {
         t.merge_into(&mut out);
     }
     let server = join(server, "rr server")?;
-    out.peers.extend(server.peers.iter().copied());
-    for (k, n) in server.errors {
-        *out.errors.entry(k).or_default() += n;
-    }
+    server.merge_server_into(&mut out, "");
     out.ops = client_ops;
     out.bytes = client_ops * (req_size + RESPONSE_SIZE) as u64;
     Ok(out)
@@ -906,10 +912,7 @@ fn tcp_crr(lab: &Lab, v: &Variant, spec: &LoadSpec) -> anyhow::Result<Outcome> {
     }
     for s in servers {
         let t = join(s, "crr server")?;
-        out.peers.extend(t.peers.iter().copied());
-        for (k, n) in t.errors {
-            *out.errors.entry(k).or_default() += n;
-        }
+        t.merge_server_into(&mut out, "");
     }
     out.bytes = out.ops * (req_size + RESPONSE_SIZE) as u64;
     Ok(out)
@@ -1027,10 +1030,7 @@ fn udp_pps(lab: &Lab, v: &Variant, spec: &LoadSpec) -> anyhow::Result<Outcome> {
     if let Some(e) = failed {
         return Err(e);
     }
-    out.peers.extend(t.peers.iter().copied());
-    for (k, n) in t.errors {
-        *out.errors.entry(format!("server_{k}")).or_default() += n;
-    }
+    t.merge_server_into(&mut out, "server_");
     out.ops = sh.ops.load(Ordering::Relaxed);
     out.bytes = sh.bytes.load(Ordering::Relaxed);
     Ok(out)
@@ -1143,10 +1143,7 @@ fn udp_rr(lab: &Lab, v: &Variant, spec: &LoadSpec) -> anyhow::Result<Outcome> {
         t?.merge_into(&mut out);
     }
     let t = join(server, "udp-rr server")?;
-    out.peers.extend(t.peers.iter().copied());
-    for (k, n) in t.errors {
-        *out.errors.entry(format!("server_{k}")).or_default() += n;
-    }
+    t.merge_server_into(&mut out, "server_");
     out.bytes = out.ops * 2 * v.size as u64;
     Ok(out)
 }

@@ -141,6 +141,12 @@ fn check_pipe_size(cfg: &Config) -> Result<()> {
     Ok(())
 }
 
+/// Largest `--pipe-size`: 1 GiB (the kernel refuses more than 2 GiB; past
+/// `fs.pipe-max-size` it needs CAP_SYS_RESOURCE anyway).
+const MAX_PIPE_SIZE: usize = 1 << 30;
+/// Largest `--copy-buf-size`: 1 MiB, i.e. 512 MiB of provided buffers per core.
+const MAX_COPY_BUF_SIZE: usize = 1 << 20;
+
 fn resolve(args: &Args) -> Result<(Config, u64)> {
     let allowed = cpus::allowed();
     let cores = match &args.cores {
@@ -152,15 +158,17 @@ fn resolve(args: &Args) -> Result<(Config, u64)> {
         None if allowed.is_empty() => bail!("cannot read this process's CPU affinity"),
         None => allowed,
     };
-    if !args.no_tcp && args.pipe_size != 0 && args.pipe_size < 4096 {
+    if !args.no_tcp && args.pipe_size != 0 && !(4096..=MAX_PIPE_SIZE).contains(&args.pipe_size) {
         bail!(
-            "--pipe-size {} is too small (minimum 4096, or 0 for the kernel's default)",
+            "--pipe-size {} is out of range (4096 to {MAX_PIPE_SIZE}, or 0 for the kernel's \
+             default)",
             args.pipe_size
         );
     }
-    if !args.no_tcp && args.copy_buf_size < 4096 {
+    if !args.no_tcp && !(4096..=MAX_COPY_BUF_SIZE).contains(&args.copy_buf_size) {
         bail!(
-            "--copy-buf-size {} is too small (minimum 4096)",
+            "--copy-buf-size {} is out of range (4096 to {MAX_COPY_BUF_SIZE}; each core \
+             allocates 512 of them)",
             args.copy_buf_size
         );
     }

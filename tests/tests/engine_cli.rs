@@ -59,16 +59,18 @@ fn engine_rejects_unknown_cores() {
 }
 
 #[test]
-fn engine_rejects_tiny_buffers() {
-    let Some(lab) = lab("engine_rejects_tiny_buffers") else {
+fn engine_rejects_buffer_sizes_out_of_range() {
+    let Some(lab) = lab("engine_rejects_buffer_sizes_out_of_range") else {
         return;
     };
     for flag in ["--pipe-size", "--copy-buf-size"] {
-        let err = engine_fails(&lab.router, &["--cores", "0", flag, "100"]);
-        assert!(
-            err.contains(flag) && err.contains("100") && err.contains("4096"),
-            "message must name {flag}, the value and the minimum: {err}"
-        );
+        for value in ["100", "4294971392"] {
+            let err = engine_fails(&lab.router, &["--cores", "0", flag, value]);
+            assert!(
+                err.contains(flag) && err.contains(value) && err.contains("4096 to"),
+                "message must name {flag}, the value and the range: {err}"
+            );
+        }
     }
 }
 

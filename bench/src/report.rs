@@ -750,6 +750,36 @@ mod tests {
     }
 
     #[test]
+    fn rounds_show_the_median_and_the_spread() {
+        let mut rep = Report::default();
+        rep.env.rounds = 3;
+        for (round, (d, e)) in [(20.0, 9.0), (10.0, 12.0), (16.0, 15.0)].iter().enumerate() {
+            for (t, v) in [(Target::Direct, *d), (Target::EngineSplice, *e)] {
+                let mut r = rec(t, v);
+                r.round = round;
+                rep.records.push(r);
+            }
+        }
+        // A failed round is left out of the median and named with its round.
+        let mut bad = rec(Target::EngineSplice, 0.0);
+        bad.status = Status::Failed;
+        bad.reason = Some("engine died".into());
+        bad.round = 2;
+        rep.records.push(bad);
+        let md = rep.to_markdown();
+        assert!(
+            md.contains("| tcp-bulk 1 stream | Gbit/s | 16.0 (10.0-20.0) | 12.0 (9.00-15.0) |"),
+            "{md}"
+        );
+        assert!(md.contains("0.75x"), "{md}");
+        assert!(
+            md.contains("engine-splice failed (tcp-bulk 1 stream round 3): engine died"),
+            "{md}"
+        );
+        assert!(!rep.all_ran());
+    }
+
+    #[test]
     fn numbers() {
         assert_eq!(fmt_num(123_456.0), "123k");
         assert_eq!(fmt_num(12_345.0), "12.3k");

@@ -101,6 +101,14 @@ pub enum SetupError {
         /// What happened to the steps already done.
         rollback: String,
     },
+    /// Another `setup` holds the state directory's lock for longer than we waited.
+    #[error("another `setup` run has held the lock on {dir} for {waited_s} s (apply or teardown in progress, possibly stuck): wait for it to finish, or find it with `pgrep -a setup`")]
+    Busy {
+        /// The locked state directory.
+        dir: PathBuf,
+        /// How long we waited.
+        waited_s: u64,
+    },
     /// Some teardown steps failed; the state file is kept so that a rerun finishes.
     #[error("teardown incomplete: {failures}; the state file {path} was kept: fix the cause and run `setup teardown` again")]
     TeardownIncomplete {

@@ -15,10 +15,77 @@ use crate::error::SetupError;
 use crate::plan::{self, Family, Plan};
 use crate::ports::{parse_port_list, PortSel};
 use crate::sysctl::SysctlKey;
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 use std::ffi::OsString;
 use std::fmt::Write as _;
+use std::fs::File;
 use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// How long `setup` waits for another run to release the state directory's lock.
+pub const LOCK_WAIT: Duration = Duration::from_secs(30);
+
+/// A lock on the state directory, held for the whole of an apply, teardown or status,
+/// so that two runs on one box (an operator and a systemd unit, say) never interleave
+/// their rule changes and state writes, and status never reads a half-applied state.
+/// Released on drop (and by the kernel if the process dies).
+#[derive(Debug)]
+pub struct StateLock {
+    _flock: Flock<File>,
+}
+
+impl StateLock {
+    /// Locks the directory of `state_path`: exclusively for apply and teardown, shared
+    /// for status. Waits up to `wait` for another holder. Apply creates the directory;
+    /// without one (nothing was ever applied) teardown and status need no lock and get
+    /// `None`, so they leave no directory behind.
+    pub fn acquire(
+        state_path: &Path,
+        exclusive: bool,
+        create: bool,
+        wait: Duration,
+    ) -> Result<Option<StateLock>, SetupError> {
+        let dir = match state_path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            Some(d) => d.to_path_buf(),
+            None => PathBuf::from("."),
+        };
+        if create {
+            std::fs::create_dir_all(&dir).map_err(|e| SetupError::StateWrite {
+                path: state_path.to_path_buf(),
+                source: e,
+            })?;
+        }
+        let mut file = match File::open(&dir) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !create => return Ok(None),
+            Err(e) => return Err(SetupError::file(dir, e)),
+        };
+        let arg = if exclusive {
+            FlockArg::LockExclusiveNonblock
+        } else {
+            FlockArg::LockSharedNonblock
+        };
+        let start = Instant::now();
+        loop {
+            match Flock::lock(file, arg) {
+                Ok(flock) => return Ok(Some(StateLock { _flock: flock })),
+                Err((f, Errno::EWOULDBLOCK)) if start.elapsed() < wait => {
+                    file = f;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err((_, Errno::EWOULDBLOCK)) => {
+                    return Err(SetupError::Busy {
+                        dir,
+                        waited_s: wait.as_secs(),
+                    })
+                }
+                Err((_, e)) => return Err(SetupError::file(dir, io::Error::from(e))),
+            }
+        }
+    }
+}
 
 /// Environment variable naming the state directory.
 pub const STATE_DIR_ENV: &str = "RINGRELAY_STATE_DIR";
@@ -458,6 +525,43 @@ mod tests {
         assert_eq!(State::load(&path).unwrap(), Some(sample()));
         State::remove(&path).unwrap();
         State::remove(&path).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn lock_excludes_writers_and_waits_for_them() {
+        let dir = std::env::temp_dir().join(format!("rrsetup-lock-{}", std::process::id()));
+        let path = dir.join("x.state");
+        let short = Duration::from_millis(150);
+        // Nothing applied yet: status and teardown need no lock and create nothing.
+        assert!(StateLock::acquire(&path, false, false, short)
+            .unwrap()
+            .is_none());
+        assert!(!dir.exists());
+        let held = StateLock::acquire(&path, true, true, short)
+            .unwrap()
+            .expect("apply locks");
+        for exclusive in [true, false] {
+            let e = StateLock::acquire(&path, exclusive, false, short).unwrap_err();
+            assert!(
+                matches!(&e, SetupError::Busy { dir: d, .. } if *d == dir),
+                "{e}"
+            );
+            assert!(e.to_string().contains("another `setup` run"), "{e}");
+        }
+        // Readers share; a writer waits for the holder and then gets it.
+        drop(held);
+        let r1 = StateLock::acquire(&path, false, false, short).unwrap();
+        let r2 = StateLock::acquire(&path, false, false, short).unwrap();
+        assert!(r1.is_some() && r2.is_some());
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            drop((r1, r2));
+        });
+        let w = StateLock::acquire(&path, true, false, Duration::from_secs(5)).unwrap();
+        assert!(w.is_some());
+        release.join().unwrap();
+        drop(w);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -92,6 +92,17 @@ impl Pipe {
     }
 }
 
+/// Takes a socket's pending error (`SO_ERROR`, which clears it), if it has one.
+pub fn take_socket_error(fd: RawFd) -> Option<i32> {
+    // SAFETY: the caller owns `fd` and keeps it open for the duration of this call.
+    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+    socket2::SockRef::from(&fd)
+        .take_error()
+        .ok()
+        .flatten()
+        .and_then(|e| e.raw_os_error())
+}
+
 /// `shutdown(fd, SHUT_WR)`: sends our FIN after everything queued.
 pub fn shutdown_write(fd: RawFd) -> io::Result<()> {
     // SAFETY: plain syscall on an fd owned by the caller.

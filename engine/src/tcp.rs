@@ -79,6 +79,8 @@ pub struct DirIo {
     pub poll_out: bool,
     /// Copy: waiting in `buf_waiters` for a provided buffer.
     pub waiting_buf: bool,
+    /// The error watch on the source after its EOF was armed (once).
+    pub err_watch: bool,
     /// Queued in the worker's run queue.
     pub queued: bool,
 }
@@ -92,6 +94,7 @@ impl DirIo {
             poll_in: false,
             poll_out: false,
             waiting_buf: false,
+            err_watch: false,
             queued: false,
         }
     }
@@ -413,6 +416,13 @@ impl Worker {
                 return;
             }
             conn.dirs[d].machine.fail(-c.result);
+        } else if c.result & libc::POLLERR as i32 != 0 {
+            // The socket has a pending error: its peer reset (or the path died). Seen
+            // here even when this direction is finished or waiting for the other
+            // side, so a reset after a half-close still reaches the other peer.
+            let fd = if is_in { conn.src(d) } else { conn.dst(d) };
+            let errno = sys::take_socket_error(fd).unwrap_or(libc::ECONNRESET);
+            conn.dirs[d].machine.fail(errno);
         } else if is_in {
             conn.dirs[d].machine.on_readable();
         } else {
@@ -689,7 +699,28 @@ impl Worker {
                         return;
                     }
                 }
-                Want::InFlight | Want::Nothing => return,
+                Want::Nothing => {
+                    // After its EOF nothing may be armed on a source (copy relay
+                    // always, splice when the EOF came without a wait), so a later
+                    // reset by that peer would go unnoticed while the other direction
+                    // idles. Watch it for errors: multishot, because the kernel always
+                    // adds POLLRDHUP, which is already true at EOF and posts one CQE
+                    // at once; later wakeups by data or writability do not match.
+                    let dir = &mut conn.dirs[d];
+                    if dir.machine.state() == State::Done && !dir.err_watch && !dir.poll_in {
+                        dir.err_watch = true;
+                        dir.poll_in = true;
+                        conn.inflight += 1;
+                        let sqe =
+                            opcode::PollAdd::new(types::Fd(conn.src(d)), libc::POLLERR as u32)
+                                .multi(true)
+                                .build()
+                                .user_data(dir_token(Op::poll_in(d), slot, g));
+                        self.submit(sqe);
+                    }
+                    return;
+                }
+                Want::InFlight => return,
                 Want::Reset => {
                     self.close(slot, g, true);
                     return;

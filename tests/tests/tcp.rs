@@ -292,6 +292,86 @@ fn half_close(test: &str, family: Family, relay: &str) {
     assert_eq!(after.get("accepted"), before.get("accepted") + 1);
 }
 
+/// The client sends its request and FIN, then resets while the server is still
+/// "thinking" (silent, so no write of the engine's can trip over the reset). The
+/// server must see the reset, and the engine count a reset, not a clean close.
+fn reset_after_half_close(test: &str, family: Family, relay: &str) {
+    let Some(mut rig) = Rig::start(test, RigConfig::new().relay(relay)) else {
+        return;
+    };
+    let before = rig.engine_mut().counters();
+    let dst = SocketAddr::new(family.server_a(), 5003);
+    let saw_eof = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = saw_eof.clone();
+    let server = TcpServer::start(&rig.lab.server, dst, move |s, _| {
+        let mut buf = [0u8; 1024];
+        while (&s).read(&mut buf)? > 0 {}
+        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            if let Some(e) = s.take_error()? {
+                // A reset that meets a socket in CLOSE_WAIT (it has read the FIN)
+                // is reported as EPIPE, anywhere else as ECONNRESET.
+                ensure!(
+                    matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::BrokenPipe),
+                    "server got {e}, not a reset"
+                );
+                return Ok(());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "the client's reset never reached the server (3 s)"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    })
+    .unwrap();
+    rig.lab
+        .client
+        .run(move || -> anyhow::Result<()> {
+            let mut s = tcp_connect(dst)?;
+            s.write_all(b"request")?;
+            s.shutdown(Shutdown::Write)?;
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !saw_eof.load(std::sync::atomic::Ordering::SeqCst) {
+                ensure!(Instant::now() < deadline, "server never saw the FIN");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO))?;
+            drop(s); // RST
+            Ok(())
+        })
+        .unwrap();
+    assert!(server.wait_finished(1, Duration::from_secs(10)));
+    assert_eq!(server.errors(), Vec::<String>::new());
+    let after = rig
+        .engine_mut()
+        .wait_counters(Duration::from_secs(5), |c| c.get("active") == 0)
+        .unwrap_or_else(|c| panic!("connection still active: {c:?}"));
+    assert_eq!(after.get("resets"), before.get("resets") + 1, "{after:?}");
+    assert_eq!(after.get("closed"), before.get("closed"), "{after:?}");
+}
+
+#[test]
+fn tcp_reset_after_half_close_v4_splice() {
+    reset_after_half_close("tcp_reset_after_half_close_v4_splice", Family::V4, "splice");
+}
+
+#[test]
+fn tcp_reset_after_half_close_v6_splice() {
+    reset_after_half_close("tcp_reset_after_half_close_v6_splice", Family::V6, "splice");
+}
+
+#[test]
+fn tcp_reset_after_half_close_v4_copy() {
+    reset_after_half_close("tcp_reset_after_half_close_v4_copy", Family::V4, "copy");
+}
+
+#[test]
+fn tcp_reset_after_half_close_v6_copy() {
+    reset_after_half_close("tcp_reset_after_half_close_v6_copy", Family::V6, "copy");
+}
+
 #[test]
 fn tcp_half_close_v4_splice() {
     half_close("tcp_half_close_v4_splice", Family::V4, "splice");

@@ -446,14 +446,19 @@ impl UdpState {
             recv_error(w, -c.result, "recv");
             return;
         }
-        let Some(b) = bid else {
+        // A zero-length datagram picks no buffer (the kernel ends the multishot recv
+        // with result 0): it is relayed as one, like the other direction does.
+        if bid.is_none() && c.result != 0 {
             return;
-        };
+        }
         let key = self.flows.key_of(id).expect("live flow");
         let Some(reply) = self.replies.get(&key.orig_dst) else {
             return;
         };
-        let payload = self.bufs.data(b, c.result as usize);
+        let payload = match bid {
+            Some(b) => self.bufs.data(b, c.result as usize),
+            None => &[],
+        };
         match sys::send_to(reply.fd.as_raw_fd(), payload, &key.client.0) {
             Ok(_) => {
                 w.stats.udp_dgrams_s2c.fetch_add(1, Relaxed);

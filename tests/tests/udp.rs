@@ -225,7 +225,8 @@ fn udp_many_flows_two_servers_v6() {
 // (c) Datagram sizes
 // ---------------------------------------------------------------------------------
 
-const SIZES: [usize; 4] = [1, 1400, 9000, 65000];
+/// Empty datagrams included: protocols use them as keepalives and acks.
+const SIZES: [usize; 5] = [0, 1, 1400, 9000, 65000];
 
 fn sizes(test: &str, family: Family) {
     let Some(mut rig) = Rig::start(test, RigConfig::new()) else {
@@ -264,6 +265,8 @@ fn sizes(test: &str, family: Family) {
         echo.received()
     );
     let total: u64 = SIZES.iter().map(|&n| n as u64).sum();
+    assert_eq!(c.get("udp_dgrams_c2s"), SIZES.len() as u64, "{c:?}");
+    assert_eq!(c.get("udp_dgrams_s2c"), SIZES.len() as u64, "{c:?}");
     assert_eq!(c.get("udp_bytes_c2s"), total, "{c:?}");
     assert_eq!(c.get("udp_bytes_s2c"), total, "{c:?}");
 }

@@ -235,12 +235,20 @@ impl Worker {
                         self.cancel_accepts(false);
                     }
                 }
+                // The client went away between handshake and accept: nothing to do.
+                libc::ECONNABORTED | libc::EINTR | libc::EAGAIN => {}
                 e => {
-                    eprintln!(
-                        "cpu {}: accept: {}",
-                        self.cpu,
+                    // Anything else (ENOMEM, ENOBUFS, an LSM's EPERM...) may persist:
+                    // pause accepting until the next tick instead of re-arming at
+                    // once, so a lasting error costs one try and one line a second.
+                    self.log_limited(format_args!(
+                        "accept: {} (accepting paused for a second)",
                         io::Error::from_raw_os_error(e)
-                    );
+                    ));
+                    if !self.accept_starved {
+                        self.accept_starved = true;
+                        self.cancel_accepts(false);
+                    }
                 }
             }
         } else {

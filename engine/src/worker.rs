@@ -369,14 +369,15 @@ impl Worker {
         }
         self.tick += 1;
         if self.pipes_taken == 0 {
-            // A quiet second: give idle pipes back (2 fds and up to 64 KiB of pinned
+            // A quiet second: give idle pipes back (2 fds and up to --pipe-size of pinned
             // kernel memory each), so an idle engine holds what it held at start.
             self.pipes.clear();
         }
         self.pipes_taken = 0;
         self.expire_idle_conns();
         if self.accept_starved {
-            // EMFILE/ENFILE earlier: try again once a second, never in a tight loop.
+            // EMFILE/ENFILE or another accept error earlier: try again once a second,
+            // never in a tight loop.
             self.accept_starved = false;
             self.arm_accepts();
         }
@@ -405,6 +406,15 @@ impl Worker {
         self.stopping = true;
         self.stop_deadline = self.tick + self.cfg.drain_timeout_s;
         self.cancel_accepts(false);
+        // Listeners with an accept armed close on its final completion; close the
+        // others (paused at the limit or for lack of fds) now, so that with nft's
+        // fail-open tproxy new connections bypass the stopping engine instead of
+        // queueing in a backlog that is reset at exit.
+        for l in &mut self.listeners {
+            if !l.armed {
+                l.fd = None;
+            }
+        }
         // Clients that never got a slot are reset rather than left waiting.
         for fd in self.parked.drain(..) {
             let _ = sys::set_linger_zero(std::os::fd::AsFd::as_fd(&fd));

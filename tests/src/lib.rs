@@ -376,15 +376,14 @@ impl Rig {
         Ok(rig)
     }
 
-    /// Starts an engine in the router: `--cores CORES --drain-timeout-s 1 EXTRA...`
-    /// (later flags win, so `extra` may override the drain timeout).
+    /// Starts an engine in the router: `--cores CORES --drain-timeout-s 1 EXTRA...`,
+    /// without the default drain timeout when `extra` sets its own (the engine
+    /// refuses a flag given twice).
     pub fn start_engine(&self, cores: &str, extra: &[String]) -> anyhow::Result<Engine> {
-        let mut args: Vec<String> = vec![
-            "--cores".into(),
-            cores.into(),
-            "--drain-timeout-s".into(),
-            "1".into(),
-        ];
+        let mut args: Vec<String> = vec!["--cores".into(), cores.into()];
+        if !extra.iter().any(|a| a == "--drain-timeout-s") {
+            args.extend(["--drain-timeout-s".into(), "1".into()]);
+        }
         args.extend(extra.iter().cloned());
         Engine::start(&self.lab.router, &args)
     }

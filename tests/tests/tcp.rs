@@ -727,6 +727,65 @@ fn connection_limit(test: &str, family: Family) {
     assert_eq!(c.get("accepted"), OVER as u64, "{c:?}");
 }
 
+/// At the connection limit no accept is armed on the listeners. A stop must still
+/// close them at once (not at exit), so that with nft's fail-open tproxy a new client
+/// is forwarded past the draining engine instead of waiting in its backlog to be
+/// reset when it exits.
+#[test]
+fn tcp_stop_at_limit_closes_listeners() {
+    let test = "tcp_stop_at_limit_closes_listeners";
+    let cfg =
+        RigConfig::new()
+            .cores("0")
+            .engine_args(&["--max-conns", "1", "--drain-timeout-s", "10"]);
+    let Some(mut rig) = Rig::start(test, cfg) else {
+        return;
+    };
+    let dst = SocketAddr::new(Family::V4.server_a(), 5031);
+    let server = TcpServer::echo(&rig.lab.server, dst).unwrap();
+    let held = rig
+        .lab
+        .client
+        .run(move || -> anyhow::Result<TcpStream> {
+            let mut s = tcp_connect(dst)?;
+            s.write_all(b"x")?;
+            s.read_exact(&mut [0u8; 1])?;
+            Ok(s)
+        })
+        .unwrap();
+    let e = rig.engine_mut();
+    assert_eq!(e.counters().get("active"), 1);
+    e.child.signal(nix::sys::signal::Signal::SIGTERM).unwrap();
+    let router = rig.lab.router.clone();
+    let closed = poll_until(Duration::from_secs(2), || {
+        (count_sockets(&router, 15001, Proto::Tcp) == 0).then_some(())
+    });
+    assert!(closed.is_some(), "listeners still open 2 s into the drain");
+    assert!(
+        rig.engine_mut().is_running(),
+        "engine exited instead of draining"
+    );
+    // A new client now bypasses the engine: the server sees the client itself.
+    rig.lab
+        .client
+        .run(move || -> anyhow::Result<()> {
+            let mut s = tcp_connect(dst)?;
+            s.write_all(b"y")?;
+            let mut b = [0u8; 1];
+            s.read_exact(&mut b)?;
+            ensure!(&b == b"y", "echo corrupted");
+            Ok(())
+        })
+        .unwrap();
+    let peers: Vec<_> = server.accepted().iter().map(|c| c.peer.ip()).collect();
+    assert_eq!(
+        peers,
+        vec![Family::V4.router_s(), Family::V4.client()],
+        "first relayed, then forwarded"
+    );
+    drop(held);
+}
+
 #[test]
 fn tcp_connection_limit_v4() {
     connection_limit("tcp_connection_limit_v4", Family::V4);

@@ -303,7 +303,9 @@ impl BufRing {
         self.data(bid, 0).as_ptr()
     }
 
-    /// Gives buffer `bid` back to the kernel (visible after [`commit`](Self::commit)).
+    /// Gives buffer `bid` back to the kernel, published at once: a receive submitted
+    /// or retried after this call can pick it (no window in which a waiter is woken
+    /// for a buffer the kernel cannot see yet).
     pub fn recycle(&mut self, bid: u16) {
         let mask = self.entries - 1;
         let idx = usize::from(self.tail & mask);
@@ -316,6 +318,7 @@ impl BufRing {
         entry.set_len(self.buf_size as u32);
         entry.set_bid(bid);
         self.tail = self.tail.wrapping_add(1);
+        self.commit();
     }
 
     /// Publishes recycled buffers to the kernel.

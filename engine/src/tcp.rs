@@ -446,15 +446,15 @@ impl Worker {
         let Some(conn) = self.conns.get(tok.slot, tok.generation) else {
             // Stale: cannot happen while slots are freed only at inflight == 0, but a
             // picked buffer must never leak.
-            if let (Some(b), Some(bufs)) = (bid, self.copy_bufs.as_mut()) {
-                bufs.recycle(b);
+            if let Some(b) = bid {
+                self.give_copy_buf(b);
             }
             return;
         };
         conn.inflight -= 1;
         if conn.phase != Phase::Relaying {
-            if let (Some(b), Some(bufs)) = (bid, self.copy_bufs.as_mut()) {
-                bufs.recycle(b);
+            if let Some(b) = bid {
+                self.give_copy_buf(b);
             }
             self.maybe_free(tok.slot, tok.generation);
             return;
@@ -497,10 +497,7 @@ impl Worker {
         dir.machine.on_write(Io::from_cqe(c.result));
         if dir.machine.buffered() == 0 || dir.machine.is_finished() {
             if let Some((b, _, _)) = dir.buf.take() {
-                if let Some(bufs) = self.copy_bufs.as_mut() {
-                    bufs.recycle(b);
-                }
-                self.wake_buf_waiter();
+                self.give_copy_buf(b);
             }
         }
         let conn = self.conns.get(tok.slot, tok.generation).expect("live");
@@ -511,16 +508,39 @@ impl Worker {
         self.pump(tok.slot, tok.generation, d);
     }
 
-    fn wake_buf_waiter(&mut self) {
+    /// Copy relay: gives a provided buffer back and hands it to the first direction
+    /// waiting for one, if any.
+    fn give_copy_buf(&mut self, b: u16) {
+        if let Some(bufs) = self.copy_bufs.as_mut() {
+            bufs.recycle(b);
+            if !self.wake_buf_waiter() {
+                self.bufs_unclaimed += 1;
+            }
+        }
+    }
+
+    /// Wakes the first live direction waiting for a buffer; false if there was none.
+    fn wake_buf_waiter(&mut self) -> bool {
         while let Some((slot, g, d)) = self.buf_waiters.pop_front() {
             if let Some(conn) = self.conns.get(slot, g) {
                 if conn.dirs[d].waiting_buf {
                     conn.dirs[d].waiting_buf = false;
                     self.pump(slot, g, d);
-                    return;
+                    return true;
                 }
             }
         }
+        false
+    }
+
+    /// End of a batch: a direction parked on `ENOBUFS` after a buffer came back in
+    /// the same batch (its receive failed before the recycle) is woken now, once per
+    /// such buffer; later `ENOBUFS` are genuine and wait for the next recycle.
+    pub fn wake_for_unclaimed(&mut self) {
+        while self.bufs_unclaimed > 0 && self.wake_buf_waiter() {
+            self.bufs_unclaimed -= 1;
+        }
+        self.bufs_unclaimed = 0;
     }
 
     fn account(&self, d: usize, n: usize, mode: RelayMode) {
@@ -777,6 +797,9 @@ impl Worker {
             return;
         }
         let mut conn = self.conns.remove(slot).expect("live");
+        // Provided buffers still held (copy relay), given back once the slot is gone.
+        let mut freed = [0u16; 2];
+        let mut n_freed = 0;
         for dir in conn.dirs.iter_mut() {
             if let Some(p) = dir.pipe.take() {
                 // Only an empty pipe may be reused; one with stale bytes is closed.
@@ -785,9 +808,8 @@ impl Worker {
                 }
             }
             if let Some((b, _, _)) = dir.buf.take() {
-                if let Some(bufs) = self.copy_bufs.as_mut() {
-                    bufs.recycle(b);
-                }
+                freed[n_freed] = b;
+                n_freed += 1;
             }
         }
         self.stats.active.fetch_sub(1, Relaxed);
@@ -797,7 +819,9 @@ impl Worker {
             self.stats.closed.fetch_add(1, Relaxed);
         }
         drop(conn); // closes both sockets (RST if SO_LINGER 0 was armed)
-        self.wake_buf_waiter();
+        for &b in &freed[..n_freed] {
+            self.give_copy_buf(b);
+        }
         if let Some(client) = self.parked.pop_front() {
             self.start_conn(client);
         }

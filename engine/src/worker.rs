@@ -68,6 +68,10 @@ pub struct Worker {
     pipes_taken: u64,
     /// Copy-relay directions waiting for a provided buffer (ENOBUFS).
     pub buf_waiters: VecDeque<(u32, u32, usize)>,
+    /// Copy relay: buffers freed in this batch while nobody waited for one. An
+    /// `ENOBUFS` later in the same batch was produced before they came back, so its
+    /// direction is woken at the end of the batch (see `wake_for_unclaimed`).
+    pub bufs_unclaimed: usize,
     /// Relay directions that used up their budget and must be pumped again.
     pub runq: VecDeque<(u32, u32, usize)>,
     pub udp: Option<UdpState>,
@@ -154,6 +158,7 @@ impl Worker {
             pipes: Vec::new(),
             pipes_taken: 0,
             buf_waiters: VecDeque::new(),
+            bufs_unclaimed: 0,
             runq: VecDeque::new(),
             udp,
             tick: 0,
@@ -308,9 +313,7 @@ impl Worker {
                 self.dispatch(c);
             }
             self.run_queue();
-            if let Some(b) = self.copy_bufs.as_mut() {
-                b.commit();
-            }
+            self.wake_for_unclaimed();
             if let Some(u) = self.udp.as_mut() {
                 u.commit_buffers();
             }

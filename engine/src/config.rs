@@ -130,6 +130,8 @@ pub struct Config {
     pub idle_timeout_s: u64,
     /// Per core.
     pub max_conns_per_core: usize,
+    /// Per core: [`PARK_TOTAL`] split over the cores.
+    pub park_max_per_core: usize,
     pub drain_timeout_s: u64,
     pub pipe_size: Option<usize>,
     pub copy_buf_size: usize,
@@ -155,8 +157,13 @@ pub fn fds_per_conn(relay: RelayMode) -> usize {
 }
 
 /// Fds kept aside for listeners, rings, eventfds, stdio, the pipe pool's idle pipes
-/// and clients parked while at the connection limit (`worker::PARK_MAX` per core).
+/// and clients parked while at the connection limit ([`PARK_TOTAL`]).
 pub const FD_RESERVE: usize = 512;
+
+/// Clients a multishot burst accepted past the limit before its cancel took effect
+/// wait (holding only their socket) for a free slot; beyond this many, all cores
+/// together, they are reset. Half of [`FD_RESERVE`], whatever the core count.
+pub const PARK_TOTAL: usize = 256;
 
 /// Splits the fd budget between TCP connections and UDP flows.
 ///

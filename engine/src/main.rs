@@ -205,6 +205,7 @@ fn resolve(args: &Args) -> Result<(Config, u64)> {
             connect_timeout_ms: args.connect_timeout_ms.max(1),
             idle_timeout_s: args.idle_timeout_s.max(1),
             max_conns_per_core: max_conns.div_ceil(n).max(1),
+            park_max_per_core: (config::PARK_TOTAL / n).max(1),
             drain_timeout_s: args.drain_timeout_s,
             pipe_size: (args.pipe_size != 0).then_some(args.pipe_size),
             copy_buf_size: args.copy_buf_size,

@@ -277,7 +277,7 @@ impl Worker {
         }
         if self.conns.len() >= self.cfg.max_conns_per_core {
             // A multishot burst accepted past the limit before its cancel took effect.
-            if self.parked.len() < crate::worker::PARK_MAX {
+            if self.parked.len() < self.cfg.park_max_per_core {
                 self.stats.accept_parked.fetch_add(1, Relaxed);
                 self.parked.push_back(client);
             } else {

@@ -48,10 +48,6 @@ pub struct Listener {
 /// backlog instead of being reset.
 pub const MULTISHOT_HEADROOM: usize = 64;
 
-/// Clients a multishot burst accepted past the limit before its cancel took effect
-/// wait here (holding only their socket) for a free slot; beyond this they are reset.
-pub const PARK_MAX: usize = 256;
-
 /// Everything one core owns. Field order is drop order: the ring goes first so the
 /// kernel has let go of every buffer ring before the buffers are freed.
 pub struct Worker {
@@ -83,7 +79,7 @@ pub struct Worker {
     control_buf: Box<[u8; 8]>,
     pub stopping: bool,
     stop_deadline: u64,
-    /// Accepted clients waiting for a connection slot (see [`PARK_MAX`]).
+    /// Accepted clients waiting for a connection slot (see [`crate::config::PARK_TOTAL`]).
     pub parked: VecDeque<OwnedFd>,
     /// The connection limit is reached (for counting pauses once each).
     pub at_limit: bool,

@@ -621,6 +621,19 @@ pub enum Proto {
 /// this proves interception: a TPROXY-accepted socket (or a UDP reply socket) carries
 /// the original destination, i.e. the server's address and port, as its local address.
 pub fn count_sockets(ns: &Netns, port: u16, proto: Proto) -> usize {
+    count_sockets_tw(ns, port, proto, None)
+}
+
+/// [`count_sockets`], counting also the TCP TIME_WAIT entries whose remote port lies
+/// in `tw_remote` (client ports of the current run; see `load::crr_port_range`):
+/// a connection-churn run through a proxy may have nothing but TIME_WAIT left at the
+/// moment it is probed, while TIME_WAIT left by an earlier target must not count.
+pub fn count_sockets_tw(
+    ns: &Netns,
+    port: u16,
+    proto: Proto,
+    tw_remote: Option<(u16, u16)>,
+) -> usize {
     ns.run(move || {
         let files: [&str; 2] = match proto {
             Proto::Tcp => ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"],
@@ -629,20 +642,30 @@ pub fn count_sockets(ns: &Netns, port: u16, proto: Proto) -> usize {
         files
             .iter()
             .filter_map(|f| std::fs::read_to_string(f).ok())
-            .map(|text| count_in_proc_net(&text, port, proto))
+            .map(|text| count_in_proc_net(&text, port, proto, tw_remote))
             .sum()
     })
 }
 
 /// Sockets on local `port` in one `/proc/net/{tcp,udp}{,6}` text. TCP TIME_WAIT
-/// entries (state 06) are left out: they outlive the proxy that made them by up to a
-/// minute and say nothing about who holds the flows of the current run.
-fn count_in_proc_net(text: &str, port: u16, proto: Proto) -> usize {
+/// entries (state 06) outlive the proxy that made them by up to a minute: they count
+/// only when their remote port is in `tw_remote`.
+fn count_in_proc_net(text: &str, port: u16, proto: Proto, tw_remote: Option<(u16, u16)>) -> usize {
     text.lines()
         .skip(1)
         .filter(|l| local_port(l) == Some(port))
-        .filter(|l| !(proto == Proto::Tcp && tcp_state(l) == Some(0x06)))
+        .filter(|l| {
+            proto != Proto::Tcp
+                || tcp_state(l) != Some(0x06)
+                || matches!((tw_remote, remote_port(l)), (Some((lo, hi)), Some(p)) if (lo..=hi).contains(&p))
+        })
         .count()
+}
+
+/// The remote port of one `/proc/net/{tcp,udp}{,6}` line.
+fn remote_port(line: &str) -> Option<u16> {
+    let remote = line.split_whitespace().nth(2)?;
+    u16::from_str_radix(remote.rsplit(':').next()?, 16).ok()
 }
 
 /// The state column (`st`, hex) of one `/proc/net/{tcp,udp}{,6}` line.
@@ -1039,14 +1062,21 @@ mod tests {
         let tw = "   1: 0100007F:1F91 0200007F:9C41 06 00000000:00000000 03:00001000 00000000     0        0 0 3 0000000000000000\n";
         let other = "   2: 0100007F:0050 0200007F:9C42 01 00000000:00000000 00:00000000 00000000     0        0 4 1 0000000000000000 100 0 0 10 0\n";
         let text = format!("{head}{est}{tw}{other}");
-        assert_eq!(count_in_proc_net(&text, 8081, Proto::Tcp), 1);
+        assert_eq!(count_in_proc_net(&text, 8081, Proto::Tcp, None), 1);
         assert_eq!(
-            count_in_proc_net(&format!("{head}{tw}"), 8081, Proto::Tcp),
+            count_in_proc_net(&format!("{head}{tw}"), 8081, Proto::Tcp, None),
             0
         );
+        // TIME_WAIT of this run's client ports (0x9C41 = 40001) counts.
+        let ours = Some((40000, 40999));
+        assert_eq!(count_in_proc_net(&text, 8081, Proto::Tcp, ours), 2);
+        assert_eq!(
+            count_in_proc_net(&text, 8081, Proto::Tcp, Some((20000, 23999))),
+            1
+        );
         // UDP has no TIME_WAIT; state 06 is not special there.
-        assert_eq!(count_in_proc_net(&text, 8081, Proto::Udp), 2);
-        assert_eq!(count_in_proc_net(&text, 80, Proto::Tcp), 1);
+        assert_eq!(count_in_proc_net(&text, 8081, Proto::Udp, None), 2);
+        assert_eq!(count_in_proc_net(&text, 80, Proto::Tcp, None), 1);
     }
 
     #[test]

@@ -576,9 +576,12 @@ where
 }
 
 fn probe(spec: &LoadSpec, port: u16, proto: Proto) -> Option<usize> {
+    // Connection churn may leave nothing but TIME_WAIT behind a proxy at the probe:
+    // those of this run's client ports count.
+    let tw = (port == PORT_TCP_CRR).then_some(spec.crr_ports);
     spec.probe
         .as_ref()
-        .map(|ns| lab::count_sockets(ns, port, proto))
+        .map(|ns| lab::count_sockets_tw(ns, port, proto, tw))
 }
 
 /// `tcp-bulk`: each client writes `size`-byte chunks as fast as it can; the server

@@ -822,7 +822,12 @@ impl Worker {
         for &b in &freed[..n_freed] {
             self.give_copy_buf(b);
         }
-        if let Some(client) = self.parked.pop_front() {
+        // A parked client may have gone meanwhile (start_conn then takes no slot):
+        // keep going until a slot is taken again or nobody is parked.
+        while self.conns.len() < self.cfg.max_conns_per_core {
+            let Some(client) = self.parked.pop_front() else {
+                break;
+            };
             self.start_conn(client);
         }
         if self.headroom() > 0 {

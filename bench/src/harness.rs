@@ -118,7 +118,8 @@ pub fn run_matrix(lab: &Lab, cfg: &Config, tools: &Tools, log: &mut dyn FnMut(&s
     rep.env.server_cores = cfg.server_cores.clone();
     rep.env.family = cfg.family.name().into();
     rep.env.duration_s = cfg.duration.as_secs_f64();
-    rep.env.rounds = cfg.rounds.max(1);
+    let rounds = cfg.rounds.max(1);
+    rep.env.rounds = rounds;
     rep.env.engine = tools.engine.as_ref().ok().map(|p| p.display().to_string());
     rep.env.engine_build = tools.engine_build().into();
     rep.env.setup = tools.setup.as_ref().ok().map(|p| p.display().to_string());
@@ -153,10 +154,10 @@ pub fn run_matrix(lab: &Lab, cfg: &Config, tools: &Tools, log: &mut dyn FnMut(&s
         .map(|s| (*s, s.variants(cfg.conns, cfg.size)))
         .collect();
 
-    for round in 0..cfg.rounds.max(1) {
+    for round in 0..rounds {
         let first = rep.records.len();
-        if cfg.rounds > 1 {
-            log(&format!("round {} of {}", round + 1, cfg.rounds));
+        if rounds > 1 {
+            log(&format!("round {} of {rounds}", round + 1));
         }
         run_round(lab, cfg, tools, &arm_opts, &plan, &mut rep, log);
         for r in &mut rep.records[first..] {

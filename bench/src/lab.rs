@@ -664,8 +664,7 @@ fn count_in_proc_net(text: &str, port: u16, proto: Proto, tw_remote: Option<(u16
 
 /// The remote port of one `/proc/net/{tcp,udp}{,6}` line.
 fn remote_port(line: &str) -> Option<u16> {
-    let remote = line.split_whitespace().nth(2)?;
-    u16::from_str_radix(remote.rsplit(':').next()?, 16).ok()
+    port_in_column(line, 2)
 }
 
 /// The state column (`st`, hex) of one `/proc/net/{tcp,udp}{,6}` line.
@@ -675,8 +674,13 @@ fn tcp_state(line: &str) -> Option<u8> {
 
 /// The local port of one `/proc/net/{tcp,udp}{,6}` line.
 fn local_port(line: &str) -> Option<u16> {
-    let local = line.split_whitespace().nth(1)?;
-    u16::from_str_radix(local.rsplit(':').next()?, 16).ok()
+    port_in_column(line, 1)
+}
+
+/// The port of the `ADDR:PORT` (hex) in whitespace column `col` of a `/proc/net` line.
+fn port_in_column(line: &str, col: usize) -> Option<u16> {
+    let addr = line.split_whitespace().nth(col)?;
+    u16::from_str_radix(addr.rsplit(':').next()?, 16).ok()
 }
 
 /// Next lab number in this process: several labs coexist (tests run in parallel).

@@ -189,7 +189,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 server_cores,
                 family: if a.ipv6 { Family::Ipv6 } else { Family::Ipv4 },
                 port: a.port,
-                rounds: a.rounds.max(1),
+                rounds: a.rounds,
             };
             let outputs = Outputs {
                 json: a

@@ -234,7 +234,7 @@ pub struct BufRing {
     ring_mem: *mut types::BufRingEntry,
     ring_layout: Layout,
     buffers: Box<[u8]>,
-    /// Our copy of the tail; published to the kernel by `commit`.
+    /// Our copy of the tail; published to the kernel by `recycle`.
     tail: u16,
 }
 
@@ -322,7 +322,7 @@ impl BufRing {
     }
 
     /// Publishes recycled buffers to the kernel.
-    pub fn commit(&mut self) {
+    fn commit(&mut self) {
         // SAFETY: `tail` points at the ring's tail field inside our allocation
         // (it overlays the reserved field of entry 0), which is valid and aligned for u16.
         let tail = unsafe { types::BufRingEntry::tail(self.ring_mem) } as *const AtomicU16;

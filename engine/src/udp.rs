@@ -230,12 +230,8 @@ impl UdpState {
         w.submit(sqe);
     }
 
-    /// Publishes recycled buffers, then re-arms receives that stopped for lack of them.
-    pub fn commit_buffers(&mut self) {
-        self.bufs.commit();
-    }
-
-    /// Re-arms receives that ended in this batch (called after `commit_buffers`).
+    /// Re-arms receives that ended in this batch (recycled buffers are already
+    /// visible to the kernel: `BufRing::recycle` publishes at once).
     fn rearm_pending(&mut self, w: &mut Worker) {
         let pending = std::mem::take(&mut self.rearm);
         for t in pending {
@@ -266,8 +262,6 @@ impl UdpState {
             self.bufs.recycle(b);
         }
         if !self.rearm.is_empty() {
-            // Buffers recycled in this handler must be visible before re-arming.
-            self.bufs.commit();
             self.rearm_pending(w);
         }
     }

@@ -310,9 +310,6 @@ impl Worker {
             }
             self.run_queue();
             self.wake_for_unclaimed();
-            if let Some(u) = self.udp.as_mut() {
-                u.commit_buffers();
-            }
             if self.stopping && self.finished() {
                 break;
             }

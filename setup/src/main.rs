@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use ringrelay_setup::config::{self, Backend, Config, FailMode, Mark};
 use ringrelay_setup::ports::{parse_port_list, PortSel};
 use ringrelay_setup::runner::RealRunner;
-use ringrelay_setup::state::{self, StateLock};
+use ringrelay_setup::state::{self, LockFor, StateLock};
 use ringrelay_setup::{host, ops, status};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -218,7 +218,7 @@ fn run(cli: &Cli) -> Result<ExitCode> {
                 print!("{}", ops::dry_run(&runner, &config, &path)?);
                 return Ok(ExitCode::SUCCESS);
             }
-            let _lock = StateLock::acquire(&path, true, true, state::LOCK_WAIT)?;
+            let _lock = StateLock::acquire(&path, LockFor::Apply, state::LOCK_WAIT)?;
             let report = ops::apply(&runner, &config, &path, &netns_identity()?)?;
             for line in &report.lines {
                 println!("{line}");
@@ -236,7 +236,7 @@ fn run(cli: &Cli) -> Result<ExitCode> {
         }
         Command::Status { plan } => {
             let (config, _) = plan.to_config();
-            let _lock = StateLock::acquire(&path, false, false, state::LOCK_WAIT)?;
+            let _lock = StateLock::acquire(&path, LockFor::Status, state::LOCK_WAIT)?;
             let report = status::status(&runner, &path, &netns_identity()?, &config)?;
             print!("{}", report.render());
             Ok(if report.ready() {
@@ -246,7 +246,7 @@ fn run(cli: &Cli) -> Result<ExitCode> {
             })
         }
         Command::Teardown => {
-            let _lock = StateLock::acquire(&path, true, false, state::LOCK_WAIT)?;
+            let _lock = StateLock::acquire(&path, LockFor::Teardown, state::LOCK_WAIT)?;
             let report = ops::teardown(&runner, &path, &netns_identity()?)?;
             for line in &report.lines {
                 println!("{line}");

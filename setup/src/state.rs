@@ -27,6 +27,17 @@ use std::time::{Duration, Instant};
 /// How long `setup` waits for another run to release the state directory's lock.
 pub const LOCK_WAIT: Duration = Duration::from_secs(30);
 
+/// What a [`StateLock`] is taken for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockFor {
+    /// Exclusive; creates the state directory.
+    Apply,
+    /// Exclusive; no lock (and no directory) when nothing was ever applied.
+    Teardown,
+    /// Shared with other status runs; no lock when nothing was ever applied.
+    Status,
+}
+
 /// A lock on the state directory, held for the whole of an apply, teardown or status,
 /// so that two runs on one box (an operator and a systemd unit, say) never interleave
 /// their rule changes and state writes, and status never reads a half-applied state.
@@ -37,16 +48,15 @@ pub struct StateLock {
 }
 
 impl StateLock {
-    /// Locks the directory of `state_path`: exclusively for apply and teardown, shared
-    /// for status. Waits up to `wait` for another holder. Apply creates the directory;
-    /// without one (nothing was ever applied) teardown and status need no lock and get
-    /// `None`, so they leave no directory behind.
+    /// Locks the directory of `state_path` for `what` (see [`LockFor`]), waiting up to
+    /// `wait` for another holder. Without a directory (nothing was ever applied)
+    /// teardown and status need no lock and get `None`, so they leave none behind.
     pub fn acquire(
         state_path: &Path,
-        exclusive: bool,
-        create: bool,
+        what: LockFor,
         wait: Duration,
     ) -> Result<Option<StateLock>, SetupError> {
+        let create = what == LockFor::Apply;
         let dir = match state_path.parent().filter(|d| !d.as_os_str().is_empty()) {
             Some(d) => d.to_path_buf(),
             None => PathBuf::from("."),
@@ -62,10 +72,9 @@ impl StateLock {
             Err(e) if e.kind() == io::ErrorKind::NotFound && !create => return Ok(None),
             Err(e) => return Err(SetupError::file(dir, e)),
         };
-        let arg = if exclusive {
-            FlockArg::LockExclusiveNonblock
-        } else {
-            FlockArg::LockSharedNonblock
+        let arg = match what {
+            LockFor::Apply | LockFor::Teardown => FlockArg::LockExclusiveNonblock,
+            LockFor::Status => FlockArg::LockSharedNonblock,
         };
         let start = Instant::now();
         loop {
@@ -534,15 +543,15 @@ mod tests {
         let path = dir.join("x.state");
         let short = Duration::from_millis(150);
         // Nothing applied yet: status and teardown need no lock and create nothing.
-        assert!(StateLock::acquire(&path, false, false, short)
+        assert!(StateLock::acquire(&path, LockFor::Status, short)
             .unwrap()
             .is_none());
         assert!(!dir.exists());
-        let held = StateLock::acquire(&path, true, true, short)
+        let held = StateLock::acquire(&path, LockFor::Apply, short)
             .unwrap()
             .expect("apply locks");
-        for exclusive in [true, false] {
-            let e = StateLock::acquire(&path, exclusive, false, short).unwrap_err();
+        for what in [LockFor::Teardown, LockFor::Status] {
+            let e = StateLock::acquire(&path, what, short).unwrap_err();
             assert!(
                 matches!(&e, SetupError::Busy { dir: d, .. } if *d == dir),
                 "{e}"
@@ -551,14 +560,14 @@ mod tests {
         }
         // Readers share; a writer waits for the holder and then gets it.
         drop(held);
-        let r1 = StateLock::acquire(&path, false, false, short).unwrap();
-        let r2 = StateLock::acquire(&path, false, false, short).unwrap();
+        let r1 = StateLock::acquire(&path, LockFor::Status, short).unwrap();
+        let r2 = StateLock::acquire(&path, LockFor::Status, short).unwrap();
         assert!(r1.is_some() && r2.is_some());
         let release = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(100));
             drop((r1, r2));
         });
-        let w = StateLock::acquire(&path, true, false, Duration::from_secs(5)).unwrap();
+        let w = StateLock::acquire(&path, LockFor::Teardown, Duration::from_secs(5)).unwrap();
         assert!(w.is_some());
         release.join().unwrap();
         drop(w);

@@ -83,8 +83,9 @@ pub struct Args {
     pub drain_timeout_s: u64,
 
     /// Pipe size for splice relays (F_SETPIPE_SZ); 0 keeps the kernel's 64 KiB. The
-    /// 256 KiB default moved 10-30 % more bulk TCP per core than 64 KiB in the bench
-    /// (docs/benchmarks.md). A pipe holds data only while it is in flight.
+    /// 256 KiB default moved more bulk TCP per core than 64 KiB in the bench (about
+    /// 40 % with 4 streams, docs/benchmarks.md). A pipe holds data only while it is in
+    /// flight.
     #[arg(long, default_value_t = DEFAULT_PIPE_SIZE, value_name = "BYTES")]
     pub pipe_size: usize,
 

@@ -17,3 +17,8 @@ pub struct ClientAddr(pub SocketAddr);
 /// port replies to the client must carry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct OrigDst(pub SocketAddr);
+
+/// Where the engine actually connects or sends: the [`OrigDst`], unless the policy
+/// redirected the connection or flow elsewhere.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct UpstreamAddr(pub SocketAddr);

@@ -68,7 +68,8 @@ pub struct Args {
     #[arg(long, default_value_t = 5000, value_name = "MS")]
     pub connect_timeout_ms: u64,
 
-    /// Reset TCP connections with no traffic in either direction for this long.
+    /// Reset TCP connections with no traffic in either direction for this long;
+    /// 0 never times them out.
     #[arg(long, default_value_t = 300, value_name = "SECONDS")]
     pub idle_timeout_s: u64,
 
@@ -128,7 +129,8 @@ pub struct Config {
     pub relay: RelayMode,
     pub mark: u32,
     pub connect_timeout_ms: u64,
-    pub idle_timeout_s: u64,
+    /// `None`: never time out idle connections.
+    pub idle_timeout_s: Option<u64>,
     /// Per core.
     pub max_conns_per_core: usize,
     /// Per core: [`PARK_TOTAL`] split over the cores.
@@ -143,6 +145,18 @@ pub struct Config {
     pub udp_single_exchange_timeout_s: u64,
     /// Per core.
     pub udp_max_flows_per_core: usize,
+}
+
+impl Config {
+    /// The address families to listen on: IPv4 (`false`), and IPv6 (`true`) unless
+    /// disabled.
+    pub fn families(&self) -> Vec<bool> {
+        if self.ipv6 {
+            vec![false, true]
+        } else {
+            vec![false]
+        }
+    }
 }
 
 /// Default `--pipe-size`: 256 KiB.

@@ -5,38 +5,19 @@
 //! per core and then only handles signals: SIGUSR1 prints the per-core counters,
 //! SIGINT/SIGTERM drain and stop the workers and print a summary.
 
-#![deny(unsafe_code)]
-
-mod addrs;
-#[allow(unsafe_code)]
-mod cmsg;
-mod config;
-mod cpus;
-mod flows;
-mod relay;
-#[allow(unsafe_code)]
-mod ring;
-mod stats;
-#[allow(unsafe_code)]
-mod sys;
-mod tcp;
-mod token;
-mod udp;
-mod worker;
+#![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, OwnedFd};
 use std::process::ExitCode;
-use std::sync::{mpsc, Arc};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use socket2::{Domain, Socket, Type};
 
-use config::{Args, Config, RelayMode};
-use stats::CoreStats;
+use ringrelay_engine::config::{self, Args, Config, RelayMode};
+use ringrelay_engine::{core::ring, cpus, policy, stats, sys, Engine};
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -74,7 +55,7 @@ fn check_privileges(mark: u32) -> Result<()> {
 /// Fails if anything already listens on the port. Workers bind with SO_REUSEPORT,
 /// which another process of the same user could share silently, so probe without it.
 fn check_port_free(cfg: &Config) -> Result<()> {
-    for v6 in worker::families(cfg) {
+    for v6 in cfg.families() {
         let addr: SocketAddr = sys::unspecified(v6, cfg.port);
         let domain = if v6 { Domain::IPV6 } else { Domain::IPV4 };
         let mut kinds = Vec::new();
@@ -203,7 +184,7 @@ fn resolve(args: &Args) -> Result<(Config, u64)> {
             relay: args.relay,
             mark: args.mark,
             connect_timeout_ms: args.connect_timeout_ms.max(1),
-            idle_timeout_s: args.idle_timeout_s.max(1),
+            idle_timeout_s: (args.idle_timeout_s != 0).then_some(args.idle_timeout_s),
             max_conns_per_core: max_conns.div_ceil(n).max(1),
             park_max_per_core: (config::PARK_TOTAL / n).max(1),
             drain_timeout_s: args.drain_timeout_s,
@@ -222,19 +203,8 @@ fn resolve(args: &Args) -> Result<(Config, u64)> {
     ))
 }
 
-struct WorkerHandle {
-    cpu: usize,
-    stats: Arc<CoreStats>,
-    control: OwnedFd,
-    thread: std::thread::JoinHandle<()>,
-}
-
-fn print_counters(workers: &[WorkerHandle]) {
-    let rows: Vec<_> = workers
-        .iter()
-        .map(|w| (w.cpu, w.stats.snapshot()))
-        .collect();
-    print!("{}", stats::render(&rows));
+fn print_counters(rows: &[(usize, stats::Snapshot)]) {
+    print!("{}", stats::render(rows));
 }
 
 fn run(args: Args) -> Result<()> {
@@ -243,52 +213,12 @@ fn run(args: Args) -> Result<()> {
     check_privileges(cfg.mark)?;
     check_port_free(&cfg)?;
     check_pipe_size(&cfg)?;
-    let cfg = Arc::new(cfg);
 
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGUSR1])
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGUSR1, SIGHUP])
         .context("installing signal handlers")?;
     let fds_at_start = sys::open_fd_count();
-    let started = Instant::now();
-
-    let (tx, rx) = mpsc::channel();
-    let mut workers = Vec::new();
-    for &cpu in &cfg.cores {
-        let stats = Arc::new(CoreStats::default());
-        let control = sys::eventfd().context("eventfd")?;
-        let worker_control = control.try_clone().context("dup eventfd")?;
-        let (c, s, t) = (cfg.clone(), stats.clone(), tx.clone());
-        let thread = std::thread::Builder::new()
-            .name(format!("ringrelay-cpu{cpu}"))
-            .spawn(move || worker::thread_main(c, cpu, s, worker_control, t))
-            .context("spawning a worker thread")?;
-        workers.push(WorkerHandle {
-            cpu,
-            stats,
-            control,
-            thread,
-        });
-    }
-    drop(tx);
-    let mut ring_flags = String::new();
-    let mut failure = None;
-    for _ in 0..workers.len() {
-        match rx.recv_timeout(Duration::from_secs(10)) {
-            Ok(Ok(flags)) => ring_flags = flags,
-            Ok(Err(e)) => {
-                failure.get_or_insert(e);
-            }
-            Err(_) => {
-                failure.get_or_insert("a worker did not start within 10 s".to_string());
-            }
-        }
-    }
-    if let Some(e) = failure {
-        stop_workers(&workers);
-        for w in workers {
-            let _ = w.thread.join();
-        }
-        bail!("{e}");
-    }
+    let engine = Engine::start(cfg, policy::relay_all())?;
+    let cfg = engine.config();
 
     let protos = match (cfg.tcp, cfg.udp) {
         (true, true) => "tcp+udp",
@@ -297,7 +227,7 @@ fn run(args: Args) -> Result<()> {
     };
     println!(
         "ready: port {} {protos} {} cores {} relay {} buf {} mark {:#x} max_conns {} \
-         udp_max_flows {} nofile {nofile} ring {ring_flags}",
+         udp_max_flows {} nofile {nofile} ring {}",
         cfg.port,
         if cfg.ipv6 { "ipv4+ipv6" } else { "ipv4" },
         cpus::format(&cfg.cores),
@@ -309,62 +239,60 @@ fn run(args: Args) -> Result<()> {
         cfg.mark,
         cfg.max_conns_per_core * cfg.cores.len(),
         cfg.udp_max_flows_per_core * cfg.cores.len(),
+        engine.ring_flags(),
     );
 
     let mut stopping = false;
     loop {
         for sig in signals.pending() {
             match sig {
-                SIGUSR1 => print_counters(&workers),
+                SIGUSR1 => print_counters(&engine.counters()),
+                SIGHUP => eprintln!(
+                    "engine: SIGHUP: nothing to reload (no rules file is configured); \
+                     still running"
+                ),
                 _ if !stopping => {
                     stopping = true;
                     eprintln!(
                         "engine: stopping: no new connections; draining for up to {} s",
-                        cfg.drain_timeout_s
+                        engine.config().drain_timeout_s
                     );
-                    stop_workers(&workers);
+                    engine.stop();
                 }
                 _ => {
                     eprintln!("engine: second signal: exiting now");
-                    print_counters(&workers);
+                    print_counters(&engine.counters());
                     std::process::exit(1);
                 }
             }
         }
-        if workers.iter().all(|w| w.thread.is_finished()) {
+        if engine.is_finished() {
             break;
         }
-        if !stopping && workers.iter().any(|w| w.thread.is_finished()) {
+        if !stopping && engine.any_finished() {
             eprintln!("engine: a worker exited unexpectedly; stopping the others");
             stopping = true;
-            stop_workers(&workers);
+            engine.stop();
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let mut panicked = false;
-    let rows: Vec<_> = workers
-        .iter()
-        .map(|w| (w.cpu, w.stats.snapshot()))
-        .collect();
-    for w in workers {
-        panicked |= w.thread.join().is_err();
-    }
+    let (ran_s, cores, relay) = (
+        engine.uptime().as_secs_f64(),
+        cpus::format(&engine.config().cores),
+        engine.config().relay,
+    );
+    let result = engine.join();
+    let rows = match &result {
+        Ok(rows) | Err(rows) => rows,
+    };
     println!(
-        "summary: ran {:.1} s on cores {} ({} relay); fds at start {fds_at_start}, at exit {}",
-        started.elapsed().as_secs_f64(),
-        cpus::format(&cfg.cores),
-        cfg.relay,
+        "summary: ran {ran_s:.1} s on cores {cores} ({relay} relay); fds at start \
+         {fds_at_start}, at exit {}",
         sys::open_fd_count(),
     );
-    print!("{}", stats::render(&rows));
-    if panicked || !stopping {
+    print_counters(rows);
+    if result.is_err() || !stopping {
         bail!("a worker failed; see the messages above");
     }
     Ok(())
-}
-
-fn stop_workers(workers: &[WorkerHandle]) {
-    for w in workers {
-        let _ = sys::eventfd_write(w.control.as_fd(), 1);
-    }
 }

@@ -8,6 +8,159 @@
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+/// Why a TCP connection ended. Every accepted connection ends with exactly one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CloseReason {
+    /// Clean close that the client started (its FIN came first).
+    ClientFin,
+    /// Clean close that the server started.
+    ServerFin,
+    /// The client side failed: reset, or a read/write error on its socket.
+    ClientReset,
+    /// The server side failed after the connect: reset, or a read/write error.
+    ServerReset,
+    /// The upstream connect was refused (ECONNREFUSED).
+    ConnectRefused,
+    /// The upstream connect did not complete within `--connect-timeout-ms`.
+    ConnectTimeout,
+    /// The upstream connect failed: host or network unreachable.
+    Unreachable,
+    /// The upstream connect failed with another error (or no socket could be made).
+    ConnectError,
+    /// No traffic in either direction for `--idle-timeout-s`.
+    IdleTimeout,
+    /// Still open when the drain deadline passed during a stop: reset.
+    DrainDeadline,
+    /// Accepted while stopping, or parked when the stop began: reset unrelayed.
+    Stopping,
+    /// Rejected by the policy: the client was reset, no upstream connect.
+    Rejected,
+    /// Accepted past the connection limit with the park queue full: reset.
+    Limit,
+    /// Addressed to the engine's own port on this host: refused, it would loop.
+    Loop,
+    /// A local resource failed (no pipe could be made, an fd limit).
+    LocalError,
+    /// The client was gone before the engine looked at it (reset right after
+    /// connecting): nothing to relay.
+    ClientGone,
+}
+
+impl CloseReason {
+    /// Every reason, in counter order.
+    pub const ALL: [CloseReason; 16] = [
+        CloseReason::ClientFin,
+        CloseReason::ServerFin,
+        CloseReason::ClientReset,
+        CloseReason::ServerReset,
+        CloseReason::ConnectRefused,
+        CloseReason::ConnectTimeout,
+        CloseReason::Unreachable,
+        CloseReason::ConnectError,
+        CloseReason::IdleTimeout,
+        CloseReason::DrainDeadline,
+        CloseReason::Stopping,
+        CloseReason::Rejected,
+        CloseReason::Limit,
+        CloseReason::Loop,
+        CloseReason::LocalError,
+        CloseReason::ClientGone,
+    ];
+
+    /// Short name, as in flow logs.
+    pub fn name(self) -> &'static str {
+        self.counter_name().trim_start_matches("close_")
+    }
+
+    /// Name of its counter in the summary.
+    pub fn counter_name(self) -> &'static str {
+        match self {
+            CloseReason::ClientFin => "close_client_fin",
+            CloseReason::ServerFin => "close_server_fin",
+            CloseReason::ClientReset => "close_client_reset",
+            CloseReason::ServerReset => "close_server_reset",
+            CloseReason::ConnectRefused => "close_connect_refused",
+            CloseReason::ConnectTimeout => "close_connect_timeout",
+            CloseReason::Unreachable => "close_unreachable",
+            CloseReason::ConnectError => "close_connect_error",
+            CloseReason::IdleTimeout => "close_idle_timeout",
+            CloseReason::DrainDeadline => "close_drain_deadline",
+            CloseReason::Stopping => "close_stopping",
+            CloseReason::Rejected => "close_rejected",
+            CloseReason::Limit => "close_limit",
+            CloseReason::Loop => "close_loop",
+            CloseReason::LocalError => "close_local_error",
+            CloseReason::ClientGone => "close_client_gone",
+        }
+    }
+
+    /// Whether the connection ended cleanly (both directions passed their FIN on).
+    pub fn is_clean(self) -> bool {
+        matches!(self, CloseReason::ClientFin | CloseReason::ServerFin)
+    }
+
+    /// The reason a failed upstream connect ends with, from its errno.
+    pub fn from_connect_errno(errno: i32) -> CloseReason {
+        match errno {
+            libc::ECONNREFUSED => CloseReason::ConnectRefused,
+            // ECANCELED: the linked timeout fired and cancelled the connect.
+            libc::ECANCELED | libc::ETIMEDOUT => CloseReason::ConnectTimeout,
+            libc::EHOSTUNREACH | libc::ENETUNREACH => CloseReason::Unreachable,
+            _ => CloseReason::ConnectError,
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Why a UDP flow ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FlowEnd {
+    /// No datagram either way for `--udp-idle-timeout-s`.
+    Idle,
+    /// One request and its answer, then quiet for `--udp-single-exchange-timeout-s`.
+    SingleExchange,
+    /// The flow table was full and this flow was the least recently used.
+    Evicted,
+    /// Sending to the server failed with a lasting error.
+    SendError,
+    /// The engine stopped.
+    Drain,
+}
+
+impl FlowEnd {
+    /// Every reason, in counter order.
+    pub const ALL: [FlowEnd; 5] = [
+        FlowEnd::Idle,
+        FlowEnd::SingleExchange,
+        FlowEnd::Evicted,
+        FlowEnd::SendError,
+        FlowEnd::Drain,
+    ];
+
+    /// Short name, as in flow logs.
+    pub fn name(self) -> &'static str {
+        self.counter_name().trim_start_matches("udp_end_")
+    }
+
+    /// Name of its counter in the summary.
+    pub fn counter_name(self) -> &'static str {
+        match self {
+            FlowEnd::Idle => "udp_end_idle",
+            FlowEnd::SingleExchange => "udp_end_single_exchange",
+            FlowEnd::Evicted => "udp_end_evicted",
+            FlowEnd::SendError => "udp_end_send_error",
+            FlowEnd::Drain => "udp_end_drain",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
 macro_rules! counters {
     ($( $(#[$doc:meta])* $name:ident ),* $(,)?) => {
         /// Counters of one worker core.
@@ -15,18 +168,43 @@ macro_rules! counters {
         #[repr(align(128))]
         pub struct CoreStats {
             $( $(#[$doc])* pub $name: AtomicU64, )*
+            /// TCP connections ended, per [`CloseReason`].
+            closes: [AtomicU64; CloseReason::ALL.len()],
+            /// UDP flows ended, per [`FlowEnd`].
+            flow_ends: [AtomicU64; FlowEnd::ALL.len()],
         }
 
         /// A plain copy of [`CoreStats`].
         #[derive(Default, Debug, Clone, Copy, PartialEq, Eq)]
         pub struct Snapshot {
             $( $(#[$doc])* pub $name: u64, )*
+            pub closes: [u64; CloseReason::ALL.len()],
+            pub flow_ends: [u64; FlowEnd::ALL.len()],
         }
 
         impl CoreStats {
             /// Reads every counter.
             pub fn snapshot(&self) -> Snapshot {
-                Snapshot { $( $name: self.$name.load(Relaxed), )* }
+                Snapshot {
+                    $( $name: self.$name.load(Relaxed), )*
+                    closes: std::array::from_fn(|i| self.closes[i].load(Relaxed)),
+                    flow_ends: std::array::from_fn(|i| self.flow_ends[i].load(Relaxed)),
+                }
+            }
+
+            /// Counts a finished TCP connection: its reason, and `closed` or `resets`.
+            pub fn count_close(&self, reason: CloseReason) {
+                self.closes[reason.index()].fetch_add(1, Relaxed);
+                if reason.is_clean() {
+                    self.closed.fetch_add(1, Relaxed);
+                } else {
+                    self.resets.fetch_add(1, Relaxed);
+                }
+            }
+
+            /// Counts an ended UDP flow.
+            pub fn count_flow_end(&self, end: FlowEnd, n: u64) {
+                self.flow_ends[end.index()].fetch_add(n, Relaxed);
             }
         }
 
@@ -34,11 +212,30 @@ macro_rules! counters {
             /// Field-wise sum, for the all-cores line.
             pub fn add(&mut self, o: &Snapshot) {
                 $( self.$name += o.$name; )*
+                for i in 0..self.closes.len() {
+                    self.closes[i] += o.closes[i];
+                }
+                for i in 0..self.flow_ends.len() {
+                    self.flow_ends[i] += o.flow_ends[i];
+                }
             }
 
-            /// `(name, value)` for every counter, in declaration order.
+            /// Connections ended with `reason`.
+            pub fn closes_by(&self, reason: CloseReason) -> u64 {
+                self.closes[reason.index()]
+            }
+
+            /// `(name, value)` for every counter, in declaration order, then the
+            /// close reasons and the flow ends.
             pub fn fields(&self) -> Vec<(&'static str, u64)> {
-                vec![ $( (stringify!($name), self.$name), )* ]
+                let mut v = vec![ $( (stringify!($name), self.$name), )* ];
+                for r in CloseReason::ALL {
+                    v.push((r.counter_name(), self.closes[r.index()]));
+                }
+                for e in FlowEnd::ALL {
+                    v.push((e.counter_name(), self.flow_ends[e.index()]));
+                }
+                v
             }
         }
     };
@@ -49,9 +246,10 @@ counters! {
     accepted,
     /// TCP connections currently open (client side accepted, not yet closed).
     active,
-    /// TCP connections finished cleanly (both directions shut down).
+    /// TCP connections finished cleanly (both directions shut down): the sum of
+    /// `close_client_fin` and `close_server_fin`.
     closed,
-    /// TCP connections ended with a reset (peer reset, error or idle timeout).
+    /// TCP connections ended any other way (every other `close_*` reason).
     resets,
     /// Bytes relayed client to server.
     bytes_c2s,
@@ -61,26 +259,12 @@ counters! {
     splice_bytes,
     /// Bytes moved by copy relays.
     copy_bytes,
-    /// Upstream connects refused (ECONNREFUSED).
-    connect_refused,
-    /// Upstream connects that hit the connect timeout.
-    connect_timeout,
-    /// Upstream connects that failed as unreachable (EHOSTUNREACH, ENETUNREACH).
-    connect_unreachable,
-    /// Upstream connects that failed with any other errno.
-    connect_other,
-    /// Connections reset by the idle timeout.
-    idle_timeouts,
-    /// Connections accepted past the limit with the park queue full: reset at once.
-    over_limit,
     /// Connections accepted past the limit (multishot burst) that waited for a slot.
     accept_parked,
     /// Times the connection limit was reached and accepting paused.
     accept_paused,
     /// Accept failures for lack of file descriptors (EMFILE/ENFILE).
     accept_emfile,
-    /// Connections whose original destination was the engine itself (loop refused).
-    loop_refused,
     /// Pipes created (the pool reuses them; this grows only with concurrency).
     pipes_created,
     /// Pipes the kernel made smaller than `--pipe-size` (fs.pipe-user-pages-soft).
@@ -95,10 +279,6 @@ counters! {
     udp_bytes_s2c,
     /// UDP flows created.
     udp_flows_created,
-    /// UDP flows expired by the idle timeout.
-    udp_flows_expired,
-    /// UDP flows evicted because the flow table was full.
-    udp_flows_evicted,
     /// UDP flows currently open.
     udp_flows_active,
     /// UDP reply sockets currently open (one per original destination in use).
@@ -119,6 +299,18 @@ counters! {
     udp_drop_loop,
     /// Receive re-arms after the kernel ran out of provided buffers (ENOBUFS).
     udp_enobufs,
+    /// Datagrams dropped: they would have opened a flow while the engine stops.
+    udp_drop_stopping,
+    /// Datagrams dropped by the policy's verdict (no flow created).
+    udp_drop_policy,
+    /// TCP connections the policy redirected to another address.
+    policy_redirected,
+    /// Ops in flight on this core's ring (a gauge, updated every second).
+    ring_in_flight,
+    /// CQEs the kernel had to hold back because the CQ was full (cumulative).
+    ring_cq_overflow,
+    /// SQEs waiting for room in the SQ (a gauge; normally 0).
+    ring_backlog,
 }
 
 /// Formats a table of per-core snapshots plus a total line.
@@ -127,21 +319,21 @@ pub fn render(per_core: &[(usize, Snapshot)]) -> String {
     for (_, s) in per_core {
         total.add(s);
     }
-    let names: Vec<&str> = total.fields().iter().map(|(n, _)| *n).collect();
+    let total_fields = total.fields();
+    let core_fields: Vec<_> = per_core.iter().map(|(_, s)| s.fields()).collect();
     let mut out = String::new();
     let _ = write!(out, "{:<24}", "counter");
     for (cpu, _) in per_core {
         let _ = write!(out, "{:>14}", format!("cpu{cpu}"));
     }
     let _ = writeln!(out, "{:>16}", "total");
-    for (i, name) in names.iter().enumerate() {
-        let t = total.fields()[i].1;
-        if t == 0 && per_core.iter().all(|(_, s)| s.fields()[i].1 == 0) {
+    for (i, (name, t)) in total_fields.iter().enumerate() {
+        if *t == 0 {
             continue; // keep the summary to one screen: only non-zero counters
         }
         let _ = write!(out, "{name:<24}");
-        for (_, s) in per_core {
-            let _ = write!(out, "{:>14}", s.fields()[i].1);
+        for f in &core_fields {
+            let _ = write!(out, "{:>14}", f[i].1);
         }
         let _ = writeln!(out, "{t:>16}");
     }
@@ -165,5 +357,50 @@ mod tests {
         assert!(!text.contains("resets"));
         let line = text.lines().find(|l| l.starts_with("accepted")).unwrap();
         assert!(line.trim_end().ends_with('5'), "{line}");
+    }
+
+    #[test]
+    fn close_reasons_count_once_and_split_clean_from_reset() {
+        let s = CoreStats::default();
+        s.count_close(CloseReason::ServerFin);
+        s.count_close(CloseReason::ConnectRefused);
+        s.count_close(CloseReason::ConnectRefused);
+        s.count_flow_end(FlowEnd::Drain, 3);
+        let snap = s.snapshot();
+        assert_eq!(snap.closed, 1);
+        assert_eq!(snap.resets, 2);
+        assert_eq!(snap.closes_by(CloseReason::ConnectRefused), 2);
+        let text = render(&[(0, snap)]);
+        assert!(text.contains("close_server_fin"), "{text}");
+        assert!(text.contains("close_connect_refused"), "{text}");
+        assert!(text.contains("udp_end_drain"), "{text}");
+        assert!(!text.contains("close_client_fin"), "{text}");
+    }
+
+    #[test]
+    fn reason_names_are_distinct_and_errnos_map() {
+        let mut names: Vec<_> = CloseReason::ALL.iter().map(|r| r.name()).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), CloseReason::ALL.len());
+        for (i, r) in CloseReason::ALL.iter().enumerate() {
+            assert_eq!(r.index(), i);
+        }
+        for (i, e) in FlowEnd::ALL.iter().enumerate() {
+            assert_eq!(e.index(), i);
+        }
+        assert_eq!(CloseReason::ClientFin.name(), "client_fin");
+        assert_eq!(
+            CloseReason::from_connect_errno(libc::ECANCELED),
+            CloseReason::ConnectTimeout
+        );
+        assert_eq!(
+            CloseReason::from_connect_errno(libc::ENETUNREACH),
+            CloseReason::Unreachable
+        );
+        assert_eq!(
+            CloseReason::from_connect_errno(libc::EACCES),
+            CloseReason::ConnectError
+        );
     }
 }

@@ -432,7 +432,7 @@ fn upstream_refused(test: &str, family: Family) {
     let after = rig
         .engine_mut()
         .wait_counters(Duration::from_secs(2), |c| {
-            c.get("connect_refused") > before.get("connect_refused")
+            c.get("close_connect_refused") > before.get("close_connect_refused")
         })
         .unwrap_or_else(|c| panic!("connect_refused did not grow: {c:?}"));
     assert_eq!(after.get("accepted"), before.get("accepted") + 1);
@@ -474,10 +474,13 @@ fn upstream_silent(test: &str, family: Family) {
     let after = rig
         .engine_mut()
         .wait_counters(Duration::from_secs(2), |c| {
-            c.get("connect_timeout") > before.get("connect_timeout")
+            c.get("close_connect_timeout") > before.get("close_connect_timeout")
         })
         .unwrap_or_else(|c| panic!("connect_timeout did not grow: {c:?}"));
-    assert_eq!(after.get("connect_refused"), before.get("connect_refused"));
+    assert_eq!(
+        after.get("close_connect_refused"),
+        before.get("close_connect_refused")
+    );
     // The drop rule really saw the engine's SYNs (the timeout is not from elsewhere).
     let rules = rig.lab.server.sh("nft list table inet blackhole").unwrap();
     assert!(!rules.contains("packets 0 "), "{rules}");
@@ -715,8 +718,8 @@ fn connection_limit(test: &str, family: Family) {
         failures(&conns),
         Vec::<String>::new(),
         "connections over --max-conns must wait in the accept queue, not be reset \
-         (engine over_limit={}, accept_paused={})",
-        c.get("over_limit"),
+         (engine close_limit={}, accept_paused={})",
+        c.get("close_limit"),
         c.get("accept_paused")
     );
     assert_eq!(

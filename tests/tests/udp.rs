@@ -327,12 +327,18 @@ fn expiry(test: &str, family: Family) {
     assert!(e.fds() > e.baseline_fds, "flows hold no sockets?");
     let done = e
         .wait_counters(Duration::from_secs(10), |c| {
-            c.get("udp_flows_active") == 0 && c.get("udp_flows_expired") >= n
+            c.get("udp_flows_active") == 0
+                && c.get("udp_end_idle") + c.get("udp_end_single_exchange") >= n
         })
         .unwrap_or_else(|c| panic!("flows did not expire: {c:?}"));
     let took = t.elapsed();
-    assert_eq!(done.get("udp_flows_expired"), n, "{done:?}");
-    assert_eq!(done.get("udp_flows_evicted"), 0, "{done:?}");
+    assert_eq!(
+        done.get("udp_end_single_exchange"),
+        SINGLE as u64,
+        "{done:?}"
+    );
+    assert_eq!(done.get("udp_end_idle"), MULTI as u64, "{done:?}");
+    assert_eq!(done.get("udp_end_evicted"), 0, "{done:?}");
     assert!(
         took <= Duration::from_secs(5),
         "expiry took {took:?} with an idle timeout of 2 s"
@@ -398,7 +404,7 @@ fn eviction(test: &str, family: Family) {
     let e = rig.engine_mut();
     let c = e.counters();
     assert!(
-        c.get("udp_flows_evicted") >= (EVICT_CLIENTS - MAX_FLOWS) as u64,
+        c.get("udp_end_evicted") >= (EVICT_CLIENTS - MAX_FLOWS) as u64,
         "{c:?}"
     );
     assert!(c.get("udp_flows_active") <= MAX_FLOWS as u64, "{c:?}");

@@ -1,10 +1,11 @@
 //! The io_uring instance of one worker, and its provided-buffer rings.
 //!
-//! One of the two modules allowed to use `unsafe` (the other is `sys`). Everything
-//! the kernel may dereference after submission goes through [`Ring::push`] or
-//! [`Ring::push_linked`], whose safety argument is stated once, below.
+//! One of the modules allowed to use `unsafe` (with `sys` and `sys::cmsg`).
+//! Everything the kernel may dereference after submission goes through
+//! [`Ring::push_chain`], whose safety argument is stated once, in `push_now`.
 
 use std::alloc::{self, Layout};
+use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::{AtomicU16, Ordering};
 
@@ -30,15 +31,50 @@ impl Completion {
     }
 }
 
-/// One worker's ring. Owned and used by exactly one thread.
+/// One worker's ring, and the provided-buffer rings registered with it. Owned and
+/// used by exactly one thread.
+///
+/// The ring owns its buffer rings so that the drop order is fixed by construction:
+/// [`Drop`] unregisters every group while the ring is alive, then the ring closes,
+/// and only then is the buffer memory freed (fields drop after `drop` returns). The
+/// caller must still never drop a ring with ops in flight (the kernel may be writing
+/// into a buffer); [`crate::core::Core`] aborts the process rather than do that.
 pub struct Ring {
     ring: IoUring,
+    /// Provided-buffer rings, indexed by group id.
+    bufs: Vec<Option<BufRing>>,
+    /// SQEs (whole link chains) that found the SQ full while the kernel would take
+    /// no more (`EBUSY`: completions must be reaped first). Flushed, in order, before
+    /// the next wait. Bounded by the ops the engine has armed, which are bounded per
+    /// connection and flow; normally empty.
+    backlog: VecDeque<Vec<squeue::Entry>>,
     /// Human-readable list of the setup flags, for the startup line and bench report.
     pub flags_description: String,
 }
 
+/// Why a ring can no longer be used: `io_uring_enter` failed with an error other
+/// than the transient ones (EINTR, EBUSY, EAGAIN, ETIME).
+#[derive(Debug)]
+pub struct DeadRing(pub io::Error);
+
+impl std::fmt::Display for DeadRing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "io_uring_enter: {}", self.0)
+    }
+}
+
+/// Errors of `io_uring_enter` that only mean "reap completions and try again".
+fn transient(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::EAGAIN) | Some(libc::ETIME)
+    )
+}
+
 impl Ring {
-    /// Creates the ring of one worker.
+    /// Creates the ring of one worker with `sq_entries` submission entries and
+    /// `cq_entries` completion entries (both rounded up to powers of two by the
+    /// kernel, and clamped to its maximum).
     ///
     /// Setup flags and why:
     /// * `SINGLE_ISSUER`: only the owning worker thread ever submits, which lets the
@@ -46,93 +82,130 @@ impl Ring {
     /// * `DEFER_TASKRUN`: completion work runs only when this thread enters the kernel
     ///   to wait, in batches, instead of interrupting it at arbitrary points (6.1).
     ///   Requires `SINGLE_ISSUER`.
-    /// * `CQSIZE` = 8 x SQ: every connection can have several ops in flight (two polls,
-    ///   a connect and its timeout) plus multishot accept and recv streams; the CQ
-    ///   must never overflow, as overflow makes the kernel buffer CQEs on a slow path.
+    /// * `CQSIZE`: sized by the caller from the connection and flow budget, so the CQ
+    ///   does not overflow (overflowed CQEs go to a slow kernel list; the count is
+    ///   exported as `ring_cq_overflow`). `CLAMP` caps it at the kernel's maximum.
     /// * `TASKRUN_FLAG`: the kernel raises `IORING_SQ_TASKRUN` when deferred work is
     ///   pending, so a non-blocking submit knows to enter with GETEVENTS and run it.
     /// * `SUBMIT_ALL`: keep submitting the rest of a batch when one SQE fails at
     ///   submission time, so a bad op cannot stall the others (5.18).
-    pub fn new(sq_entries: u32) -> io::Result<Ring> {
-        let cq_entries = sq_entries.saturating_mul(8);
+    pub fn new(sq_entries: u32, cq_entries: u32) -> io::Result<Ring> {
+        let cq_entries = cq_entries.max(sq_entries);
         let ring = IoUring::builder()
             .setup_single_issuer()
             .setup_defer_taskrun()
             .setup_taskrun_flag()
             .setup_submit_all()
+            .setup_clamp()
             .setup_cqsize(cq_entries)
             .build(sq_entries)?;
+        let (sq, cq) = (ring.params().sq_entries(), ring.params().cq_entries());
         Ok(Ring {
             ring,
+            bufs: Vec::new(),
+            backlog: VecDeque::new(),
             flags_description: format!(
-                "SINGLE_ISSUER|DEFER_TASKRUN|TASKRUN_FLAG|SUBMIT_ALL sq={sq_entries} cq={cq_entries}"
+                "SINGLE_ISSUER|DEFER_TASKRUN|TASKRUN_FLAG|SUBMIT_ALL sq={sq} cq={cq}"
             ),
         })
     }
 
-    /// Queues one SQE, submitting first if the SQ is full (the SQ is the bounded
-    /// backlog: a full SQ is flushed to the kernel, never a panic or a dropped op).
-    pub fn push(&mut self, sqe: &squeue::Entry) -> io::Result<()> {
-        loop {
-            // SAFETY: the engine-wide invariant for every SQE: every pointer inside
-            // an SQE the engine builds (sockaddr, timespec, msghdr, read buffer) points
-            // into memory owned by the worker or by a connection/flow slot that is
-            // boxed (stable address) and freed only after the op's final CQE has been
-            // reaped (connections count in-flight ops and free on zero). Provided
-            // buffers live in a `BufRing` that outlives the ring's registration. Fds
-            // named by SQEs stay open until the op's final CQE for the same reason.
-            let pushed = unsafe { self.ring.submission().push(sqe) };
-            match pushed {
-                Ok(()) => return Ok(()),
-                Err(_) => self.submit()?,
-            }
-        }
+    /// Completion queue entries, as the kernel granted them.
+    pub fn cq_entries(&self) -> u32 {
+        self.ring.params().cq_entries()
     }
 
-    /// Queues SQEs that are linked (`IO_LINK`) and must therefore be adjacent.
-    pub fn push_linked(&mut self, sqes: &[squeue::Entry]) -> io::Result<()> {
-        loop {
-            let room = {
-                let sq = self.ring.submission();
-                sq.capacity() - sq.len()
-            };
-            if room >= sqes.len() {
-                break;
-            }
-            self.submit()?;
-        }
-        // SAFETY: same invariant as in `push`; there is room for all entries, so the
-        // chain is queued whole and adjacent.
-        unsafe { self.ring.submission().push_multiple(sqes) }
-            .map_err(|_| io::Error::other("submission queue full after flush"))
+    /// CQEs the kernel could not post to the CQ since the ring was created
+    /// (`IORING_SQ_CQ_OVERFLOW` accounting; they were kept on a slow path, not lost).
+    pub fn cq_overflow(&mut self) -> u32 {
+        self.ring.completion().overflow()
     }
 
-    /// Submits queued SQEs without waiting.
-    pub fn submit(&mut self) -> io::Result<()> {
+    /// Queues one SQE that posts exactly one final completion.
+    pub fn push(&mut self, sqe: squeue::Entry) -> Result<(), DeadRing> {
+        self.push_chain(std::slice::from_ref(&sqe))
+    }
+
+    /// Queues SQEs that are linked (`IO_LINK`) and must therefore be adjacent in one
+    /// submission: the chain goes in whole or waits whole in the backlog.
+    ///
+    /// A full SQ is flushed to the kernel first; if the kernel takes nothing
+    /// (`EBUSY`, completions must be reaped first) the chain waits in the backlog,
+    /// behind anything already waiting there so that order is kept. Never spins,
+    /// never drops an op.
+    pub fn push_chain(&mut self, sqes: &[squeue::Entry]) -> Result<(), DeadRing> {
+        if self.backlog.is_empty() {
+            if self.room() < sqes.len() {
+                self.submit()?;
+            }
+            if self.room() >= sqes.len() {
+                self.push_now(sqes);
+                return Ok(());
+            }
+        }
+        self.backlog.push_back(sqes.to_vec());
+        Ok(())
+    }
+
+    fn room(&mut self) -> usize {
+        let sq = self.ring.submission();
+        sq.capacity() - sq.len()
+    }
+
+    fn push_now(&mut self, sqes: &[squeue::Entry]) {
+        // SAFETY: the engine-wide invariant for every SQE: every pointer inside an
+        // SQE the engine builds (sockaddr, timespec, msghdr, eventfd buffer) points
+        // into memory owned by the worker's core context or by a connection/flow slot
+        // that is boxed (stable address) and freed only after the op's final CQE has
+        // been reaped (every owner tracks what it has armed and frees on none).
+        // Provided buffers belong to this ring and are freed after it is gone. Fds
+        // named by SQEs stay open until the op's final CQE for the same reason. The
+        // caller checked there is room for the whole chain, so it is queued adjacent.
+        let pushed = unsafe { self.ring.submission().push_multiple(sqes) };
+        debug_assert!(pushed.is_ok(), "room was checked");
+    }
+
+    /// SQEs waiting for room (normally 0).
+    pub fn backlog_len(&self) -> usize {
+        self.backlog.len()
+    }
+
+    /// Moves backlogged chains into the SQ while there is room, submitting as it goes.
+    fn flush_backlog(&mut self) -> Result<(), DeadRing> {
+        while let Some(chain) = self.backlog.front() {
+            let need = chain.len();
+            if self.room() < need {
+                self.submit()?;
+                if self.room() < need {
+                    return Ok(()); // the kernel is still busy: after the next reap
+                }
+            }
+            let chain = self.backlog.pop_front().expect("front exists");
+            self.push_now(&chain);
+        }
+        Ok(())
+    }
+
+    /// Submits queued SQEs without waiting. Transient errors return Ok: the caller
+    /// reaps completions and the SQEs go in with the next enter.
+    pub fn submit(&mut self) -> Result<(), DeadRing> {
         loop {
             match self.ring.submit() {
                 Ok(_) => return Ok(()),
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                // EBUSY: the CQ is backed up; the caller reaps and tries again.
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => return Ok(()),
-                Err(e) => return Err(e),
+                Err(e) if transient(&e) => return Ok(()),
+                Err(e) => return Err(DeadRing(e)),
             }
         }
     }
 
-    /// Submits queued SQEs and waits for at least `want` completions.
-    pub fn submit_and_wait(&mut self, want: usize) -> io::Result<()> {
+    /// Flushes the backlog, submits and waits for at least `want` completions.
+    pub fn submit_and_wait(&mut self, want: usize) -> Result<(), DeadRing> {
+        self.flush_backlog()?;
         match self.ring.submit_and_wait(want) {
             Ok(_) => Ok(()),
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::ETIME)
-                ) =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(e),
+            Err(e) if transient(&e) => Ok(()),
+            Err(e) => Err(DeadRing(e)),
         }
     }
 
@@ -147,8 +220,43 @@ impl Ring {
         }));
     }
 
+    /// Registers a provided-buffer ring of `entries` buffers of `buf_size` bytes as
+    /// group `group`, owned by this ring from now on.
+    pub fn register_buffers(
+        &mut self,
+        group: u16,
+        entries: u16,
+        buf_size: usize,
+    ) -> io::Result<()> {
+        let br = BufRing::new(self, group, entries, buf_size)?;
+        let i = usize::from(group);
+        if self.bufs.len() <= i {
+            self.bufs.resize_with(i + 1, || None);
+        }
+        self.bufs[i] = Some(br);
+        Ok(())
+    }
+
+    /// The buffer ring of `group`. Panics if none was registered (a programming error).
+    pub fn buffers(&mut self, group: u16) -> &mut BufRing {
+        self.bufs
+            .get_mut(usize::from(group))
+            .and_then(|b| b.as_mut())
+            .expect("buffer group registered")
+    }
+
     fn submitter(&self) -> io_uring::Submitter<'_> {
         self.ring.submitter()
+    }
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        // Unregistering is synchronous: once it returns, the kernel no longer picks
+        // buffers from the group, so the memory can go after the ring itself.
+        for br in self.bufs.iter().flatten() {
+            let _ = self.ring.submitter().unregister_buf_ring(br.group);
+        }
     }
 }
 
@@ -182,7 +290,7 @@ pub const MIN_KERNEL: (u32, u32) = (6, 4);
 /// Checks that io_uring is usable and supports every op the engine needs.
 /// The error text says what is missing and how to fix it.
 pub fn probe() -> Result<(), String> {
-    let ring = Ring::new(8).map_err(|e| match e.raw_os_error() {
+    let ring = Ring::new(8, 8).map_err(|e| match e.raw_os_error() {
         Some(libc::ENOSYS) => "io_uring is not available: the kernel was built without \
                                CONFIG_IO_URING"
             .to_string(),
@@ -225,8 +333,8 @@ pub fn probe() -> Result<(), String> {
 /// sized buffers the kernel picks from when a recv completes, so idle sockets hold no
 /// buffer at all.
 ///
-/// Drop order matters: the owning struct must drop the [`Ring`] (which unregisters
-/// every group) before the `BufRing`, or unregister explicitly.
+/// Only a [`Ring`] creates and owns these ([`Ring::register_buffers`]), which fixes
+/// the drop order: unregistered first, memory freed after the ring.
 pub struct BufRing {
     group: u16,
     entries: u16,
@@ -241,7 +349,7 @@ pub struct BufRing {
 impl BufRing {
     /// Allocates `entries` (a power of two, at most 32768) buffers of `buf_size` bytes,
     /// registers them as group `group` and hands every buffer to the kernel.
-    pub fn new(ring: &Ring, group: u16, entries: u16, buf_size: usize) -> io::Result<BufRing> {
+    fn new(ring: &Ring, group: u16, entries: u16, buf_size: usize) -> io::Result<BufRing> {
         if !entries.is_power_of_two() || entries > 32768 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -269,8 +377,8 @@ impl BufRing {
             tail: 0,
         };
         // SAFETY: `ring_mem` is a page-aligned, zeroed allocation of exactly `entries`
-        // entries that lives as long as `br`, which the caller keeps alive for as long as
-        // the ring has this group registered (see the type's drop-order note).
+        // entries that lives as long as `br`, which the ring owns and frees only after
+        // unregistering the group (`Ring`'s drop).
         unsafe {
             ring.submitter()
                 .register_buf_ring_with_flags(ring_mem as u64, entries, group, 0)?;
@@ -334,8 +442,8 @@ impl BufRing {
 
 impl Drop for BufRing {
     fn drop(&mut self) {
-        // SAFETY: allocated in `new` with exactly this layout; the ring that used it has
-        // been dropped or unregistered it (type-level drop-order contract).
+        // SAFETY: allocated in `new` with exactly this layout; the owning ring
+        // unregistered the group in its `drop` before its fields (this one) drop.
         unsafe { alloc::dealloc(self.ring_mem as *mut u8, self.ring_layout) };
     }
 }

@@ -1,8 +1,10 @@
 //! Thin, checked wrappers over the system calls the engine makes outside the ring.
 //!
-//! This is one of the two modules allowed to use `unsafe` (the other is `ring`).
+//! With `cmsg` below and `core::ring`, the only modules allowed to use `unsafe`.
 //! Every wrapper turns `-1` into `io::Error::last_os_error()` through [`cvt`], and
 //! every fd it creates comes back as an [`OwnedFd`] so that it is closed exactly once.
+
+pub mod cmsg;
 
 use std::io;
 use std::mem;
@@ -144,20 +146,62 @@ pub fn normalize(addr: SocketAddr) -> SocketAddr {
     }
 }
 
-/// Whether `ip` is an address of this host (in the current network namespace).
+/// Whether `ip` is an address of this host (in the current network namespace):
+/// a loopback address, or one configured on an interface (`getifaddrs(3)`).
 ///
-/// Binding a plain (non-transparent) UDP socket to `ip:0` succeeds exactly for local
-/// addresses, so this is the kernel's own answer without parsing netlink.
+/// Asks for the interface list rather than probing with `bind()`: a probe bind
+/// succeeds for any address under `net.ipv4.ip_nonlocal_bind=1` (or
+/// `net.ipv6.ip_nonlocal_bind=1`), which would make every destination look local.
+/// Only called for connections to the engine's own port, so its cost is off the
+/// common path.
 pub fn is_local_address(ip: std::net::IpAddr) -> bool {
-    let domain = if ip.is_ipv4() {
-        socket2::Domain::IPV4
-    } else {
-        socket2::Domain::IPV6
+    let ip = match ip {
+        std::net::IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
+        v4 => v4,
     };
-    let Ok(s) = socket2::Socket::new(domain, socket2::Type::DGRAM, None) else {
+    if ip.is_loopback() {
+        return true;
+    }
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: `head` is a valid out-pointer; on success the list is freed below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
         return false;
-    };
-    s.bind(&SocketAddr::new(ip, 0).into()).is_ok()
+    }
+    let mut found = false;
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned, not yet freed.
+        let ifa = unsafe { &*cur };
+        if !ifa.ifa_addr.is_null() {
+            // SAFETY: a non-null `ifa_addr` points at a sockaddr whose family says how
+            // large it is; only AF_INET/AF_INET6 are read, at their own sizes.
+            let addr = unsafe {
+                match i32::from((*ifa.ifa_addr).sa_family) {
+                    libc::AF_INET => {
+                        let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+                        Some(std::net::IpAddr::V4(Ipv4Addr::from(u32::from_be(
+                            sin.sin_addr.s_addr,
+                        ))))
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
+                        Some(std::net::IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)))
+                    }
+                    _ => None,
+                }
+            };
+            if addr == Some(ip) {
+                found = true;
+                break;
+            }
+        }
+        cur = ifa.ifa_next;
+    }
+    // SAFETY: `head` came from a successful getifaddrs and is freed exactly once.
+    unsafe { libc::freeifaddrs(head) };
+    found
 }
 
 /// An `eventfd` used by the main thread to wake a worker's ring.
@@ -255,7 +299,7 @@ pub fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
 
 /// Non-blocking `sendto(2)`.
 pub fn send_to(fd: RawFd, buf: &[u8], to: &SocketAddr) -> io::Result<usize> {
-    let (storage, len) = crate::cmsg::encode_sockaddr(to);
+    let (storage, len) = cmsg::encode_sockaddr(to);
     // SAFETY: `buf` and `storage` are valid for the duration of the call, `len` is the
     // size of the address written into `storage`.
     let n = unsafe {

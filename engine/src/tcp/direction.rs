@@ -2,11 +2,11 @@
 //!
 //! A TCP connection through the engine has two directions (client to server and
 //! server to client). Each is a [`Direction`]: it is told the results of reads and
-//! writes and says what to do next ([`Direction::want`]). The io_uring driver in
-//! `tcp.rs` is a thin shell around it, for both relay modes:
+//! writes and says what to do next ([`Direction::want`]). The connection machine
+//! (`machine.rs`) drives two of them, for both relay modes:
 //!
 //! * splice: `Read` is `splice(src -> pipe)` and `Write` is `splice(pipe -> dst)`,
-//!   both non-blocking and inline; `WouldBlock` arms a one-shot poll on the ring.
+//!   both non-blocking and inline; `WouldBlock` waits for a poll on the ring.
 //! * copy: `Read` is a ring `RECV` into a provided buffer and `Write` a ring `SEND`;
 //!   the driver marks the op in flight with [`Direction::begin`].
 //!
@@ -134,13 +134,11 @@ impl Direction {
     }
 
     /// Bytes delivered to the destination so far.
-    #[cfg(test)]
     pub fn delivered(&self) -> u64 {
         self.delivered
     }
 
     /// The first error that failed this direction, as a positive errno.
-    #[cfg(test)]
     pub fn error(&self) -> Option<i32> {
         self.error
     }
@@ -155,8 +153,14 @@ impl Direction {
         self.capacity = capacity.max(1);
     }
 
-    /// What to do next.
+    /// What to do next. A failed direction asks for the reset even while an op is
+    /// in flight: the reset cancels that op, instead of waiting for it (a send
+    /// blocked on a peer that never reads would otherwise hold the reset until the
+    /// idle timeout).
     pub fn want(&self) -> Want {
+        if self.state == State::Failed {
+            return Want::Reset;
+        }
         if self.in_flight {
             return Want::InFlight;
         }
@@ -247,7 +251,8 @@ impl Direction {
         match r {
             // ENOTCONN: the destination is already fully closed; nothing to pass on.
             Io::Done(_) | Io::Err(libc::ENOTCONN) => self.set_state(State::Done),
-            Io::WouldBlock => {}
+            // shutdown(2) on a TCP socket never blocks; retrying would spin.
+            Io::WouldBlock => self.fail(libc::EAGAIN),
             Io::Err(e) => self.fail(e),
         }
     }
@@ -440,6 +445,15 @@ mod tests {
         assert_eq!(d.want(), Want::InFlight);
         d.on_write(Io::Done(7));
         assert_eq!(d.want(), Want::Read(100));
+    }
+
+    #[test]
+    fn failure_wins_over_an_op_in_flight() {
+        let mut d = Direction::new(100);
+        d.on_read(Io::Done(10));
+        d.begin(); // a send is in flight
+        d.fail(libc::ECONNRESET);
+        assert_eq!(d.want(), Want::Reset);
     }
 
     #[test]

@@ -10,20 +10,25 @@
 //! mistakenly reused `user_data` cannot be mistaken for a live operation). The
 //! generation changes every time a slot is reused, so a completion that arrives for a
 //! slot that was freed and handed to a new connection is recognised as stale.
+//!
+//! Every op a TCP connection can have in flight has its own code, once per relay
+//! direction, so one connection never has two ops in flight under one `user_data`:
+//! that is what lets a close cancel exactly its own ops by `user_data` (a hash
+//! lookup in the kernel) instead of by fd (a walk over every armed poll of the ring).
 
 /// What an in-flight operation is. `u8` values are part of the token encoding.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Op {
-    /// Multishot accept on a TCP listener; `slot` is the listener index.
+    /// Accept (multishot or single-shot) on a TCP listener; `slot` is the listener.
     Accept = 1,
     /// Connect of a connection's upstream socket.
     Connect = 2,
     /// The link timeout attached to `Connect`.
     ConnectTimeout = 3,
-    /// One-shot POLLIN on the source of direction 0 (client to server).
+    /// Multishot POLLIN on the source of direction 0 (client to server).
     PollIn0 = 4,
-    /// One-shot POLLIN on the source of direction 1 (server to client).
+    /// Multishot POLLIN on the source of direction 1 (server to client).
     PollIn1 = 5,
     /// One-shot POLLOUT on the destination of direction 0.
     PollOut0 = 6,
@@ -47,6 +52,87 @@ pub enum Op {
     UdpListen = 15,
     /// Multishot recv on a UDP flow's upstream socket; `slot` is the flow index.
     UdpUpstream = 16,
+    /// Multishot POLLERR watch on the source of direction 0 after its EOF.
+    ErrWatch0 = 17,
+    /// Multishot POLLERR watch on the source of direction 1 after its EOF.
+    ErrWatch1 = 18,
+}
+
+/// Which part of the worker owns an op's completion.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Subsystem {
+    /// The worker itself: tick, control, cancels.
+    Core,
+    /// Listeners and connections.
+    Tcp,
+    /// Tproxy sockets and flows.
+    Udp,
+}
+
+/// The ops one TCP connection can have in flight, at most one of each at a time.
+/// Relay ops carry their direction: 0 is client to server, 1 server to client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ConnOp {
+    /// Upstream connect.
+    Connect,
+    /// The link timeout of the connect.
+    ConnectTimeout,
+    /// Multishot POLLIN on the direction's source.
+    PollIn(usize),
+    /// One-shot POLLOUT on the direction's destination.
+    PollOut(usize),
+    /// Multishot POLLERR on the direction's source after its EOF.
+    ErrWatch(usize),
+    /// Copy relay: recv from the source into a provided buffer.
+    Recv(usize),
+    /// Copy relay: send from the provided buffer to the destination.
+    Send(usize),
+}
+
+impl ConnOp {
+    /// Every op, each with its bit in a connection's armed set.
+    pub const ALL: [ConnOp; 12] = [
+        ConnOp::Connect,
+        ConnOp::ConnectTimeout,
+        ConnOp::PollIn(0),
+        ConnOp::PollIn(1),
+        ConnOp::PollOut(0),
+        ConnOp::PollOut(1),
+        ConnOp::ErrWatch(0),
+        ConnOp::ErrWatch(1),
+        ConnOp::Recv(0),
+        ConnOp::Recv(1),
+        ConnOp::Send(0),
+        ConnOp::Send(1),
+    ];
+
+    /// The bit of this op in a `u16` set (see [`ConnOp::ALL`]).
+    pub fn bit(self) -> u16 {
+        let i = match self {
+            ConnOp::Connect => 0,
+            ConnOp::ConnectTimeout => 1,
+            ConnOp::PollIn(d) => 2 + d,
+            ConnOp::PollOut(d) => 4 + d,
+            ConnOp::ErrWatch(d) => 6 + d,
+            ConnOp::Recv(d) => 8 + d,
+            ConnOp::Send(d) => 10 + d,
+        };
+        1 << i
+    }
+
+    /// The token op code.
+    pub fn op(self) -> Op {
+        let pick = |d: usize, a: Op, b: Op| if d == 0 { a } else { b };
+        match self {
+            ConnOp::Connect => Op::Connect,
+            ConnOp::ConnectTimeout => Op::ConnectTimeout,
+            ConnOp::PollIn(d) => pick(d, Op::PollIn0, Op::PollIn1),
+            ConnOp::PollOut(d) => pick(d, Op::PollOut0, Op::PollOut1),
+            ConnOp::ErrWatch(d) => pick(d, Op::ErrWatch0, Op::ErrWatch1),
+            ConnOp::Recv(d) => pick(d, Op::Recv0, Op::Recv1),
+            ConnOp::Send(d) => pick(d, Op::Send0, Op::Send1),
+        }
+    }
 }
 
 impl Op {
@@ -68,53 +154,38 @@ impl Op {
             14 => Op::Control,
             15 => Op::UdpListen,
             16 => Op::UdpUpstream,
+            17 => Op::ErrWatch0,
+            18 => Op::ErrWatch1,
             _ => return None,
         })
     }
 
-    /// The relay direction (0 or 1) an op belongs to, if it is a relay op.
-    pub fn direction(self) -> Option<usize> {
+    /// The subsystem whose completion handler takes this op.
+    pub fn subsystem(self) -> Subsystem {
         match self {
-            Op::PollIn0 | Op::PollOut0 | Op::Recv0 | Op::Send0 => Some(0),
-            Op::PollIn1 | Op::PollOut1 | Op::Recv1 | Op::Send1 => Some(1),
-            _ => None,
+            Op::Cancel | Op::Tick | Op::Control => Subsystem::Core,
+            Op::UdpListen | Op::UdpUpstream => Subsystem::Udp,
+            _ => Subsystem::Tcp,
         }
     }
 
-    /// POLLIN op for direction `d`.
-    pub fn poll_in(d: usize) -> Op {
-        if d == 0 {
-            Op::PollIn0
-        } else {
-            Op::PollIn1
-        }
-    }
-
-    /// POLLOUT op for direction `d`.
-    pub fn poll_out(d: usize) -> Op {
-        if d == 0 {
-            Op::PollOut0
-        } else {
-            Op::PollOut1
-        }
-    }
-
-    /// Copy-relay recv op for direction `d`.
-    pub fn recv(d: usize) -> Op {
-        if d == 0 {
-            Op::Recv0
-        } else {
-            Op::Recv1
-        }
-    }
-
-    /// Copy-relay send op for direction `d`.
-    pub fn send(d: usize) -> Op {
-        if d == 0 {
-            Op::Send0
-        } else {
-            Op::Send1
-        }
+    /// The connection op this code stands for, if it is one.
+    pub fn conn_op(self) -> Option<ConnOp> {
+        Some(match self {
+            Op::Connect => ConnOp::Connect,
+            Op::ConnectTimeout => ConnOp::ConnectTimeout,
+            Op::PollIn0 => ConnOp::PollIn(0),
+            Op::PollIn1 => ConnOp::PollIn(1),
+            Op::PollOut0 => ConnOp::PollOut(0),
+            Op::PollOut1 => ConnOp::PollOut(1),
+            Op::ErrWatch0 => ConnOp::ErrWatch(0),
+            Op::ErrWatch1 => ConnOp::ErrWatch(1),
+            Op::Recv0 => ConnOp::Recv(0),
+            Op::Recv1 => ConnOp::Recv(1),
+            Op::Send0 => ConnOp::Send(0),
+            Op::Send1 => ConnOp::Send(1),
+            _ => return None,
+        })
     }
 }
 
@@ -171,7 +242,7 @@ pub fn next_generation(g: u32) -> u32 {
 mod tests {
     use super::*;
 
-    const ALL: [Op; 16] = [
+    const ALL: [Op; 18] = [
         Op::Accept,
         Op::Connect,
         Op::ConnectTimeout,
@@ -188,6 +259,8 @@ mod tests {
         Op::Control,
         Op::UdpListen,
         Op::UdpUpstream,
+        Op::ErrWatch0,
+        Op::ErrWatch1,
     ];
 
     #[test]
@@ -209,7 +282,7 @@ mod tests {
         assert_eq!(Token::decode(0), None);
         assert_eq!(Token::decode(0xffff_ffff_0000_0000), None);
         assert_eq!(Token::decode(0xff), None);
-        assert_eq!(Token::decode(17), None);
+        assert_eq!(Token::decode(19), None);
     }
 
     #[test]
@@ -221,14 +294,22 @@ mod tests {
     }
 
     #[test]
-    fn direction_helpers_agree() {
-        for d in 0..2 {
-            assert_eq!(Op::poll_in(d).direction(), Some(d));
-            assert_eq!(Op::poll_out(d).direction(), Some(d));
-            assert_eq!(Op::recv(d).direction(), Some(d));
-            assert_eq!(Op::send(d).direction(), Some(d));
+    fn conn_ops_have_distinct_bits_codes_and_round_trip() {
+        let mut bits = 0u16;
+        for op in ConnOp::ALL {
+            assert_eq!(bits & op.bit(), 0, "{op:?} shares a bit");
+            bits |= op.bit();
+            assert_eq!(op.op().conn_op(), Some(op));
+            assert_eq!(op.op().subsystem(), Subsystem::Tcp);
         }
-        assert_eq!(Op::Accept.direction(), None);
-        assert_eq!(Op::Tick.direction(), None);
+        assert_eq!(bits.count_ones(), 12);
+        for op in ALL {
+            if let Some(c) = op.conn_op() {
+                assert_eq!(c.op(), op);
+            }
+        }
+        assert_eq!(Op::Accept.conn_op(), None);
+        assert_eq!(Op::Tick.subsystem(), Subsystem::Core);
+        assert_eq!(Op::UdpUpstream.subsystem(), Subsystem::Udp);
     }
 }

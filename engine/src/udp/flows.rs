@@ -4,7 +4,7 @@
 //! destination: `(ClientAddr, OrigDst)`. Each flow owns one upstream socket
 //! (held in the caller's value type `V`), connected to the original
 //! destination, because replies must come back to the client from the
-//! original destination's address AND port (kernel.md, pitfall 5), and the
+//! original destination's address AND port (a transparent socket's `IP_PKTINFO` sets the source address only), and the
 //! upstream socket's own source port is what lets the server's replies be
 //! told apart per client. One socket per flow is also what sing-box, Xray,
 //! mihomo and shadowsocks-rust do.
@@ -27,7 +27,7 @@
 //! removed, drained) is handed back to the caller as `(FlowKey, V)`: the
 //! caller closes the upstream socket, and if an io_uring operation still
 //! references memory owned by `V` it must keep `V` alive until that
-//! operation's final CQE (style.md, lesson 2).
+//! operation's final CQE.
 //!
 //! # Layout
 //!
@@ -123,6 +123,22 @@ pub struct FlowStats {
     pub evicted: u64,
     /// Flows removed by [`FlowTable::remove`] or [`FlowTable::drain_all`].
     pub removed: u64,
+}
+
+/// How many flows [`FlowTable::expire`] removed, by the timeout that ended them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Expired {
+    /// Past the idle timeout.
+    pub idle: usize,
+    /// Single exchanges past the shorter timeout.
+    pub single_exchange: usize,
+}
+
+impl Expired {
+    /// Both together.
+    pub fn total(&self) -> usize {
+        self.idle + self.single_exchange
+    }
 }
 
 /// Result of [`FlowTable::insert`].
@@ -372,7 +388,6 @@ impl<V> FlowTable<V> {
     }
 
     /// Removes flow `id` and hands it back, or `None` if `id` is stale.
-    #[cfg(test)]
     pub fn remove(&mut self, id: FlowId) -> Option<(FlowKey, V)> {
         self.flow(id)?;
         let removed = self.take(id.index)?;
@@ -382,7 +397,7 @@ impl<V> FlowTable<V> {
 
     /// Removes every flow idle for longer than its timeout at `now_ms`,
     /// appending them to `out` least recently used first, and returns how
-    /// many were removed.
+    /// many were removed under each timeout.
     ///
     /// A single-exchange flow ([`FlowActivity::is_single_exchange`]) times out
     /// after `single_exchange_idle_ms`, every other flow after `idle_ms`; a
@@ -395,9 +410,9 @@ impl<V> FlowTable<V> {
         idle_ms: u64,
         single_exchange_idle_ms: u64,
         out: &mut Vec<(FlowKey, V)>,
-    ) -> usize {
+    ) -> Expired {
         let shorter_ms = idle_ms.min(single_exchange_idle_ms);
-        let mut removed = 0;
+        let mut removed = Expired::default();
         let mut cursor = self.tail;
         while let Some(slot) = self.slots.get(cursor as usize) {
             let Some(flow) = &slot.flow else { break };
@@ -406,7 +421,8 @@ impl<V> FlowTable<V> {
                 // This flow and all more recent ones are within both timeouts.
                 break;
             }
-            let timeout = if flow.activity.is_single_exchange() {
+            let single = flow.activity.is_single_exchange();
+            let timeout = if single {
                 single_exchange_idle_ms
             } else {
                 idle_ms
@@ -416,7 +432,11 @@ impl<V> FlowTable<V> {
                 if let Some(expired) = self.take(cursor) {
                     out.push(expired);
                     self.stats.expired += 1;
-                    removed += 1;
+                    if single {
+                        removed.single_exchange += 1;
+                    } else {
+                        removed.idle += 1;
+                    }
                 }
             }
             cursor = towards_head;
@@ -832,15 +852,15 @@ mod tests {
 
         let mut out = Vec::new();
         // Exactly at the timeout: not expired (strictly greater is needed).
-        assert_eq!(t.expire(1 + SINGLE, IDLE, SINGLE, &mut out), 0);
-        assert_eq!(t.expire(2 + SINGLE, IDLE, SINGLE, &mut out), 2);
+        assert_eq!(t.expire(1 + SINGLE, IDLE, SINGLE, &mut out).total(), 0);
+        assert_eq!(t.expire(2 + SINGLE, IDLE, SINGLE, &mut out).total(), 2);
         assert_eq!(out, vec![(key(1, 53), "dns"), (key(2, 53), "multi")]);
         assert_eq!(t.get(dns), None);
         assert_eq!(t.len(), 2);
 
         out.clear();
-        assert_eq!(t.expire(1 + IDLE, IDLE, SINGLE, &mut out), 0);
-        assert_eq!(t.expire(2 + IDLE, IDLE, SINGLE, &mut out), 2);
+        assert_eq!(t.expire(1 + IDLE, IDLE, SINGLE, &mut out).total(), 0);
+        assert_eq!(t.expire(2 + IDLE, IDLE, SINGLE, &mut out).total(), 2);
         assert_eq!(out, vec![(key(3, 53), "two"), (key(4, 53), "pending")]);
         assert!(t.is_empty());
         assert_eq!(t.stats().expired, 4);
@@ -858,7 +878,7 @@ mod tests {
         assert!(t.touch(dns, 100, Dir::ToClient));
         let fresh = inserted(t.insert(key(3, 53), 3, 1_000));
         let mut out = Vec::new();
-        assert_eq!(t.expire(700, 10_000, 500, &mut out), 1);
+        assert_eq!(t.expire(700, 10_000, 500, &mut out).total(), 1);
         assert_eq!(out, vec![(key(2, 53), 2)]);
         assert_eq!(t.lru_order(), vec![long, fresh]);
         t.check_invariants();
@@ -873,9 +893,9 @@ mod tests {
         assert!(t.touch(dns, 0, Dir::ToClient));
         let plain = inserted(t.insert(key(2, 53), (), 0));
         let mut out = Vec::new();
-        assert_eq!(t.expire(150, 100, 200, &mut out), 1);
+        assert_eq!(t.expire(150, 100, 200, &mut out).total(), 1);
         assert_eq!(t.get(plain), None);
-        assert_eq!(t.expire(201, 100, 200, &mut out), 1);
+        assert_eq!(t.expire(201, 100, 200, &mut out).total(), 1);
         assert!(t.is_empty());
     }
 
@@ -889,8 +909,8 @@ mod tests {
         assert_eq!(t.activity(a).unwrap().last_active_ms, 1_000);
         t.check_invariants();
         let mut out = Vec::new();
-        assert_eq!(t.expire(0, 0, 0, &mut out), 0);
-        assert_eq!(t.expire(1_001, 0, 0, &mut out), 2);
+        assert_eq!(t.expire(0, 0, 0, &mut out).total(), 0);
+        assert_eq!(t.expire(1_001, 0, 0, &mut out).total(), 2);
     }
 
     #[test]
@@ -1094,7 +1114,7 @@ mod tests {
                     let idle = 1 + rng.below(300);
                     let single = 1 + rng.below(300);
                     out.clear();
-                    let n = t.expire(now, idle, single, &mut out);
+                    let n = t.expire(now, idle, single, &mut out).total();
                     let mut want = Vec::new();
                     m.flows.retain(|f| {
                         let timeout = if f.activity.is_single_exchange() {

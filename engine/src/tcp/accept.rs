@@ -1,0 +1,273 @@
+//! Transparent listeners, accepting under a connection limit, and parking.
+//!
+//! Each worker has its own listener per address family on the same port
+//! (`SO_REUSEPORT`; the kernel spreads new connections across the workers by flow
+//! hash, and the tproxy listener lookup honours reuseport groups).
+//!
+//! Accepting follows the connection budget: a multishot accept while at least
+//! [`MULTISHOT_HEADROOM`] slots are free; closer to the limit one single-shot accept
+//! per listener and only while a slot is free, so the limit is overshot by at most
+//! one connection per listener (parked until a slot frees); at the limit none, and
+//! new clients wait in the kernel's listen backlog instead of being reset. Whoever
+//! frees a slot (`Tcp::free` in `mod.rs`) starts a parked client and re-arms.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::Ordering::Relaxed;
+
+use io_uring::{opcode, types};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::config::Config;
+use crate::core::ring::Completion;
+use crate::core::token::{Op, Token};
+use crate::core::Core;
+use crate::sys;
+
+/// A multishot accept is armed only while at least this many connection slots are
+/// free (see the module documentation).
+pub const MULTISHOT_HEADROOM: usize = 64;
+
+/// Creates one transparent TCP listener of a worker.
+///
+/// `IP_TRANSPARENT` must be set before `bind()`: nft `tproxy` only assigns packets to
+/// transparent sockets.
+pub fn listener(v6: bool, port: u16) -> io::Result<OwnedFd> {
+    let domain = if v6 { Domain::IPV6 } else { Domain::IPV4 };
+    let s = Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
+    if v6 {
+        // v4 has its own listener; a dual-stack socket would see v4 as mapped addresses.
+        s.set_only_v6(true)?;
+        s.set_ip_transparent_v6(true)?;
+    } else {
+        s.set_ip_transparent_v4(true)?;
+    }
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.bind(&sys::unspecified(v6, port).into())?;
+    s.listen(4096)?;
+    Ok(s.into())
+}
+
+/// A TCP listener of this worker.
+struct Listener {
+    /// `None` once closed while stopping.
+    fd: Option<OwnedFd>,
+    /// An accept is in flight (set on submit, cleared on its final CQE).
+    armed: bool,
+    /// The accept in flight is multishot (else single-shot).
+    multishot: bool,
+    /// A cancel of the armed accept has been submitted.
+    cancelling: bool,
+}
+
+/// The accepting side of the TCP subsystem.
+pub struct Acceptor {
+    listeners: Vec<Listener>,
+    /// Accepted clients waiting for a connection slot (see [`crate::config::PARK_TOTAL`]).
+    parked: VecDeque<OwnedFd>,
+    park_max: usize,
+    /// The connection limit is reached (for counting pauses once each).
+    at_limit: bool,
+    /// Accepting is paused after EMFILE/ENFILE or another lasting error until a
+    /// connection closes or the next tick.
+    starved: bool,
+    stopping: bool,
+}
+
+impl Acceptor {
+    /// Opens the listeners of one worker.
+    pub fn new(cfg: &Config) -> Result<Acceptor, String> {
+        let mut listeners = Vec::new();
+        for v6 in cfg.families() {
+            let fd = listener(v6, cfg.port)
+                .map_err(|e| format!("TCP listener on {}: {e}", sys::unspecified(v6, cfg.port)))?;
+            listeners.push(Listener {
+                fd: Some(fd),
+                armed: false,
+                multishot: false,
+                cancelling: false,
+            });
+        }
+        Ok(Acceptor {
+            listeners,
+            parked: VecDeque::new(),
+            park_max: cfg.park_max_per_core,
+            at_limit: false,
+            starved: false,
+            stopping: false,
+        })
+    }
+
+    /// Clients parked for a slot.
+    pub fn parked(&self) -> usize {
+        self.parked.len()
+    }
+
+    /// Parks a client accepted past the limit; gives it back if the queue is full.
+    pub fn park(&mut self, client: OwnedFd) -> Result<(), OwnedFd> {
+        if self.parked.len() < self.park_max {
+            self.parked.push_back(client);
+            Ok(())
+        } else {
+            Err(client)
+        }
+    }
+
+    /// The oldest parked client.
+    pub fn unpark(&mut self) -> Option<OwnedFd> {
+        self.parked.pop_front()
+    }
+
+    /// Notes the headroom after a connection took or freed a slot: counts a pause
+    /// at the limit once, and cancels multishot accepts when headroom is too small.
+    pub fn note_headroom(&mut self, core: &mut Core, headroom: usize) {
+        if headroom == 0 && !self.at_limit {
+            self.at_limit = true;
+            core.stats.accept_paused.fetch_add(1, Relaxed);
+        } else if headroom > 0 {
+            self.at_limit = false;
+        }
+        if headroom < MULTISHOT_HEADROOM {
+            self.cancel(core, true);
+        }
+    }
+
+    /// Arms an accept on every idle listener, as the headroom allows.
+    pub fn arm(&mut self, core: &mut Core, headroom: usize) {
+        if self.stopping || self.starved {
+            return;
+        }
+        for (i, l) in self.listeners.iter_mut().enumerate() {
+            if l.armed {
+                continue;
+            }
+            let Some(fd) = l.fd.as_ref().map(|f| f.as_raw_fd()) else {
+                continue;
+            };
+            let ud = Token::new(Op::Accept, i as u32, 0).encode();
+            // SOCK_NONBLOCK: splice takes its blocking mode from the socket file.
+            let flags = libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
+            let sqe = if headroom >= MULTISHOT_HEADROOM {
+                l.multishot = true;
+                opcode::AcceptMulti::new(types::Fd(fd)).flags(flags).build()
+            } else if headroom > 0 {
+                // One per listener: reserving slots per listener would let an idle
+                // family's accept starve the busy one.
+                l.multishot = false;
+                opcode::Accept::new(types::Fd(fd), std::ptr::null_mut(), std::ptr::null_mut())
+                    .flags(flags)
+                    .build()
+            } else {
+                // At the limit: new clients wait in the listen backlog.
+                continue;
+            };
+            l.armed = true;
+            l.cancelling = false;
+            core.submit(sqe.user_data(ud));
+        }
+    }
+
+    /// Cancels the armed accepts (all of them, or only the multishot ones).
+    fn cancel(&mut self, core: &mut Core, only_multishot: bool) {
+        for (i, l) in self.listeners.iter_mut().enumerate() {
+            if l.armed && !l.cancelling && (l.multishot || !only_multishot) {
+                l.cancelling = true;
+                core.cancel(Token::new(Op::Accept, i as u32, 0).encode());
+            }
+        }
+    }
+
+    /// Pauses accepting until the next tick or a freed slot (no tight error loop).
+    fn starve(&mut self, core: &mut Core) {
+        if !self.starved {
+            self.starved = true;
+            self.cancel(core, false);
+        }
+    }
+
+    /// An accept completion: the new client's fd, if there is one. Re-arming on a
+    /// final completion is left to the caller ([`Acceptor::finish`]), which knows
+    /// the headroom after this client took its slot.
+    pub fn on_completion(&mut self, core: &mut Core, c: &Completion, li: usize) -> Option<OwnedFd> {
+        if !c.more() {
+            if let Some(l) = self.listeners.get_mut(li) {
+                l.armed = false;
+                l.cancelling = false;
+            }
+        }
+        if c.result >= 0 {
+            return Some(sys::take_accepted(c.result));
+        }
+        match -c.result {
+            libc::ECANCELED => {}
+            libc::EMFILE | libc::ENFILE => {
+                core.stats.accept_emfile.fetch_add(1, Relaxed);
+                // The multishot accept may still be armed: cancel it (no EMFILE spin).
+                self.starve(core);
+            }
+            // The client went away between handshake and accept: nothing to do.
+            libc::ECONNABORTED | libc::EINTR | libc::EAGAIN => {}
+            e => {
+                // Anything else (ENOMEM, ENOBUFS, an LSM's EPERM...) may persist:
+                // pause until the next tick instead of re-arming at once, so a
+                // lasting error costs one try and one line a second.
+                core.log_limited(format_args!(
+                    "accept: {} (accepting paused for a second)",
+                    io::Error::from_raw_os_error(e)
+                ));
+                self.starve(core);
+            }
+        }
+        None
+    }
+
+    /// After a final accept completion: close the listener if stopping (so that with
+    /// nft's fail-open tproxy new connections bypass the stopping engine instead of
+    /// queueing on it), else re-arm.
+    pub fn finish(&mut self, core: &mut Core, c: &Completion, li: usize, headroom: usize) {
+        if c.more() {
+            return;
+        }
+        if self.stopping {
+            if let Some(l) = self.listeners.get_mut(li) {
+                l.fd = None;
+            }
+        } else {
+            self.arm(core, headroom);
+        }
+    }
+
+    /// Once a second: a paused acceptor tries again.
+    pub fn on_tick(&mut self, core: &mut Core, headroom: usize) {
+        if self.starved {
+            self.starved = false;
+            self.arm(core, headroom);
+        }
+    }
+
+    /// A connection closed: a paused acceptor tries again now.
+    pub fn unstarve(&mut self) {
+        self.starved = false;
+    }
+
+    /// Stops accepting. Listeners with an accept armed close on its final
+    /// completion; the others (paused at the limit or for lack of fds) close now.
+    /// Returns the parked clients, which the caller resets.
+    pub fn stop(&mut self, core: &mut Core) -> Vec<OwnedFd> {
+        self.stopping = true;
+        self.cancel(core, false);
+        for l in &mut self.listeners {
+            if !l.armed {
+                l.fd = None;
+            }
+        }
+        self.parked.drain(..).collect()
+    }
+
+    /// No accept in flight (for the final wind-down).
+    pub fn is_idle(&self) -> bool {
+        self.listeners.iter().all(|l| !l.armed)
+    }
+}

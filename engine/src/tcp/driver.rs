@@ -1,0 +1,210 @@
+//! The io_uring driver of a connection: [`Effects`] over real sockets.
+//!
+//! Thin on purpose: every decision is the machine's (`machine.rs`); this file only
+//! turns its actions into SQEs and syscalls on this connection's fds, pipes and
+//! the core's provided buffers.
+
+use std::collections::VecDeque;
+use std::os::fd::{AsFd, AsRawFd};
+use std::sync::atomic::Ordering::Relaxed;
+
+use io_uring::{opcode, squeue, types};
+
+use super::conns::ConnIo;
+use super::copy::{self, BufWaiters, GROUP_TCP_COPY};
+use super::direction::Io;
+use super::machine::{Effects, SendArgs, Side};
+use super::splice::{self, PipePool};
+use crate::config::RelayMode;
+use crate::core::token::{ConnOp, Token};
+use crate::core::Core;
+use crate::sys;
+
+/// One connection's view of the worker while the machine handles an event.
+pub struct Driver<'a> {
+    pub core: &'a mut Core,
+    pub io: &'a mut ConnIo,
+    pub pipes: &'a mut PipePool,
+    pub waiters: &'a mut BufWaiters,
+    pub runq: &'a mut VecDeque<(u32, u32, usize)>,
+    pub slot: u32,
+    pub generation: u32,
+}
+
+impl Driver<'_> {
+    fn ud(&self, op: ConnOp) -> u64 {
+        Token::new(op.op(), self.slot, self.generation).encode()
+    }
+
+    /// Fd of a side.
+    fn fd(&self, side: Side) -> i32 {
+        match side {
+            Side::Client => self.io.client.as_raw_fd(),
+            Side::Server => self.io.upstream.as_raw_fd(),
+        }
+    }
+
+    /// Source fd of direction `d` (0: client to server).
+    fn src(&self, d: usize) -> i32 {
+        self.fd(super::machine::source(d))
+    }
+
+    /// Destination fd of direction `d`.
+    fn dst(&self, d: usize) -> i32 {
+        self.fd(super::machine::destination(d))
+    }
+}
+
+impl Effects for Driver<'_> {
+    fn now(&self) -> u64 {
+        self.core.tick
+    }
+
+    fn submit_connect(&mut self) {
+        let connect = opcode::Connect::new(
+            types::Fd(self.io.upstream.as_raw_fd()),
+            &self.io.connect_addr.0 as *const libc::sockaddr_storage as *const libc::sockaddr,
+            self.io.connect_addr.1,
+        )
+        .build()
+        .flags(squeue::Flags::IO_LINK)
+        .user_data(self.ud(ConnOp::Connect));
+        let timeout = opcode::LinkTimeout::new(&*self.core.connect_ts as *const types::Timespec)
+            .build()
+            .user_data(self.ud(ConnOp::ConnectTimeout));
+        self.core.submit_linked(&[connect, timeout]);
+    }
+
+    fn submit(&mut self, op: ConnOp, send: Option<SendArgs>) {
+        let ud = self.ud(op);
+        let sqe = match op {
+            ConnOp::PollIn(d) => opcode::PollAdd::new(
+                types::Fd(self.src(d)),
+                (libc::POLLIN | libc::POLLRDHUP) as u32,
+            )
+            .multi(true)
+            .build(),
+            ConnOp::PollOut(d) => {
+                opcode::PollAdd::new(types::Fd(self.dst(d)), libc::POLLOUT as u32).build()
+            }
+            // The kernel adds POLLRDHUP/POLLHUP to every poll; at EOF RDHUP is already
+            // true and posts one completion at once, later ones come only with a new
+            // wakeup. What matters is POLLERR: the peer reset after its FIN.
+            ConnOp::ErrWatch(d) => {
+                opcode::PollAdd::new(types::Fd(self.src(d)), libc::POLLERR as u32)
+                    .multi(true)
+                    .build()
+            }
+            ConnOp::Recv(d) => {
+                let fd = self.src(d);
+                copy::recv_sqe(fd, self.core.ring.buffers(GROUP_TCP_COPY), ud)
+            }
+            ConnOp::Send(d) => {
+                let a = send.expect("a send names its buffer");
+                let fd = self.dst(d);
+                let bufs = self.core.ring.buffers(GROUP_TCP_COPY);
+                copy::send_sqe(fd, bufs, a.bid, a.off, a.len, ud)
+            }
+            ConnOp::Connect | ConnOp::ConnectTimeout => {
+                unreachable!("the connect is submitted by submit_connect")
+            }
+        };
+        self.core.submit(sqe.user_data(ud));
+    }
+
+    fn cancel(&mut self, op: ConnOp) {
+        let ud = self.ud(op);
+        self.core.cancel(ud);
+    }
+
+    fn splice_in(&mut self, d: usize, len: usize) -> Io {
+        let pipe = self.io.pipes[d].as_ref().expect("a splice read has a pipe");
+        let src = if d == 0 {
+            &self.io.client
+        } else {
+            &self.io.upstream
+        };
+        splice::splice_in(src, pipe, len)
+    }
+
+    fn splice_out(&mut self, d: usize, len: usize) -> Io {
+        let pipe = self.io.pipes[d]
+            .as_ref()
+            .expect("a splice write has a pipe");
+        let dst = if d == 0 {
+            &self.io.upstream
+        } else {
+            &self.io.client
+        };
+        splice::splice_out(pipe, dst, len)
+    }
+
+    fn shutdown_write(&mut self, d: usize) -> Io {
+        Io::from_result(sys::shutdown_write(self.dst(d)).map(|_| 0))
+    }
+
+    fn take_pipe(&mut self, d: usize) -> Result<usize, i32> {
+        match self.pipes.take(self.core) {
+            Ok(p) => {
+                let cap = p.capacity;
+                self.io.pipes[d] = Some(p);
+                Ok(cap)
+            }
+            Err(e) => {
+                self.core
+                    .log_limited(format_args!("tcp: cannot make a pipe: {e}"));
+                Err(e.raw_os_error().unwrap_or(libc::EMFILE))
+            }
+        }
+    }
+
+    fn put_pipe(&mut self, d: usize, empty: bool) {
+        if let Some(p) = self.io.pipes[d].take() {
+            if empty {
+                self.pipes.give(p);
+            }
+        }
+    }
+
+    fn put_buf(&mut self, bid: u16) {
+        self.core.ring.buffers(GROUP_TCP_COPY).recycle(bid);
+        self.waiters.returned();
+    }
+
+    fn wait_buf(&mut self, d: usize) {
+        self.waiters.push(self.slot, self.generation, d);
+    }
+
+    fn requeue(&mut self, d: usize) {
+        self.runq.push_back((self.slot, self.generation, d));
+    }
+
+    fn reset_sockets(&mut self) {
+        let _ = sys::set_linger_zero(self.io.client.as_fd());
+        let _ = sys::set_linger_zero(self.io.upstream.as_fd());
+    }
+
+    fn socket_error(&mut self, side: Side) -> Option<i32> {
+        sys::take_socket_error(self.fd(side))
+    }
+
+    fn established(&mut self) {
+        // Latency over batching: small request/response traffic must not wait for Nagle.
+        let _ = socket2::SockRef::from(&self.io.client).set_tcp_nodelay(true);
+        let _ = socket2::SockRef::from(&self.io.upstream).set_tcp_nodelay(true);
+    }
+
+    fn delivered(&mut self, d: usize, n: usize) {
+        let s = &self.core.stats;
+        let n = n as u64;
+        if d == 0 {
+            s.bytes_c2s.fetch_add(n, Relaxed);
+        } else {
+            s.bytes_s2c.fetch_add(n, Relaxed);
+        }
+        match self.core.cfg.relay {
+            RelayMode::Splice => s.splice_bytes.fetch_add(n, Relaxed),
+            RelayMode::Copy => s.copy_bytes.fetch_add(n, Relaxed),
+        };
+    }
+}

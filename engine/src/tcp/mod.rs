@@ -1,0 +1,404 @@
+//! The TCP subsystem of a worker: accepting, the connection table, and the relays.
+//!
+//! Life of a connection:
+//!
+//! 1. An accept completion (`accept.rs`) yields a client fd. Its local address
+//!    (`getsockname`) is the destination the client originally asked for.
+//! 2. The policy gives its verdict ([`crate::policy`]): relay to the original
+//!    destination, relay to another address, or reject (the client is reset,
+//!    nothing is connected).
+//! 3. An upstream socket carrying the engine's `SO_MARK` connects through the ring,
+//!    linked to a `LINK_TIMEOUT`. Refused, unreachable or timed out: the client is
+//!    reset at once (`SO_LINGER {1, 0}` + close), never left hanging.
+//! 4. Both directions relay (splice or copy) until each has passed its EOF on as
+//!    `shutdown(SHUT_WR)`; an error on either side resets both.
+//! 5. Closing cancels exactly the ops still armed; the slot, fds, pipes and buffers
+//!    are released only when the last of them has completed.
+//!
+//! Steps 3 to 5 are decided by the connection machine (`machine.rs`), which does no
+//! I/O; `driver.rs` carries its actions out. This module routes completions to the
+//! right connection, owns the pools the drivers share, and keeps the accounting:
+//! every accepted connection ends with exactly one [`CloseReason`], counted once,
+//! so `accepted == active + sum(close_*)` holds at every moment.
+
+pub mod accept;
+pub mod conns;
+pub mod copy;
+pub mod direction;
+pub mod driver;
+pub mod machine;
+pub mod splice;
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::Ordering::Relaxed;
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::addrs::{ClientAddr, OrigDst, UpstreamAddr};
+use crate::config::RelayMode;
+use crate::core::ring::Completion;
+use crate::core::token::{Op, Token};
+use crate::core::Core;
+use crate::policy::{ConnMeta, TcpVerdict};
+use crate::stats::CloseReason;
+use crate::sys;
+use accept::Acceptor;
+use conns::{Conn, ConnIo, ConnTable};
+use copy::{BufWaiters, COPY_BUFFERS, GROUP_TCP_COPY};
+use driver::Driver;
+use machine::{ConnMachine, Step};
+use splice::{PipePool, KERNEL_PIPE_SIZE};
+
+/// The TCP part of a worker.
+pub struct Tcp {
+    acceptor: Acceptor,
+    conns: ConnTable,
+    pipes: PipePool,
+    waiters: BufWaiters,
+    /// Relay directions that used up their budget and must be pumped again.
+    runq: VecDeque<(u32, u32, usize)>,
+    /// Per direction read size: pipe or buffer capacity.
+    capacity: usize,
+    /// Tick at which a stop resets whatever is still open.
+    stop_deadline: Option<u64>,
+}
+
+impl Tcp {
+    /// Opens the listeners and, for the copy relay, registers its buffers.
+    pub fn new(core: &mut Core) -> Result<Tcp, String> {
+        let cfg = core.cfg.clone();
+        if cfg.relay == RelayMode::Copy {
+            core.ring
+                .register_buffers(GROUP_TCP_COPY, COPY_BUFFERS, cfg.copy_buf_size)
+                .map_err(|e| format!("registering the copy buffer ring: {e}"))?;
+        }
+        let capacity = match cfg.relay {
+            RelayMode::Splice => cfg.pipe_size.unwrap_or(KERNEL_PIPE_SIZE),
+            RelayMode::Copy => cfg.copy_buf_size,
+        };
+        Ok(Tcp {
+            acceptor: Acceptor::new(&cfg)?,
+            conns: ConnTable::with_capacity(cfg.max_conns_per_core),
+            pipes: PipePool::default(),
+            waiters: BufWaiters::default(),
+            runq: VecDeque::new(),
+            capacity,
+            stop_deadline: None,
+        })
+    }
+
+    /// Connection slots still free (parked clients count as taken).
+    fn headroom(&self, core: &Core) -> usize {
+        core.cfg
+            .max_conns_per_core
+            .saturating_sub(self.conns.len() + self.acceptor.parked())
+    }
+
+    /// Arms the accepts.
+    pub fn start(&mut self, core: &mut Core) {
+        let h = self.headroom(core);
+        self.acceptor.arm(core, h);
+    }
+
+    /// A completion of a TCP op: an accept, or an op of a connection.
+    pub fn on_cqe(&mut self, core: &mut Core, tok: Token, c: Completion) {
+        if tok.op == Op::Accept {
+            let li = tok.slot as usize;
+            if let Some(fd) = self.acceptor.on_completion(core, &c, li) {
+                core.stats.accepted.fetch_add(1, Relaxed);
+                core.stats.active.fetch_add(1, Relaxed);
+                self.start_conn(core, fd);
+            }
+            let h = self.headroom(core);
+            self.acceptor.finish(core, &c, li, h);
+            return;
+        }
+        let op = tok
+            .op
+            .conn_op()
+            .expect("a TCP op is an accept or a connection op");
+        let found = self.with_conn(core, tok.slot, tok.generation, |m, fx| {
+            m.on_completion(op, c.result, c.more(), c.buffer_id(), fx)
+        });
+        if !found {
+            // Cannot happen while slots are freed only with nothing armed; a picked
+            // buffer must never leak all the same.
+            if let Some(b) = c.buffer_id() {
+                core.ring.buffers(GROUP_TCP_COPY).recycle(b);
+            }
+        }
+    }
+
+    /// Runs the machine of one connection with its driver; frees it on
+    /// [`Step::Free`], then hands returned buffers to waiting directions. Returns
+    /// whether the connection was live.
+    fn with_conn(
+        &mut self,
+        core: &mut Core,
+        slot: u32,
+        generation: u32,
+        f: impl FnOnce(&mut ConnMachine, &mut Driver<'_>) -> Step,
+    ) -> bool {
+        let found = self.with_conn_raw(core, slot, generation, f);
+        self.hand_on_buffers(core);
+        found
+    }
+
+    fn with_conn_raw(
+        &mut self,
+        core: &mut Core,
+        slot: u32,
+        generation: u32,
+        f: impl FnOnce(&mut ConnMachine, &mut Driver<'_>) -> Step,
+    ) -> bool {
+        let Some(conn) = self.conns.get(slot, generation) else {
+            return false;
+        };
+        let Conn { machine, io, .. } = conn;
+        let mut fx = Driver {
+            core: &mut *core,
+            io,
+            pipes: &mut self.pipes,
+            waiters: &mut self.waiters,
+            runq: &mut self.runq,
+            slot,
+            generation,
+        };
+        if f(machine, &mut fx) == Step::Free {
+            self.free(core, slot);
+        }
+        true
+    }
+
+    /// Copy relay: each buffer returned during the last event wakes the oldest live
+    /// direction waiting for one.
+    fn hand_on_buffers(&mut self, core: &mut Core) {
+        loop {
+            let n = self.waiters.take_returned();
+            if n == 0 {
+                return;
+            }
+            for _ in 0..n {
+                if !self.wake_buf_waiter(core) {
+                    self.waiters.add_unclaimed(1);
+                }
+            }
+        }
+    }
+
+    /// Wakes the oldest live direction waiting for a buffer; false if none waits.
+    fn wake_buf_waiter(&mut self, core: &mut Core) -> bool {
+        while let Some((slot, g, d)) = self.waiters.pop() {
+            let mut claimed = false;
+            self.with_conn_raw(core, slot, g, |m, fx| {
+                let (took, step) = m.on_buffer(d, fx);
+                claimed = took;
+                step
+            });
+            if claimed {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// End of a batch of completions: directions that used up their budget get
+    /// another turn, and a direction parked on `ENOBUFS` after a buffer came back in
+    /// the same batch (its receive failed before the recycle) is woken, once per
+    /// such buffer; later `ENOBUFS` are genuine and wait for the next recycle.
+    pub fn end_of_batch(&mut self, core: &mut Core) {
+        for _ in 0..self.runq.len() {
+            let Some((slot, g, d)) = self.runq.pop_front() else {
+                break;
+            };
+            self.with_conn(core, slot, g, |m, fx| m.resume(d, fx));
+        }
+        for _ in 0..self.waiters.take_unclaimed() {
+            if !self.wake_buf_waiter(core) {
+                break;
+            }
+        }
+        self.hand_on_buffers(core);
+        let _ = self.waiters.take_unclaimed();
+    }
+
+    /// Refuses a client before any relaying: resets it (unless it is already gone)
+    /// and counts its close.
+    fn refuse(core: &Core, client: OwnedFd, reason: CloseReason) {
+        if reason != CloseReason::ClientGone {
+            let _ = sys::set_linger_zero(client.as_fd());
+        }
+        drop(client);
+        core.stats.count_close(reason);
+        core.stats.active.fetch_sub(1, Relaxed);
+    }
+
+    /// Takes a newly accepted client: limit, addresses, policy, upstream connect.
+    fn start_conn(&mut self, core: &mut Core, client: OwnedFd) {
+        if core.stopping {
+            return Self::refuse(core, client, CloseReason::Stopping);
+        }
+        if self.conns.len() >= core.cfg.max_conns_per_core {
+            // A multishot burst accepted past the limit before its cancel took effect.
+            match self.acceptor.park(client) {
+                Ok(()) => core.stats.accept_parked.fetch_add(1, Relaxed),
+                Err(client) => return Self::refuse(core, client, CloseReason::Limit),
+            };
+            return;
+        }
+        let (Ok(orig), Ok(peer)) = (
+            sys::local_addr(client.as_fd()),
+            sys::peer_addr(client.as_fd()),
+        ) else {
+            // The client is already gone (reset before we looked); nothing to relay.
+            return Self::refuse(core, client, CloseReason::ClientGone);
+        };
+        let meta = ConnMeta {
+            client: ClientAddr(peer),
+            orig_dst: OrigDst(orig),
+        };
+        let target = match core.policy.tcp(&meta) {
+            TcpVerdict::Relay => orig,
+            TcpVerdict::RelayTo(to) => {
+                core.stats.policy_redirected.fetch_add(1, Relaxed);
+                to
+            }
+            TcpVerdict::Reject => return Self::refuse(core, client, CloseReason::Rejected),
+        };
+        if target.port() == core.cfg.port && sys::is_local_address(target.ip()) {
+            // Someone connected to the engine's own port directly (or was redirected
+            // there): relaying would connect the engine to itself, forever.
+            return Self::refuse(core, client, CloseReason::Loop);
+        }
+        let upstream = match upstream_socket(&target, core.cfg.mark) {
+            Ok(s) => s,
+            Err(e) => {
+                core.log_limited(format_args!("tcp: upstream socket to {target}: {e}"));
+                return Self::refuse(core, client, CloseReason::ConnectError);
+            }
+        };
+        let conn = Box::new(Conn {
+            generation: 0,
+            machine: ConnMachine::new(core.cfg.relay, self.capacity, core.tick),
+            io: ConnIo {
+                client,
+                upstream,
+                client_addr: meta.client,
+                orig_dst: meta.orig_dst,
+                upstream_addr: UpstreamAddr(target),
+                connect_addr: sys::cmsg::encode_sockaddr(&target),
+                pipes: [None, None],
+                started: core.tick,
+            },
+        });
+        let (slot, g) = self.conns.insert(conn);
+        let h = self.headroom(core);
+        self.acceptor.note_headroom(core, h);
+        self.with_conn_raw(core, slot, g, |m, fx| {
+            m.start(fx);
+            Step::Continue
+        });
+    }
+
+    /// Removes a freed connection: counts its close, closes its sockets (a RST if
+    /// the machine reset them), starts parked clients and re-arms the accepts.
+    fn free(&mut self, core: &mut Core, slot: u32) {
+        let conn = self.conns.remove(slot).expect("freeing a live connection");
+        let reason = conn
+            .machine
+            .reason()
+            .expect("a freed connection has a reason");
+        if matches!(
+            reason,
+            CloseReason::ConnectRefused
+                | CloseReason::ConnectTimeout
+                | CloseReason::Unreachable
+                | CloseReason::ConnectError
+        ) {
+            let (client, target) = (conn.io.client_addr.0, conn.io.upstream_addr.0);
+            let why = match conn.machine.errno() {
+                Some(libc::ECANCELED) | None => {
+                    format!("no answer within {} ms", core.cfg.connect_timeout_ms)
+                }
+                Some(e) => io::Error::from_raw_os_error(e).to_string(),
+            };
+            core.log_limited(format_args!(
+                "tcp: {client} -> {target}: connect failed: {why}; client reset"
+            ));
+        }
+        core.stats.count_close(reason);
+        core.stats.active.fetch_sub(1, Relaxed);
+        drop(conn);
+        // A parked client may have gone meanwhile (start_conn then takes no slot):
+        // keep going until a slot is taken again or nobody is parked.
+        while self.conns.len() < core.cfg.max_conns_per_core {
+            let Some(client) = self.acceptor.unpark() else {
+                break;
+            };
+            self.start_conn(core, client);
+        }
+        let h = self.headroom(core);
+        self.acceptor.note_headroom(core, h);
+        self.acceptor.unstarve();
+        self.acceptor.arm(core, h);
+    }
+
+    /// Once a second: pipe pool trim, idle timeouts, paused accepts, drain deadline.
+    pub fn on_tick(&mut self, core: &mut Core) {
+        self.pipes.on_tick();
+        let h = self.headroom(core);
+        self.acceptor.on_tick(core, h);
+        let deadline_passed = self.stop_deadline.is_some_and(|t| core.tick >= t);
+        let idle = core.cfg.idle_timeout_s;
+        if self.conns.is_empty() {
+            return;
+        }
+        for (slot, g) in self.conns.live() {
+            let tick = core.tick;
+            self.with_conn(core, slot, g, |m, fx| {
+                if deadline_passed {
+                    m.abort(CloseReason::DrainDeadline, fx)
+                } else if idle.is_some_and(|t| tick.saturating_sub(m.last_active()) >= t) {
+                    m.abort(CloseReason::IdleTimeout, fx)
+                } else {
+                    Step::Continue
+                }
+            });
+        }
+    }
+
+    /// Stops accepting, resets parked clients and starts the drain deadline.
+    pub fn stop(&mut self, core: &mut Core) {
+        self.stop_deadline = Some(core.tick + core.cfg.drain_timeout_s);
+        for client in self.acceptor.stop(core) {
+            Self::refuse(core, client, CloseReason::Stopping);
+        }
+    }
+
+    /// No connection open and no accept in flight.
+    pub fn is_drained(&self) -> bool {
+        self.conns.is_empty() && self.acceptor.is_idle()
+    }
+
+    /// Relay directions wait in the run queue for another turn.
+    pub fn has_queued(&self) -> bool {
+        !self.runq.is_empty()
+    }
+}
+
+/// An upstream socket towards `target`, marked so interception rules skip it.
+fn upstream_socket(target: &SocketAddr, mark: u32) -> io::Result<OwnedFd> {
+    let domain = if target.is_ipv6() {
+        Domain::IPV6
+    } else {
+        Domain::IPV4
+    };
+    let s = Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
+    if mark != 0 {
+        s.set_mark(mark)?;
+    }
+    Ok(s.into())
+}

@@ -1,0 +1,73 @@
+//! The splice relay's side of the driver: the per-core pipe pool and the inline
+//! `splice(2)` calls.
+//!
+//! `IORING_OP_SPLICE` is always punted to an io-wq worker thread (the kernel's
+//! io_uring/splice.c forces async), so the splice relay waits for readiness through
+//! the ring and then splices inline, non-blocking, on the core's own thread (the
+//! HAProxy model). A pipe is held only while a direction has bytes in flight; idle
+//! pipes wait in a LIFO pool (warm in cache) and are closed after a quiet second.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering::Relaxed;
+
+use super::direction::Io;
+use crate::core::Core;
+use crate::sys::{self, Pipe};
+
+/// Most idle pipes kept per core; more are closed when returned.
+const PIPE_POOL_MAX: usize = 256;
+
+/// A pipe's size when `--pipe-size 0` leaves it to the kernel.
+pub const KERNEL_PIPE_SIZE: usize = 65536;
+
+/// Idle pipes of one core.
+#[derive(Default)]
+pub struct PipePool {
+    idle: Vec<Pipe>,
+    /// Pipes taken from the pool or created since the last tick.
+    taken: u64,
+}
+
+impl PipePool {
+    /// Takes a pipe from the pool or makes one.
+    pub fn take(&mut self, core: &Core) -> io::Result<Pipe> {
+        self.taken += 1;
+        if let Some(p) = self.idle.pop() {
+            return Ok(p);
+        }
+        let p = Pipe::new(core.cfg.pipe_size)?;
+        core.stats.pipes_created.fetch_add(1, Relaxed);
+        if core.cfg.pipe_size.is_some_and(|want| p.capacity < want) {
+            core.stats.pipes_undersized.fetch_add(1, Relaxed);
+        }
+        Ok(p)
+    }
+
+    /// Returns an EMPTY pipe to the pool (a pipe with data in it must be dropped).
+    pub fn give(&mut self, p: Pipe) {
+        if self.idle.len() < PIPE_POOL_MAX {
+            self.idle.push(p);
+        }
+    }
+
+    /// Once a second: after a quiet second, give idle pipes back (2 fds and up to
+    /// `--pipe-size` of pinned kernel memory each), so an idle engine holds what it
+    /// held at start.
+    pub fn on_tick(&mut self) {
+        if self.taken == 0 {
+            self.idle.clear();
+        }
+        self.taken = 0;
+    }
+}
+
+/// `splice(from -> pipe)`.
+pub fn splice_in(from: &impl AsRawFd, pipe: &Pipe, len: usize) -> Io {
+    Io::from_result(sys::splice(from.as_raw_fd(), pipe.write.as_raw_fd(), len))
+}
+
+/// `splice(pipe -> to)`.
+pub fn splice_out(pipe: &Pipe, to: &impl AsRawFd, len: usize) -> Io {
+    Io::from_result(sys::splice(pipe.read.as_raw_fd(), to.as_raw_fd(), len))
+}

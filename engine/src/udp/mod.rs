@@ -1,0 +1,552 @@
+//! The UDP subsystem of a worker: batched receive, a bounded flow table, replies
+//! from the original destination.
+//!
+//! Design, per core:
+//!
+//! * Two tproxy sockets (v4, v6) with `IP_TRANSPARENT`, `SO_REUSEPORT` and
+//!   `IP_RECVORIGDSTADDR`/`IPV6_RECVORIGDSTADDR`, each with one multishot `RECVMSG`
+//!   over a provided buffer ring: one SQE yields a stream of datagrams, each with its
+//!   source (the client) and the original destination in a cmsg.
+//! * A flow per (client, original destination), created when its first datagram
+//!   arrives and the policy lets it through, owns one upstream socket: marked
+//!   (`SO_MARK`), connected to the original destination (or the policy's target),
+//!   with a multishot `RECV` on the same buffer ring. The connected socket
+//!   demultiplexes the server's answers to the right client without any lookup.
+//! * Replies go out through the reply socket bound to the original destination
+//!   (`replies.rs`), so they carry its address and port.
+//! * Datagrams are forwarded with non-blocking `send`/`sendto` right in the
+//!   completion handler, so each receive buffer goes back to the kernel at once.
+//! * Stopping closes the tproxy sockets at once (with nft's fail-open rules new
+//!   datagrams then bypass the engine), keeps the flows so that answers to what was
+//!   already forwarded still reach their clients, ends each flow once it has been
+//!   quiet for the single-exchange timeout, and ends the rest at the drain deadline.
+
+pub mod flows;
+pub mod replies;
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::atomic::Ordering::Relaxed;
+
+use io_uring::{opcode, types};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::core::ring::Completion;
+use crate::core::token::{Op, Token, GENERATION_MASK};
+use crate::core::Core;
+use crate::policy::{FlowMeta, UdpVerdict};
+use crate::stats::FlowEnd;
+use crate::sys::{self, cmsg};
+use flows::{ClientAddr, Dir, FlowId, FlowKey, FlowTable, InsertOutcome, OrigDst};
+use replies::Replies;
+
+/// Provided buffer group of UDP receives (tproxy sockets and upstream sockets).
+pub const GROUP_UDP: u16 = 1;
+
+/// Largest UDP payload (IPv6 jumbograms aside): 65535 - 8 byte UDP header.
+const MAX_PAYLOAD: usize = 65527;
+/// Room for the `io_uring_recvmsg_out` header (16), the name (sockaddr_in6, 28) and
+/// the control data in front of the payload, rounded up.
+const RECVMSG_OVERHEAD: usize = 256;
+/// Provided buffers shared by the tproxy sockets and every upstream socket of a core.
+/// A buffer is held only while its datagram is being forwarded (synchronously), so
+/// this bounds one batch, not the number of flows.
+pub const BUFFERS: u16 = 256;
+
+struct TproxySocket {
+    fd: Option<OwnedFd>,
+    /// Kernel reads `msg_namelen`/`msg_controllen` from here (boxed: stable address).
+    msghdr: Box<libc::msghdr>,
+    armed: bool,
+}
+
+/// One flow's upstream side.
+struct Flow {
+    upstream: OwnedFd,
+    /// `user_data` of the multishot recv armed on `upstream`.
+    recv_ud: u64,
+    armed: bool,
+}
+
+/// The UDP part of a worker.
+pub struct Udp {
+    sockets: Vec<TproxySocket>,
+    flows: FlowTable<Flow>,
+    replies: Replies,
+    /// Upstream sockets of removed flows whose recv is being cancelled, by the
+    /// recv's `user_data`; closed when its final completion arrives.
+    closing: HashMap<u64, OwnedFd>,
+    /// Tproxy sockets or flows whose multishot recv ended and must be re-armed
+    /// after the buffers of this batch are back in the ring.
+    rearm: Vec<Token>,
+    expired: Vec<(FlowKey, Flow)>,
+    idle_ms: u64,
+    single_ms: u64,
+    /// Tick at which a stop ends every flow.
+    stop_deadline: Option<u64>,
+}
+
+fn tproxy_socket(v6: bool, port: u16) -> io::Result<OwnedFd> {
+    let domain = if v6 { Domain::IPV6 } else { Domain::IPV4 };
+    let s = Socket::new(domain, Type::DGRAM.nonblocking(), Some(Protocol::UDP))?;
+    if v6 {
+        s.set_only_v6(true)?;
+        s.set_ip_transparent_v6(true)?;
+    } else {
+        s.set_ip_transparent_v4(true)?;
+    }
+    sys::set_recv_orig_dst(s.as_fd(), v6)?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    // Bursts land here while the worker is busy with other completions; a queue
+    // beyond the default rmem_max (208 KiB, ~150 full-size datagrams) absorbs them.
+    let _ = sys::set_recv_buffer_force(s.as_fd(), 8 << 20);
+    s.bind(&sys::unspecified(v6, port).into())?;
+    Ok(s.into())
+}
+
+/// A marked socket connected to `target`.
+fn upstream_socket(target: &SocketAddr, mark: u32) -> io::Result<OwnedFd> {
+    let domain = if target.is_ipv6() {
+        Domain::IPV6
+    } else {
+        Domain::IPV4
+    };
+    let s = Socket::new(domain, Type::DGRAM.nonblocking(), Some(Protocol::UDP))?;
+    if mark != 0 {
+        s.set_mark(mark)?;
+    }
+    s.connect(&(*target).into())?;
+    Ok(s.into())
+}
+
+impl Udp {
+    /// Opens the tproxy sockets and registers the buffer ring.
+    pub fn new(core: &mut Core) -> Result<Udp, String> {
+        let cfg = core.cfg.clone();
+        core.ring
+            .register_buffers(GROUP_UDP, BUFFERS, MAX_PAYLOAD + RECVMSG_OVERHEAD)
+            .map_err(|e| format!("registering the UDP buffer ring: {e}"))?;
+        let mut sockets = Vec::new();
+        for v6 in cfg.families() {
+            let fd = tproxy_socket(v6, cfg.port)
+                .map_err(|e| format!("UDP socket on {}: {e}", sys::unspecified(v6, cfg.port)))?;
+            // Multishot recvmsg reads only the name and control lengths from it.
+            let mut msghdr = Box::new(sys::zeroed_msghdr());
+            msghdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+            msghdr.msg_controllen = cmsg::CONTROL_LEN;
+            sockets.push(TproxySocket {
+                fd: Some(fd),
+                msghdr,
+                armed: false,
+            });
+        }
+        Ok(Udp {
+            sockets,
+            flows: FlowTable::new(cfg.udp_max_flows_per_core),
+            replies: Replies::default(),
+            closing: HashMap::new(),
+            rearm: Vec::new(),
+            expired: Vec::new(),
+            idle_ms: cfg.udp_idle_timeout_s * 1000,
+            single_ms: cfg.udp_single_exchange_timeout_s * 1000,
+            stop_deadline: None,
+        })
+    }
+
+    /// Arms the multishot recvmsg of every tproxy socket.
+    pub fn start(&mut self, core: &mut Core) {
+        for i in 0..self.sockets.len() {
+            self.arm_socket(core, i);
+        }
+    }
+
+    fn arm_socket(&mut self, core: &mut Core, i: usize) {
+        let s = &mut self.sockets[i];
+        let Some(fd) = s.fd.as_ref() else {
+            return;
+        };
+        if s.armed || core.stopping {
+            return;
+        }
+        s.armed = true;
+        let sqe = opcode::RecvMsgMulti::new(
+            types::Fd(fd.as_raw_fd()),
+            &*s.msghdr as *const libc::msghdr,
+            GROUP_UDP,
+        )
+        .build()
+        .user_data(Token::new(Op::UdpListen, i as u32, 0).encode());
+        core.submit(sqe);
+    }
+
+    /// Arms a flow's upstream recv. Flows stay armed while stopping: answers to
+    /// datagrams already forwarded must still reach their clients.
+    fn arm_flow(&mut self, core: &mut Core, id: FlowId) {
+        let Some(flow) = self.flows.get_mut(id) else {
+            return;
+        };
+        if flow.armed {
+            return;
+        }
+        flow.armed = true;
+        let sqe = opcode::RecvMulti::new(types::Fd(flow.upstream.as_raw_fd()), GROUP_UDP)
+            .build()
+            .user_data(flow.recv_ud);
+        core.submit(sqe);
+    }
+
+    /// Re-arms receives that ended in this batch (recycled buffers are already
+    /// visible to the kernel: `BufRing::recycle` publishes at once).
+    fn rearm_pending(&mut self, core: &mut Core) {
+        let pending = std::mem::take(&mut self.rearm);
+        for t in pending {
+            match t.op {
+                Op::UdpListen => self.arm_socket(core, t.slot as usize),
+                _ => {
+                    if let Some(id) = self.live_flow(t) {
+                        self.arm_flow(core, id);
+                    }
+                }
+            }
+        }
+    }
+
+    fn live_flow(&self, t: Token) -> Option<FlowId> {
+        let id = self.flows.id_at(t.slot)?;
+        (id.generation & GENERATION_MASK == t.generation).then_some(id)
+    }
+
+    /// A UDP completion.
+    pub fn on_cqe(&mut self, core: &mut Core, tok: Token, c: Completion) {
+        let bid = c.buffer_id();
+        match tok.op {
+            Op::UdpListen => self.on_client_datagram(core, tok, c, bid),
+            _ => self.on_server_datagram(core, tok, c, bid),
+        }
+        if let Some(b) = bid {
+            core.ring.buffers(GROUP_UDP).recycle(b);
+        }
+        if !self.rearm.is_empty() {
+            self.rearm_pending(core);
+        }
+    }
+
+    fn on_client_datagram(&mut self, core: &mut Core, tok: Token, c: Completion, bid: Option<u16>) {
+        let i = tok.slot as usize;
+        if !c.more() {
+            self.sockets[i].armed = false;
+            if core.stopping {
+                self.sockets[i].fd = None;
+            } else {
+                self.rearm.push(tok);
+            }
+        }
+        if c.result < 0 {
+            recv_error(core, -c.result, "recvmsg");
+            return;
+        }
+        let Some(b) = bid else {
+            return;
+        };
+        let stats = core.stats.clone();
+        let data = core.ring.buffers(GROUP_UDP).data(b, c.result as usize);
+        let (client, orig, payload) = match parse_datagram(data, &self.sockets[i].msghdr) {
+            Ok(d) => d,
+            Err(Malformed::Truncated) => {
+                stats.udp_drop_truncated.fetch_add(1, Relaxed);
+                return;
+            }
+            Err(Malformed::NoOrigDst) => {
+                stats.udp_drop_no_origdst.fetch_add(1, Relaxed);
+                core.log_limited(format_args!(
+                    "udp: datagram without an original destination dropped"
+                ));
+                return;
+            }
+            Err(Malformed::BadSource) => {
+                stats.udp_drop_bad_source.fetch_add(1, Relaxed);
+                return;
+            }
+        };
+        let key = FlowKey {
+            client: ClientAddr(client),
+            orig_dst: OrigDst(orig),
+        };
+        let now = core.now_ms();
+        let id = match self.flows.lookup(&key) {
+            Some(id) => id,
+            None if core.stopping => {
+                // Delivered before the cancel of the tproxy recv took effect: no new
+                // flow may start now, it would outlive the drain.
+                stats.udp_drop_stopping.fetch_add(1, Relaxed);
+                return;
+            }
+            None => match self.open_flow(core, key, now) {
+                Some(id) => id,
+                None => return,
+            },
+        };
+        let fd = self.flows.get(id).expect("live flow").upstream.as_raw_fd();
+        // Re-borrow the payload: `open_flow` needed `core` mutably.
+        let data = core.ring.buffers(GROUP_UDP).data(b, c.result as usize);
+        let payload_len = payload.len();
+        match sys::send(fd, &data[payload]) {
+            Ok(_) => {
+                stats.udp_dgrams_c2s.fetch_add(1, Relaxed);
+                stats.udp_bytes_c2s.fetch_add(payload_len as u64, Relaxed);
+                self.flows.touch(id, now, Dir::ToServer);
+            }
+            Err(e) => {
+                stats.udp_drop_send_upstream.fetch_add(1, Relaxed);
+                core.log_limited(format_args!("udp: send to {orig}: {e}"));
+                if is_lasting_send_error(&e) {
+                    // The flow cannot carry anything; the next datagram opens a new one.
+                    if let Some(f) = self.flows.remove(id) {
+                        self.retire(core, f, FlowEnd::SendError);
+                    }
+                } else {
+                    self.flows.touch(id, now, Dir::ToServer);
+                }
+            }
+        }
+    }
+
+    /// Creates the flow for `key`: policy, upstream socket, reply socket, recv.
+    fn open_flow(&mut self, core: &mut Core, key: FlowKey, now: u64) -> Option<FlowId> {
+        let orig = key.orig_dst.0;
+        let meta = FlowMeta {
+            client: key.client,
+            orig_dst: key.orig_dst,
+        };
+        let target = match core.policy.udp(&meta) {
+            UdpVerdict::Relay => orig,
+            UdpVerdict::RelayTo(to) => to,
+            UdpVerdict::Drop => {
+                core.stats.udp_drop_policy.fetch_add(1, Relaxed);
+                return None;
+            }
+        };
+        if target.port() == core.cfg.port && sys::is_local_address(target.ip()) {
+            // Addressed to the engine's own port on this host: would loop forever.
+            core.stats.udp_drop_loop.fetch_add(1, Relaxed);
+            return None;
+        }
+        let upstream = match upstream_socket(&target, core.cfg.mark) {
+            Ok(s) => s,
+            Err(e) => {
+                core.stats.udp_drop_no_socket.fetch_add(1, Relaxed);
+                core.log_limited(format_args!("udp: upstream socket to {target}: {e}"));
+                return None;
+            }
+        };
+        if let Err(e) = self
+            .replies
+            .acquire(&core.stats, key.orig_dst, core.cfg.mark)
+        {
+            core.stats.udp_drop_no_socket.fetch_add(1, Relaxed);
+            core.log_limited(format_args!("udp: reply socket on {orig}: {e}"));
+            return None;
+        }
+        let flow = Flow {
+            upstream,
+            recv_ud: 0,
+            armed: false,
+        };
+        let id = match self.flows.insert(key, flow, now) {
+            InsertOutcome::Inserted(id) => id,
+            InsertOutcome::Evicted { id, evicted } => {
+                self.retire(core, evicted, FlowEnd::Evicted);
+                id
+            }
+            InsertOutcome::Occupied { id, value } => {
+                // Cannot happen (looked up first); undo the reference taken above.
+                drop(value);
+                self.replies.release(&core.stats, key.orig_dst);
+                id
+            }
+        };
+        core.stats.udp_flows_created.fetch_add(1, Relaxed);
+        core.stats.udp_flows_active.fetch_add(1, Relaxed);
+        let ud = Token::new(Op::UdpUpstream, id.index, id.generation).encode();
+        self.flows.get_mut(id).expect("inserted").recv_ud = ud;
+        self.arm_flow(core, id);
+        Some(id)
+    }
+
+    /// Takes a removed flow out of service: counts why, cancels its recv, and closes
+    /// its socket once the recv is done.
+    fn retire(&mut self, core: &mut Core, (key, flow): (FlowKey, Flow), why: FlowEnd) {
+        core.stats.udp_flows_active.fetch_sub(1, Relaxed);
+        core.stats.count_flow_end(why, 1);
+        self.replies.release(&core.stats, key.orig_dst);
+        if flow.armed {
+            core.cancel(flow.recv_ud);
+            self.closing.insert(flow.recv_ud, flow.upstream);
+        }
+        // Not armed: dropping `flow` closes the socket now.
+    }
+
+    fn on_server_datagram(&mut self, core: &mut Core, tok: Token, c: Completion, bid: Option<u16>) {
+        let Some(id) = self.live_flow(tok) else {
+            // A retired flow's recv: close its socket on the final completion.
+            if !c.more() {
+                self.closing.remove(&tok.encode());
+            }
+            return;
+        };
+        if !c.more() {
+            if let Some(f) = self.flows.get_mut(id) {
+                f.armed = false;
+            }
+            self.rearm.push(tok);
+        }
+        if c.result < 0 {
+            recv_error(core, -c.result, "recv");
+            return;
+        }
+        // A zero-length datagram picks no buffer (the kernel ends the multishot recv
+        // with result 0): it is relayed as one, like the other direction does.
+        if bid.is_none() && c.result != 0 {
+            return;
+        }
+        let key = self.flows.key_of(id).expect("live flow");
+        let Some(reply_fd) = self.replies.fd(&key.orig_dst) else {
+            return;
+        };
+        let stats = core.stats.clone();
+        let payload = match bid {
+            Some(b) => core.ring.buffers(GROUP_UDP).data(b, c.result as usize),
+            None => &[],
+        };
+        let len = payload.len() as u64;
+        match sys::send_to(reply_fd, payload, &key.client.0) {
+            Ok(_) => {
+                stats.udp_dgrams_s2c.fetch_add(1, Relaxed);
+                stats.udp_bytes_s2c.fetch_add(len, Relaxed);
+            }
+            Err(e) => {
+                stats.udp_drop_send_client.fetch_add(1, Relaxed);
+                core.log_limited(format_args!("udp: reply to {}: {e}", key.client.0));
+            }
+        }
+        let now = core.now_ms();
+        self.flows.touch(id, now, Dir::ToClient);
+    }
+
+    /// Once a second: expire idle flows; while stopping, quiet ones sooner, and all
+    /// of them at the drain deadline.
+    pub fn on_tick(&mut self, core: &mut Core) {
+        let now = core.now_ms();
+        let mut out = std::mem::take(&mut self.expired);
+        if self.stop_deadline.is_some_and(|t| core.tick >= t) {
+            for f in self.flows.drain_all() {
+                self.retire(core, f, FlowEnd::Drain);
+            }
+        } else {
+            let idle_ms = if core.stopping {
+                self.idle_ms.min(self.single_ms)
+            } else {
+                self.idle_ms
+            };
+            let n = self.flows.expire(now, idle_ms, self.single_ms, &mut out);
+            let mut ends = std::iter::repeat_n(FlowEnd::SingleExchange, n.single_exchange)
+                .chain(std::iter::repeat_n(FlowEnd::Idle, n.idle));
+            // `out` is in LRU order, not by kind; only the counts per kind matter.
+            for f in out.drain(..) {
+                let why = ends.next().unwrap_or(FlowEnd::Idle);
+                self.retire(core, f, why);
+            }
+        }
+        self.expired = out;
+    }
+
+    /// Stops receiving from clients and starts the drain of the flows.
+    pub fn stop(&mut self, core: &mut Core) {
+        self.stop_deadline = Some(core.tick + core.cfg.drain_timeout_s);
+        for i in 0..self.sockets.len() {
+            if self.sockets[i].armed {
+                core.cancel(Token::new(Op::UdpListen, i as u32, 0).encode());
+            } else {
+                self.sockets[i].fd = None;
+            }
+        }
+    }
+
+    /// Nothing left in flight or open (for the final wind-down).
+    pub fn is_drained(&self) -> bool {
+        self.flows.is_empty() && self.closing.is_empty() && self.sockets.iter().all(|s| !s.armed)
+    }
+}
+
+/// Why a received datagram cannot be relayed.
+enum Malformed {
+    /// Payload larger than the buffer, or the buffer too short for the header.
+    Truncated,
+    /// Control data truncated, or no original destination in it.
+    NoOrigDst,
+    /// The source address could not be decoded.
+    BadSource,
+}
+
+/// Splits a multishot recvmsg buffer into (client, original destination, payload
+/// range within `data`).
+fn parse_datagram(
+    data: &[u8],
+    msghdr: &libc::msghdr,
+) -> Result<(SocketAddr, SocketAddr, std::ops::Range<usize>), Malformed> {
+    let out = types::RecvMsgOut::parse(data, msghdr).map_err(|_| Malformed::Truncated)?;
+    if out.is_payload_truncated() {
+        return Err(Malformed::Truncated);
+    }
+    let flags = if out.is_control_data_truncated() {
+        libc::MSG_CTRUNC
+    } else {
+        0
+    };
+    let meta = cmsg::decode(out.control_data(), flags);
+    let orig = meta
+        .orig_dst
+        .filter(|_| !meta.truncated_ctrl)
+        .ok_or(Malformed::NoOrigDst)?;
+    let client = cmsg::decode_sockaddr(out.name_data()).ok_or(Malformed::BadSource)?;
+    let payload = out.payload_data();
+    let start = payload.as_ptr() as usize - data.as_ptr() as usize;
+    Ok((client, orig, start..start + payload.len()))
+}
+
+/// A send error after which the flow's upstream socket is of no more use.
+fn is_lasting_send_error(e: &io::Error) -> bool {
+    !matches!(
+        e.raw_os_error(),
+        // Transient: a full socket buffer or device queue, or an ICMP error of an
+        // earlier datagram reported on this one (the server may come up).
+        Some(libc::EAGAIN)
+            | Some(libc::ENOBUFS)
+            | Some(libc::ENOMEM)
+            | Some(libc::ECONNREFUSED)
+            | Some(libc::EHOSTUNREACH)
+            | Some(libc::ENETUNREACH)
+            | Some(libc::EINTR)
+    )
+}
+
+/// A failed (or finished) multishot receive; the caller re-arms it.
+fn recv_error(core: &mut Core, errno: i32, op: &str) {
+    match errno {
+        // Every provided buffer was in use: re-armed once this batch returned them.
+        libc::ENOBUFS => {
+            core.stats.udp_enobufs.fetch_add(1, Relaxed);
+        }
+        libc::ECANCELED => {}
+        // ICMP port/host unreachable reported on a connected upstream socket: the
+        // server is not there (yet); the flow stays and expires if nothing comes back.
+        libc::ECONNREFUSED | libc::EHOSTUNREACH | libc::ENETUNREACH => {}
+        e => core.log_limited(format_args!(
+            "udp: {op}: {}",
+            io::Error::from_raw_os_error(e)
+        )),
+    }
+}

@@ -493,3 +493,92 @@ fn udp_excluded_and_local_bypass_v4() {
 fn udp_excluded_and_local_bypass_v6() {
     udp_bypass("udp_excluded_and_local_bypass_v6", Family::V6);
 }
+
+// ---------------------------------------------------------------------------------
+// (f) Stopping under steady UDP
+// ---------------------------------------------------------------------------------
+
+/// SIGTERM while DNS-like traffic keeps arriving (50 long-lived client sockets and
+/// new source ports all the time, as resolvers do): the engine must end every flow
+/// by the drain deadline and exit within `--drain-timeout-s` + 1 s. Datagrams that
+/// arrived while it stopped used to open flows that nothing armed, which then kept
+/// the engine alive until the 30 s idle expiry.
+fn stop_under_load(test: &str, family: Family) {
+    const DRAIN_S: u64 = 2;
+    let cfg = RigConfig::new().engine_args(&["--drain-timeout-s", &DRAIN_S.to_string()]);
+    let Some(mut rig) = Rig::start(test, cfg) else {
+        return;
+    };
+    let dst = SocketAddr::new(family.server_a(), 5353);
+    let _echo = UdpEcho::start(&rig.lab.server, dst, false).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let load = rig.lab.client.spawn(move || -> anyhow::Result<(u64, u64)> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut steady = Vec::new();
+        for _ in 0..50 {
+            let s = udp_client(family, Duration::from_millis(1))?;
+            s.set_nonblocking(true)?;
+            steady.push(s);
+        }
+        let (mut sent, mut answered) = (0u64, 0u64);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut buf = [0u8; 64];
+        let mut i = 0usize;
+        while !stop2.load(Relaxed) && Instant::now() < deadline {
+            // About 20,000 datagrams a second in bursts, so that some are always in
+            // the engine's receive queue when the stop arrives.
+            for s in &steady {
+                if s.send_to(b"query", dst).is_ok() {
+                    sent += 1;
+                }
+            }
+            for _ in 0..4 {
+                // A fresh source port: a new flow for the engine.
+                let f = udp_client(family, Duration::from_millis(1))?;
+                if f.send_to(b"fresh", dst).is_ok() {
+                    sent += 1;
+                }
+            }
+            for s in &steady {
+                while s.recv_from(&mut buf).is_ok() {
+                    answered += 1;
+                }
+            }
+            i += 1;
+            if i % 4 == 0 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        Ok((sent, answered))
+    });
+    let e = rig.engine_mut();
+    e.wait_counters(Duration::from_secs(5), |c| c.get("udp_flows_created") >= 200)
+        .unwrap_or_else(|c| panic!("load did not reach the engine: {c:?}"));
+    let t = Instant::now();
+    let (status, stdout, stderr) = e.stop(Duration::from_secs(DRAIN_S + 10));
+    let took = t.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (sent, answered) = load.join().expect("load thread").unwrap();
+    let status = status.expect("engine did not exit");
+    assert!(status.success(), "exit {status}; stderr: {}", tail(&stderr, 2000));
+    assert!(
+        took <= Duration::from_secs(DRAIN_S + 1),
+        "exit took {took:?} with --drain-timeout-s {DRAIN_S}; stderr: {}",
+        tail(&stderr, 2000)
+    );
+    let at_exit = stdout.split("summary:").nth(1).expect("a summary line");
+    let summary = parse_counter_table(at_exit).expect("exit summary");
+    assert_eq!(summary.get("udp_flows_active"), 0, "{summary:?}");
+    assert!(answered > 0 && sent > answered / 2, "sent {sent}, answered {answered}");
+}
+
+#[test]
+fn udp_stop_under_steady_load_v4() {
+    stop_under_load("udp_stop_under_steady_load_v4", Family::V4);
+}
+
+#[test]
+fn udp_stop_under_steady_load_v6() {
+    stop_under_load("udp_stop_under_steady_load_v6", Family::V6);
+}

@@ -18,8 +18,9 @@
 //!   completion handler, so each receive buffer goes back to the kernel at once.
 //! * Stopping closes the tproxy sockets at once (with nft's fail-open rules new
 //!   datagrams then bypass the engine), keeps the flows so that answers to what was
-//!   already forwarded still reach their clients, ends each flow once it has been
-//!   quiet for the single-exchange timeout, and ends the rest at the drain deadline.
+//!   already forwarded still reach their clients, ends answered single exchanges at
+//!   the next tick and other flows once quiet for the single-exchange timeout, and
+//!   ends the rest at the drain deadline.
 
 pub mod flows;
 pub mod replies;
@@ -446,12 +447,14 @@ impl Udp {
                 self.retire(core, f, FlowEnd::Drain);
             }
         } else {
-            let idle_ms = if core.stopping {
-                self.idle_ms.min(self.single_ms)
+            // While stopping, an answered single exchange has nothing left to wait
+            // for, and any other flow ends once quiet for the shorter timeout.
+            let (idle_ms, single_ms) = if core.stopping {
+                (self.idle_ms.min(self.single_ms), 0)
             } else {
-                self.idle_ms
+                (self.idle_ms, self.single_ms)
             };
-            let n = self.flows.expire(now, idle_ms, self.single_ms, &mut out);
+            let n = self.flows.expire(now, idle_ms, single_ms, &mut out);
             let mut ends = std::iter::repeat_n(FlowEnd::SingleExchange, n.single_exchange)
                 .chain(std::iter::repeat_n(FlowEnd::Idle, n.idle));
             // `out` is in LRU order, not by kind; only the counts per kind matter.

@@ -460,6 +460,11 @@ impl<'a> Armed<'a> {
         }
     }
 
+    /// The proxy's pid (`None` for `direct`).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(NsChild::pid)
+    }
+
     /// `Err(reason)` when the proxy has died since it started.
     pub fn check_alive(&mut self) -> Result<(), String> {
         match self.child.as_mut() {

@@ -72,6 +72,20 @@ fn check_ok(r: &Record) {
     if r.target == Target::Direct {
         assert_ne!(r.intercepted, Some(true), "{what}: baseline intercepted");
     }
+    // The proxy cores' CPU over the window, whatever it is.
+    let cpu = r
+        .cpu
+        .as_ref()
+        .unwrap_or_else(|| panic!("{what}: no cpu figure"));
+    assert_eq!(cpu.unit, r.scenario.cpu_unit(), "{what}");
+    let per = cpu.per_unit.unwrap_or(-1.0);
+    assert!(per >= 0.0 && per.is_finite(), "{what}: cpu {cpu:?}");
+    assert!((0.0..=1.0).contains(&cpu.util), "{what}: cpu {cpu:?}");
+    if r.target.is_proxy() {
+        // A proxy relaying for the whole window cannot leave its core idle.
+        assert!(cpu.busy_s > 0.0 && per > 0.0, "{what}: cpu {cpu:?}");
+        assert!(cpu.proxy_s.is_some(), "{what}: cpu {cpu:?}");
+    }
 }
 
 #[test]

@@ -86,6 +86,29 @@ pub fn parse_cores(s: &str) -> anyhow::Result<Vec<usize>> {
     Ok(out)
 }
 
+/// Parses `--target`: names, comma-separated, or `all`. The `base-*` targets need a
+/// baseline engine (`with_baseline`); `all` includes them only then, each right
+/// after its current-engine twin.
+pub fn parse_targets(s: &str, with_baseline: bool) -> anyhow::Result<Vec<Target>> {
+    if s.trim() == "all" {
+        return Ok(if with_baseline {
+            Target::ALL_WITH_BASELINE.to_vec()
+        } else {
+            Target::ALL.to_vec()
+        });
+    }
+    let mut out = Vec::new();
+    for name in s.split(',').map(str::trim) {
+        let t = Target::parse(name).ok_or_else(|| anyhow::anyhow!("unknown target {name:?}"))?;
+        anyhow::ensure!(
+            with_baseline || !t.is_baseline(),
+            "target {name} needs --baseline-engine PATH (an engine built from the older commit)"
+        );
+        out.push(t);
+    }
+    Ok(out)
+}
+
 /// Parses `2`, `2s`, `0.3s`, `500ms`.
 pub fn parse_duration(s: &str) -> anyhow::Result<Duration> {
     let s = s.trim();
@@ -125,13 +148,24 @@ pub fn run_matrix(lab: &Lab, cfg: &Config, tools: &Tools, log: &mut dyn FnMut(&s
     rep.env.engine_build = tools.engine_build().into();
     rep.env.setup = tools.setup.as_ref().ok().map(|p| p.display().to_string());
     rep.env.haproxy = tools.haproxy_version.clone();
+    rep.env.baseline_engine = tools
+        .baseline_engine
+        .as_ref()
+        .and_then(|f| f.as_ref().ok())
+        .map(|p| p.display().to_string());
+    rep.env.baseline_engine_build = tools.baseline_engine_build().map(str::to_string);
     rep.env.user_hz = cpu::user_hz();
-    let runs_engine = cfg
-        .targets
-        .iter()
-        .any(|t| matches!(t, Target::EngineSplice | Target::EngineCopy));
+    let runs = |pick: fn(Target) -> bool| cfg.targets.iter().any(|t| pick(*t));
+    let runs_engine = runs(|t| t.is_engine() && !t.is_baseline());
     if runs_engine && tools.engine.is_ok() && tools.engine_build() == "debug" {
         let w = "engine is a DEBUG build: its figures mean nothing; use `cargo build --release`"
+            .to_string();
+        log(&format!("warning: {w}"));
+        rep.notes.push(w);
+    }
+    if runs(Target::is_baseline) && tools.baseline_engine_build() == Some("debug") {
+        let w = "baseline engine is a DEBUG build: its figures mean nothing; build it with \
+                 `cargo build --release`"
             .to_string();
         log(&format!("warning: {w}"));
         rep.notes.push(w);
@@ -216,10 +250,17 @@ fn run_round(
                 continue;
             }
         };
-        if matches!(target, Target::EngineSplice | Target::EngineCopy) {
+        if target.is_engine() {
+            // The current engine's keys stay `splice` / `copy`; the baseline's are
+            // its target names.
+            let key = if target.is_baseline() {
+                target.name()
+            } else {
+                target.relay()
+            };
             rep.env
                 .engine_startup
-                .insert(target.relay().to_string(), armed.startup.clone());
+                .insert(key.to_string(), armed.startup.clone());
         }
         let spec = LoadSpec {
             duration: cfg.duration,
@@ -423,6 +464,29 @@ mod tests {
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
         assert!(parse_duration("x").is_err());
+    }
+
+    #[test]
+    fn base_targets_only_with_a_baseline_engine() {
+        assert_eq!(parse_targets("all", false).unwrap(), Target::ALL.to_vec());
+        assert_eq!(
+            parse_targets("all", true).unwrap(),
+            vec![
+                Target::Direct,
+                Target::EngineSplice,
+                Target::BaseSplice,
+                Target::EngineCopy,
+                Target::BaseCopy,
+                Target::Haproxy,
+            ]
+        );
+        assert_eq!(
+            parse_targets("direct, base-copy", true).unwrap(),
+            vec![Target::Direct, Target::BaseCopy]
+        );
+        let e = parse_targets("engine-splice,base-splice", false).unwrap_err();
+        assert!(e.to_string().contains("--baseline-engine"), "{e}");
+        assert!(parse_targets("engine", true).is_err());
     }
 
     #[test]

@@ -29,7 +29,7 @@ pub struct Record {
     pub scenario: Scenario,
     /// Variant label (`4 streams`, `64 B`...).
     pub variant: String,
-    /// `direct`, `engine-splice`, `engine-copy`, `haproxy`.
+    /// `direct`, `engine-splice`, `engine-copy`, `base-splice`, `base-copy`, `haproxy`.
     pub target: Target,
     /// Relay mode: `kernel-forwarding`, `splice`, `copy`, `haproxy-splice-auto`.
     pub relay: String,
@@ -170,7 +170,12 @@ pub struct Env {
     pub engine: Option<String>,
     /// `release`, `debug` or `unknown`.
     pub engine_build: String,
-    /// The engine's startup output (ring flags) per relay mode.
+    /// The `--baseline-engine` binary (targets `base-splice`, `base-copy`).
+    pub baseline_engine: Option<String>,
+    /// Its build profile.
+    pub baseline_engine_build: Option<String>,
+    /// The engines' startup output (ring flags): the current engine's per relay
+    /// mode (`splice`, `copy`), the baseline's per target (`base-splice`...).
     pub engine_startup: BTreeMap<String, Vec<String>>,
     /// Tick rate of `/proc/stat` (USER_HZ) behind the records' `cpu` figures.
     pub user_hz: u64,
@@ -353,6 +358,13 @@ impl Report {
             e.engine.as_deref().unwrap_or("not available"),
             e.engine_build
         );
+        if let Some(b) = &e.baseline_engine {
+            let _ = writeln!(
+                s,
+                "| baseline engine | {b} ({} build) |",
+                e.baseline_engine_build.as_deref().unwrap_or("unknown")
+            );
+        }
         for l in e.ring_flags() {
             let _ = writeln!(s, "| engine startup | `{}` |", l.replace('|', "\\|"));
         }
@@ -497,8 +509,8 @@ impl Report {
         s
     }
 
-    /// Ratio columns that have data: engine vs kernel, vs HAProxy, and HAProxy vs
-    /// kernel.
+    /// Ratio columns that have data: engine vs kernel, vs HAProxy, vs the baseline
+    /// engine (before/after), and HAProxy vs kernel.
     fn ratio_columns(&self) -> Vec<(String, Target, Target)> {
         let mut v = self.pairs(&[Target::Direct, Target::Haproxy]);
         if self.targets().contains(&Target::Haproxy) && self.targets().contains(&Target::Direct) {
@@ -507,19 +519,19 @@ impl Report {
         v
     }
 
-    /// CPU ratio columns: engine vs HAProxy. None against `direct`: no proxy runs on
-    /// the cores then.
+    /// CPU ratio columns: engine vs HAProxy and vs the baseline engine. None against
+    /// `direct`: no proxy runs on the cores then.
     fn cpu_ratio_columns(&self) -> Vec<(String, Target, Target)> {
         self.pairs(&[Target::Haproxy])
     }
 
-    /// `(label, engine, other)` for each engine target and each of `others` that both
-    /// have records.
+    /// `(label, engine, other)` for each engine target and each of `others`, then its
+    /// baseline twin (before/after), that both have records.
     fn pairs(&self, others: &[Target]) -> Vec<(String, Target, Target)> {
         let have = self.targets();
         let mut v = Vec::new();
         for e in [Target::EngineSplice, Target::EngineCopy] {
-            for base in others.iter().copied() {
+            for base in others.iter().copied().chain(e.baseline()) {
                 if have.contains(&e) && have.contains(&base) {
                     v.push((format!("{} / {}", e.name(), base.name()), e, base));
                 }
@@ -648,6 +660,8 @@ impl Report {
             Target::Direct => "#8c8c8c",
             Target::EngineSplice => "#1f77b4",
             Target::EngineCopy => "#6baed6",
+            Target::BaseSplice => "#2ca02c",
+            Target::BaseCopy => "#98df8a",
             Target::Haproxy => "#ff7f0e",
         };
         // Each group's bars are scaled to the best target of that group, or to direct.
@@ -942,7 +956,7 @@ mod tests {
         let targets = [
             Target::Direct,
             Target::EngineSplice,
-            Target::EngineCopy,
+            Target::BaseSplice,
             Target::Haproxy,
         ];
         for (round, figs) in rounds.iter().enumerate() {
@@ -954,24 +968,30 @@ mod tests {
             }
         }
         let md = rep.to_markdown();
-        // Rate medians 19, 12, 11, 6.5.
-        assert!(
-            md.contains("| 19.0 (18.0-20.0) | 12.0 (11.0-13.0) | 11.0 (10.0-12.0) |"),
-            "{md}"
-        );
+        // Columns in enum order: each engine next to its baseline.
         assert!(
             md.contains(
-                "| scenario | CPU/unit | direct† | engine-splice | engine-copy | haproxy | \
-                 engine-splice / haproxy | engine-copy / haproxy |"
+                "| scenario | unit | direct | engine-splice | base-splice | haproxy | \
+                 engine-splice / direct | engine-splice / haproxy | engine-splice / base-splice | \
+                 haproxy / direct |"
+            ),
+            "{md}"
+        );
+        // Rate medians 19, 12, 11, 6.5: 12/19, 12/6.5, 12/11, 6.5/19.
+        assert!(md.contains("| 0.63x | 1.85x | 1.09x | 0.34x |"), "{md}");
+        assert!(
+            md.contains(
+                "| scenario | CPU/unit | direct† | engine-splice | base-splice | haproxy | \
+                 engine-splice / haproxy | engine-splice / base-splice |"
             ),
             "{md}"
         );
         // CPU medians 10, 550, 800, 1100 with their spreads and the busy share;
-        // ratios 550/1100 and 800/1100.
+        // ratios 550/1100 and 550/800.
         assert!(
             md.contains(
                 "| tcp-bulk 1 stream | ms/GB | 10.0 (8.00-12.0), 90% | 550 (500-600), 90% | \
-                 800 (700-900), 90% | 1100 (1000-1200), 90% | 0.50x | 0.73x |"
+                 800 (700-900), 90% | 1100 (1000-1200), 90% | 0.50x | 0.69x |"
             ),
             "{md}"
         );

@@ -15,6 +15,14 @@ use serde::Serialize;
 
 use crate::load::Scenario;
 
+/// Below this share of its cores' busy time spent in the proxy's own process, other
+/// work visibly ran there. Clean runs here give 0.85-0.99: the rest is softirq run
+/// from idle (timers) and the odd kernel thread.
+pub const MIN_PROXY_SHARE: f64 = 0.75;
+/// With no proxy (`direct`), cores busier than this ran someone else's work (a clean
+/// run leaves them under a tenth busy).
+pub const MAX_UTIL_WITHOUT_PROXY: f64 = 0.5;
+
 /// One `cpuN` line of `/proc/stat`, in USER_HZ ticks.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CpuTimes {
@@ -208,6 +216,9 @@ pub struct CpuUse {
     pub rest_util: Option<f64>,
     /// Busy time per unit of work, in `unit`.
     pub per_unit: Option<f64>,
+    /// True when other work visibly ran on the cores during the window (see
+    /// [`CpuUse::judge`]): the figure then overstates the proxy's cost.
+    pub contended: bool,
     /// `ms/GB` (tcp-bulk), `µs/conn` (tcp-crr), `µs/req` (tcp-rr, udp-rr),
     /// `µs/datagram` (udp-pps).
     pub unit: &'static str,
@@ -261,7 +272,27 @@ impl CpuUse {
             rest_util: (rest_total > 0).then(|| rest.busy() as f64 / rest_total as f64),
             per_unit: None,
             unit: "",
+            contended: false,
         })
+    }
+
+    /// Sets `contended`: with a proxy on the cores (`has_proxy`), its own process
+    /// took less than [`MIN_PROXY_SHARE`] of their busy time; without one, they
+    /// were busier than [`MAX_UTIL_WITHOUT_PROXY`]. A proxy whose process time could
+    /// not be read is not judged.
+    pub fn judge(mut self, has_proxy: bool) -> CpuUse {
+        self.contended = match (has_proxy, self.proxy_s) {
+            (true, Some(p)) => self.busy_s > 0.0 && p < MIN_PROXY_SHARE * self.busy_s,
+            (true, None) => false,
+            (false, _) => self.util > MAX_UTIL_WITHOUT_PROXY,
+        };
+        self
+    }
+
+    /// The proxy process's time as a share of the cores' busy time.
+    pub fn proxy_share(&self) -> Option<f64> {
+        let p = self.proxy_s?;
+        (self.busy_s > 0.0).then(|| p / self.busy_s)
     }
 
     /// Fills in `per_unit` and `unit` from the work the scenario counted in the
@@ -402,6 +433,29 @@ intr 226000 0 0 0
             .with_work(Scenario::TcpCrr, 0, 15_000);
         assert_eq!(u.unit, "µs/conn");
         assert!((u.per_unit.unwrap() - 50.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn contention_is_judged_by_the_proxys_share() {
+        let t0 = Instant::now();
+        let a = snap(STAT_A, t0, Some(1000));
+        // 75 busy ticks on cpu1; the proxy ran 60 of them (0.8), or 30 (0.4).
+        let mine = CpuUse::between(&[1], &a, &snap(STAT_B, t0, Some(1060)), 100).unwrap();
+        assert!((mine.proxy_share().unwrap() - 0.8).abs() < 1e-9);
+        assert!(!mine.clone().judge(true).contended);
+        let shared = CpuUse::between(&[1], &a, &snap(STAT_B, t0, Some(1030)), 100).unwrap();
+        assert!(shared.clone().judge(true).contended);
+        // Unknown process time: not judged. No proxy: 75 % busy is someone else.
+        let unknown = CpuUse::between(&[1], &a, &snap(STAT_B, t0, None), 100).unwrap();
+        assert!(!unknown.clone().judge(true).contended);
+        assert!(unknown.judge(false).contended);
+        let quiet = snap("cpu1 10981 0 1374 9313 135 0 21 53\n", t0, None);
+        assert!(
+            !CpuUse::between(&[1], &a, &quiet, 100)
+                .unwrap()
+                .judge(false)
+                .contended
+        );
     }
 
     #[test]

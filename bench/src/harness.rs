@@ -365,10 +365,10 @@ pub fn to_record(
     r.errors = out.error_count();
     r.error_kinds = out.errors.clone();
     r.server_saw = out.peers.iter().map(|p| p.to_string()).collect();
-    r.cpu = out
-        .cpu
-        .clone()
-        .map(|c| c.with_work(scenario, out.bytes, out.ops));
+    r.cpu = out.cpu.clone().map(|c| {
+        c.with_work(scenario, out.bytes, out.ops)
+            .judge(target.is_proxy())
+    });
     let rate = out.ops as f64 / secs;
     match scenario {
         Scenario::TcpBulk => r.gbit_s = Some(out.bytes as f64 * 8.0 / secs / 1e9),
@@ -441,6 +441,9 @@ fn summary(r: &Record) -> String {
             c.cores,
             c.util * 100.0
         ));
+        if let Some(p) = c.proxy_share() {
+            s.push_str(&format!(" ({:.0}% in the proxy)", p * 100.0));
+        }
         if let Some(u) = c.per_unit {
             s.push_str(&format!(" = {} {}", crate::report::fmt_num(u), c.unit));
         }
@@ -534,5 +537,7 @@ mod tests {
             "{}",
             summary(&r)
         );
+        // No process time for a proxy: not judged.
+        assert!(!c.contended);
     }
 }

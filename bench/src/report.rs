@@ -608,6 +608,9 @@ impl Report {
                             let _ = write!(cell, " ({}-{})", fmt_num(lo), fmt_num(hi));
                         }
                         let _ = write!(cell, ", {:.0}%", c.util * 100.0);
+                        if c.contended {
+                            cell.push_str(" ‡");
+                        }
                         cell
                     }
                     None => match self.find(row, *t) {
@@ -626,6 +629,24 @@ impl Report {
                 let _ = write!(s, " {cell} |");
             }
             let _ = writeln!(s);
+        }
+        let contended = rows.iter().any(|row| {
+            targets.iter().any(|t| {
+                self.cpu_find(row, *t)
+                    .and_then(|(r, _)| r.cpu.as_ref())
+                    .is_some_and(|c| c.contended)
+            })
+        });
+        if contended {
+            let _ = writeln!(
+                s,
+                "\n‡ other work ran on cores {cores:?} in this window: the proxy's own process \
+                 took less than {:.0}% of their busy time (`cpu.proxy_s` vs `cpu.busy_s`), or, \
+                 with no proxy, they were more than {:.0}% busy. On a shared machine that is \
+                 usually someone else's process; the figure overstates the cost. Rerun.",
+                crate::cpu::MIN_PROXY_SHARE * 100.0,
+                crate::cpu::MAX_UTIL_WITHOUT_PROXY * 100.0
+            );
         }
         if targets.contains(&Target::Direct) {
             let _ = writeln!(
@@ -940,6 +961,7 @@ mod tests {
             rest_util: None,
             per_unit: Some(per_unit),
             unit: Scenario::TcpBulk.cpu_unit(),
+            contended: false,
         }
     }
 
@@ -1018,6 +1040,12 @@ mod tests {
             "{md}"
         );
         assert!(!md.contains('†'), "no direct, no footnote: {md}");
+        assert!(!md.contains('‡'), "nothing contended: {md}");
+        // A contended cell is marked and explained.
+        rep.records[0].cpu.as_mut().unwrap().contended = true;
+        let md = rep.to_markdown();
+        assert!(md.contains("| 400, 50% ‡ |"), "{md}");
+        assert!(md.contains("‡ other work ran on cores [1]"), "{md}");
         // No record has a CPU figure: no table at all.
         let mut bare = Report::default();
         bare.records.push(rec(Target::Direct, 1.0));

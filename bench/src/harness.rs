@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use crate::cpu::{self, CpuProbe};
 use crate::lab::Lab;
 use crate::load::{self, Family, LoadSpec, Outcome, Scenario, Variant};
 use crate::report::{Env, Record, Report, Status};
@@ -85,6 +86,29 @@ pub fn parse_cores(s: &str) -> anyhow::Result<Vec<usize>> {
     Ok(out)
 }
 
+/// Parses `--target`: names, comma-separated, or `all`. The `base-*` targets need a
+/// baseline engine (`with_baseline`); `all` includes them only then, each right
+/// after its current-engine twin.
+pub fn parse_targets(s: &str, with_baseline: bool) -> anyhow::Result<Vec<Target>> {
+    if s.trim() == "all" {
+        return Ok(if with_baseline {
+            Target::ALL_WITH_BASELINE.to_vec()
+        } else {
+            Target::ALL.to_vec()
+        });
+    }
+    let mut out = Vec::new();
+    for name in s.split(',').map(str::trim) {
+        let t = Target::parse(name).ok_or_else(|| anyhow::anyhow!("unknown target {name:?}"))?;
+        anyhow::ensure!(
+            with_baseline || !t.is_baseline(),
+            "target {name} needs --baseline-engine PATH (an engine built from the older commit)"
+        );
+        out.push(t);
+    }
+    Ok(out)
+}
+
 /// Parses `2`, `2s`, `0.3s`, `500ms`.
 pub fn parse_duration(s: &str) -> anyhow::Result<Duration> {
     let s = s.trim();
@@ -124,12 +148,24 @@ pub fn run_matrix(lab: &Lab, cfg: &Config, tools: &Tools, log: &mut dyn FnMut(&s
     rep.env.engine_build = tools.engine_build().into();
     rep.env.setup = tools.setup.as_ref().ok().map(|p| p.display().to_string());
     rep.env.haproxy = tools.haproxy_version.clone();
-    let runs_engine = cfg
-        .targets
-        .iter()
-        .any(|t| matches!(t, Target::EngineSplice | Target::EngineCopy));
+    rep.env.baseline_engine = tools
+        .baseline_engine
+        .as_ref()
+        .and_then(|f| f.as_ref().ok())
+        .map(|p| p.display().to_string());
+    rep.env.baseline_engine_build = tools.baseline_engine_build().map(str::to_string);
+    rep.env.user_hz = cpu::user_hz();
+    let runs = |pick: fn(Target) -> bool| cfg.targets.iter().any(|t| pick(*t));
+    let runs_engine = runs(|t| t.is_engine() && !t.is_baseline());
     if runs_engine && tools.engine.is_ok() && tools.engine_build() == "debug" {
         let w = "engine is a DEBUG build: its figures mean nothing; use `cargo build --release`"
+            .to_string();
+        log(&format!("warning: {w}"));
+        rep.notes.push(w);
+    }
+    if runs(Target::is_baseline) && tools.baseline_engine_build() == Some("debug") {
+        let w = "baseline engine is a DEBUG build: its figures mean nothing; build it with \
+                 `cargo build --release`"
             .to_string();
         log(&format!("warning: {w}"));
         rep.notes.push(w);
@@ -140,7 +176,8 @@ pub fn run_matrix(lab: &Lab, cfg: &Config, tools: &Tools, log: &mut dyn FnMut(&s
         .any(|c| cfg.load_cores.contains(c) || cfg.server_cores.contains(c))
     {
         rep.notes.push(format!(
-            "engine cores {:?} overlap load cores {:?} / server cores {:?}",
+            "engine cores {:?} overlap load cores {:?} / server cores {:?}: the CPU figures \
+             of the proxy cores include load and server threads",
             cfg.engine_cores, cfg.load_cores, cfg.server_cores
         ));
     }
@@ -213,10 +250,17 @@ fn run_round(
                 continue;
             }
         };
-        if matches!(target, Target::EngineSplice | Target::EngineCopy) {
+        if target.is_engine() {
+            // The current engine's keys stay `splice` / `copy`; the baseline's are
+            // its target names.
+            let key = if target.is_baseline() {
+                target.name()
+            } else {
+                target.relay()
+            };
             rep.env
                 .engine_startup
-                .insert(target.relay().to_string(), armed.startup.clone());
+                .insert(key.to_string(), armed.startup.clone());
         }
         let spec = LoadSpec {
             duration: cfg.duration,
@@ -225,6 +269,10 @@ fn run_round(
             server_cores: cfg.server_cores.clone(),
             probe: Some(lab.router.clone()),
             crr_ports: load::crr_port_range(ti),
+            cpu: CpuProbe {
+                cores: cfg.engine_cores.clone(),
+                pid: armed.pid(),
+            },
         };
         for (scenario, variants) in plan {
             for v in variants {
@@ -317,6 +365,10 @@ pub fn to_record(
     r.errors = out.error_count();
     r.error_kinds = out.errors.clone();
     r.server_saw = out.peers.iter().map(|p| p.to_string()).collect();
+    r.cpu = out.cpu.clone().map(|c| {
+        c.with_work(scenario, out.bytes, out.ops)
+            .judge(target.is_proxy())
+    });
     let rate = out.ops as f64 / secs;
     match scenario {
         Scenario::TcpBulk => r.gbit_s = Some(out.bytes as f64 * 8.0 / secs / 1e9),
@@ -383,6 +435,19 @@ fn summary(r: &Record) -> String {
     if let Some(l) = r.loss {
         s.push_str(&format!(", loss {:.2}%", l * 100.0));
     }
+    if let Some(c) = r.cpu.as_ref().filter(|_| r.status == Status::Ok) {
+        s.push_str(&format!(
+            ", cores {:?} {:.0}% busy",
+            c.cores,
+            c.util * 100.0
+        ));
+        if let Some(p) = c.proxy_share() {
+            s.push_str(&format!(" ({:.0}% in the proxy)", p * 100.0));
+        }
+        if let Some(u) = c.per_unit {
+            s.push_str(&format!(" = {} {}", crate::report::fmt_num(u), c.unit));
+        }
+    }
     if r.errors > 0 {
         s.push_str(&format!(", errors {:?}", r.error_kinds));
     }
@@ -402,5 +467,77 @@ mod tests {
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
         assert!(parse_duration("x").is_err());
+    }
+
+    #[test]
+    fn base_targets_only_with_a_baseline_engine() {
+        assert_eq!(parse_targets("all", false).unwrap(), Target::ALL.to_vec());
+        assert_eq!(
+            parse_targets("all", true).unwrap(),
+            vec![
+                Target::Direct,
+                Target::EngineSplice,
+                Target::BaseSplice,
+                Target::EngineCopy,
+                Target::BaseCopy,
+                Target::Haproxy,
+            ]
+        );
+        assert_eq!(
+            parse_targets("direct, base-copy", true).unwrap(),
+            vec![Target::Direct, Target::BaseCopy]
+        );
+        let e = parse_targets("engine-splice,base-splice", false).unwrap_err();
+        assert!(e.to_string().contains("--baseline-engine"), "{e}");
+        assert!(parse_targets("engine", true).is_err());
+    }
+
+    #[test]
+    fn records_carry_cpu_per_unit_of_the_counted_work() {
+        let t0 = std::time::Instant::now();
+        let snap = |text: &str, dt: u64| cpu::Snapshot {
+            at: t0 + Duration::from_secs(dt),
+            cpus: cpu::parse_proc_stat(text),
+            proxy_ticks: None,
+        };
+        // Core 1 busy 80 of 100 ticks (60 system, 20 softirq) over 1 s.
+        let a = snap("cpu0 0 0 0 0\ncpu1 100 0 200 300 0 0 50 0\n", 0);
+        let b = snap("cpu0 0 0 0 100\ncpu1 100 0 260 320 0 0 70 0\n", 1);
+        let used = cpu::CpuUse::between(&[1], &a, &b, 100);
+        let var = Variant {
+            label: "16 clients".into(),
+            conns: 16,
+            size: 64,
+        };
+        let out = Outcome {
+            elapsed: Duration::from_secs(1),
+            ops: 10_000,
+            bytes: 10_000 * 192,
+            probe_sockets: Some(3),
+            cpu: used,
+            ..Outcome::default()
+        };
+        let r = to_record(
+            Scenario::TcpCrr,
+            &var,
+            Target::EngineSplice,
+            Family::Ipv4,
+            &out,
+        );
+        assert_eq!(r.status, Status::Ok, "{r:?}");
+        let c = r.cpu.as_ref().unwrap();
+        assert_eq!(c.unit, "µs/conn");
+        // 0.8 s of core time for 10 000 connections: 80 µs each, at 80 % busy.
+        assert!((c.per_unit.unwrap() - 80.0).abs() < 1e-9, "{c:?}");
+        assert!((c.util - 0.8).abs() < 1e-9);
+        assert!((c.softirq_s - 0.2).abs() < 1e-9);
+        assert_eq!(c.rest_util, Some(0.0));
+        assert!(
+            summary(&r).contains("cores [1] 80% busy = 80.0 µs/conn"),
+            "{}",
+            summary(&r)
+        );
+        // No process time for a proxy: not judged.
+        assert!(!c.contended);
     }
 }

@@ -634,17 +634,22 @@ pub fn count_sockets_tw(
     proto: Proto,
     tw_remote: Option<(u16, u16)>,
 ) -> usize {
-    ns.run(move || {
-        let files: [&str; 2] = match proto {
-            Proto::Tcp => ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"],
-            Proto::Udp => ["/proc/thread-self/net/udp", "/proc/thread-self/net/udp6"],
-        };
-        files
-            .iter()
-            .filter_map(|f| std::fs::read_to_string(f).ok())
-            .map(|text| count_in_proc_net(&text, port, proto, tw_remote))
-            .sum()
-    })
+    ns.run(move || count_sockets_here(port, proto, tw_remote))
+}
+
+/// [`count_sockets_tw`] in the calling thread's own network namespace (one that
+/// entered it with [`Netns::spawn`] or [`Netns::run`]), so that the caller can say
+/// which core does the reading.
+pub fn count_sockets_here(port: u16, proto: Proto, tw_remote: Option<(u16, u16)>) -> usize {
+    let files: [&str; 2] = match proto {
+        Proto::Tcp => ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"],
+        Proto::Udp => ["/proc/thread-self/net/udp", "/proc/thread-self/net/udp6"],
+    };
+    files
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .map(|text| count_in_proc_net(&text, port, proto, tw_remote))
+        .sum()
 }
 
 /// Sockets on local `port` in one `/proc/net/{tcp,udp}{,6}` text. TCP TIME_WAIT

@@ -6,9 +6,11 @@
 //! - [`targets`]: kernel forwarding, the engine (splice or copy relay) and HAProxy in
 //!   the router.
 //! - [`harness`]: the matrix of scenarios and targets.
+//! - [`cpu`]: CPU per unit of work on the proxy's core(s), from `/proc/stat`.
 //! - [`report`]: JSON, Markdown and SVG output.
 #![forbid(unsafe_code)]
 
+pub mod cpu;
 pub mod harness;
 pub mod lab;
 pub mod load;

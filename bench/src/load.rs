@@ -25,6 +25,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::cpu::{self, CpuProbe, CpuUse};
 use crate::lab::{self, addrs, Lab, Netns, Proto};
 
 /// Server port of `tcp-bulk` (each scenario has its own, so TIME_WAIT left by one
@@ -202,6 +203,16 @@ impl Scenario {
         }
     }
 
+    /// The unit of the CPU-per-work figure (see [`crate::cpu::per_unit`]).
+    pub fn cpu_unit(self) -> &'static str {
+        match self {
+            Scenario::TcpBulk => "ms/GB",
+            Scenario::TcpCrr => "µs/conn",
+            Scenario::TcpRr | Scenario::UdpRr => "µs/req",
+            Scenario::UdpPps => "µs/datagram",
+        }
+    }
+
     /// Default connection count (`--conns` overrides it).
     pub fn default_conns(self) -> usize {
         match self {
@@ -253,6 +264,8 @@ pub struct LoadSpec {
     pub probe: Option<Netns>,
     /// Client ephemeral port range for `tcp-crr` (see [`crr_port_range`]).
     pub crr_ports: (u16, u16),
+    /// The proxy's cores (and process), sampled at both edges of the window.
+    pub cpu: CpuProbe,
 }
 
 /// What one run measured.
@@ -274,6 +287,9 @@ pub struct Outcome {
     pub peers: BTreeSet<IpAddr>,
     /// Sockets on the scenario's port in [`LoadSpec::probe`] at the end of the window.
     pub probe_sockets: Option<usize>,
+    /// Use of the proxy's cores during the window ([`LoadSpec::cpu`]); `per_unit` is
+    /// still empty here.
+    pub cpu: Option<CpuUse>,
 }
 
 impl Outcome {
@@ -368,18 +384,32 @@ impl Shared {
 
     /// Harness side: wait until `n` clients are ready (bounded), start them, hold the
     /// window open for `duration` (or until Ctrl-C), then end it. Runs `at_end`
-    /// just before ending (the probe). Returns the window.
-    fn window(&self, n: usize, duration: Duration, at_end: impl FnOnce()) -> Duration {
+    /// just before ending (the probe). Returns the window, and the use of the
+    /// cores of `cpu` from the start signal to the end of `at_end`.
+    fn window(
+        &self,
+        n: usize,
+        duration: Duration,
+        cpu: &CpuProbe,
+        at_end: impl FnOnce(),
+    ) -> (Duration, Option<CpuUse>) {
         self.ready_or_timeout(n);
+        let hz = cpu::user_hz();
+        let before = cpu.sample();
         let t0 = Instant::now();
         self.go.store(true, Ordering::Release);
         while t0.elapsed() < duration && !crate::stop_requested() {
             std::thread::sleep((duration.saturating_sub(t0.elapsed())).min(POLL_SLICE));
         }
         at_end();
+        let after = cpu.sample();
         let elapsed = t0.elapsed();
         self.done.store(true, Ordering::Release);
-        elapsed
+        let used = match (before, after) {
+            (Some(a), Some(b)) => cpu.between(&a, &b, hz),
+            _ => None,
+        };
+        (elapsed, used)
     }
 }
 
@@ -579,9 +609,16 @@ fn probe(spec: &LoadSpec, port: u16, proto: Proto) -> Option<usize> {
     // Connection churn may leave nothing but TIME_WAIT behind a proxy at the probe:
     // those of this run's client ports count.
     let tw = (port == PORT_TCP_CRR).then_some(spec.crr_ports);
-    spec.probe
-        .as_ref()
-        .map(|ns| lab::count_sockets_tw(ns, port, proto, tw))
+    let cores = spec.load_cores.clone();
+    spec.probe.as_ref().map(|ns| {
+        ns.run(move || {
+            // On a load core, not wherever the scheduler likes: after a churn run the
+            // router holds tens of thousands of TIME_WAIT entries, and formatting and
+            // reading them is work the proxy cores' CPU figure must not count.
+            pin(&cores, 0);
+            lab::count_sockets_here(port, proto, tw)
+        })
+    })
 }
 
 /// `tcp-bulk`: each client writes `size`-byte chunks as fast as it can; the server
@@ -668,7 +705,7 @@ fn tcp_bulk(lab: &Lab, v: &Variant, spec: &LoadSpec) -> anyhow::Result<Outcome> 
     sh.go.store(true, Ordering::Release);
     std::thread::sleep((spec.duration / 10).min(Duration::from_millis(200)));
     let start_bytes = sh.bytes.load(Ordering::Relaxed);
-    out.elapsed = sh.window(0, spec.duration, || {
+    (out.elapsed, out.cpu) = sh.window(0, spec.duration, &spec.cpu, || {
         end_bytes = sh.bytes.load(Ordering::Relaxed);
         out.probe_sockets = probe(spec, PORT_TCP_BULK, Proto::Tcp);
     });
@@ -776,7 +813,7 @@ fn tcp_rr(lab: &Lab, v: &Variant, spec: &LoadSpec) -> anyhow::Result<Outcome> {
         })
         .collect();
     let mut out = Outcome::default();
-    out.elapsed = sh.window(v.conns, spec.duration, || {
+    (out.elapsed, out.cpu) = sh.window(v.conns, spec.duration, &spec.cpu, || {
         out.probe_sockets = probe(spec, PORT_TCP_RR, Proto::Tcp);
     });
     let mut client_ops = 0;
@@ -905,7 +942,7 @@ fn tcp_crr(lab: &Lab, v: &Variant, spec: &LoadSpec) -> anyhow::Result<Outcome> {
         })
         .collect();
     let mut out = Outcome::default();
-    out.elapsed = sh.window(v.conns, spec.duration, || {
+    (out.elapsed, out.cpu) = sh.window(v.conns, spec.duration, &spec.cpu, || {
         out.probe_sockets = probe(spec, PORT_TCP_CRR, Proto::Tcp);
     });
     let joined: Vec<_> = clients.into_iter().map(|c| join(c, "crr client")).collect();
@@ -1002,7 +1039,7 @@ fn udp_pps(lab: &Lab, v: &Variant, spec: &LoadSpec) -> anyhow::Result<Outcome> {
         })
         .collect();
     let mut out = Outcome::default();
-    out.elapsed = sh.window(v.conns, spec.duration, || {
+    (out.elapsed, out.cpu) = sh.window(v.conns, spec.duration, &spec.cpu, || {
         out.probe_sockets = probe(spec, PORT_UDP_PPS, Proto::Udp);
     });
     let joined: Vec<_> = senders.into_iter().map(|s| join(s, "udp sender")).collect();
@@ -1134,7 +1171,7 @@ fn udp_rr(lab: &Lab, v: &Variant, spec: &LoadSpec) -> anyhow::Result<Outcome> {
         })
         .collect();
     let mut out = Outcome::default();
-    out.elapsed = sh.window(v.conns, spec.duration, || {
+    (out.elapsed, out.cpu) = sh.window(v.conns, spec.duration, &spec.cpu, || {
         out.probe_sockets = probe(spec, PORT_UDP_RR, Proto::Udp);
     });
     let joined: Vec<_> = clients

@@ -13,7 +13,7 @@ use ringrelay_bench::harness::{self, Config};
 use ringrelay_bench::lab::{self, Lab};
 use ringrelay_bench::load::{Family, Scenario};
 use ringrelay_bench::report::Report;
-use ringrelay_bench::targets::{Target, Tools, DEFAULT_PORT};
+use ringrelay_bench::targets::{Tools, DEFAULT_PORT};
 
 #[derive(Parser)]
 #[command(
@@ -66,9 +66,16 @@ struct RunArgs {
     /// Scenario(s): tcp-bulk, tcp-crr, tcp-rr, udp-pps, udp-rr, comma-separated, or all.
     #[arg(long, default_value = "all")]
     scenario: String,
-    /// Target(s): direct, engine-splice, engine-copy, haproxy, comma-separated, or all.
+    /// Target(s): direct, engine-splice, engine-copy, haproxy, base-splice, base-copy
+    /// (these two need --baseline-engine), comma-separated, or all (base-* only with
+    /// --baseline-engine).
     #[arg(long, default_value = "all")]
     target: String,
+    /// An engine binary built from an older commit: adds the targets base-splice and
+    /// base-copy (engine-splice / engine-copy run with this binary), for before/after
+    /// figures taken side by side in one run.
+    #[arg(long, value_name = "PATH")]
+    baseline_engine: Option<PathBuf>,
     /// Measurement window per variant (5s, 0.5s, 500ms).
     #[arg(long, default_value = "5s")]
     duration: String,
@@ -153,7 +160,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 markdown: Some(dir.join("demo.md")),
                 svg: Some(dir.join("demo.svg")),
             };
-            run(&cfg, &outputs)
+            run(&cfg, &outputs, None)
         }
         Cmd::Run(a) => {
             let (default_engine, default_load) = harness::default_cores();
@@ -180,7 +187,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let cfg = Config {
                 scenarios: parse_list(&a.scenario, &Scenario::ALL, Scenario::parse, "scenario")?,
-                targets: parse_list(&a.target, &Target::ALL, Target::parse, "target")?,
+                targets: harness::parse_targets(&a.target, a.baseline_engine.is_some())?,
                 duration: harness::parse_duration(&a.duration)?,
                 conns: a.conns,
                 size: a.size,
@@ -198,7 +205,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 markdown: a.markdown,
                 svg: a.svg,
             };
-            run(&cfg, &outputs)
+            run(&cfg, &outputs, a.baseline_engine.as_deref())
         }
         Cmd::Lab { action: LabCmd::Up } => {
             let lab = Lab::up()?;
@@ -241,13 +248,20 @@ struct Outputs {
 
 /// Builds the lab, runs the matrix, writes the outputs, prints the table. The lab is
 /// dropped (children killed, namespaces deleted) on every path out of here.
-fn run(cfg: &Config, outputs: &Outputs) -> anyhow::Result<ExitCode> {
-    let tools = Tools::discover();
-    for (name, found) in [
+fn run(cfg: &Config, outputs: &Outputs, baseline: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let mut tools = Tools::discover();
+    if let Some(p) = baseline {
+        tools = tools.with_baseline_engine(p);
+    }
+    let mut found = vec![
         ("engine", &tools.engine),
         ("setup", &tools.setup),
         ("haproxy", &tools.haproxy),
-    ] {
+    ];
+    if let Some(b) = &tools.baseline_engine {
+        found.push(("baseline engine", b));
+    }
+    for (name, found) in found {
         match found {
             Ok(p) => eprintln!("bench: {name}: {}", p.display()),
             Err(why) => eprintln!("bench: {name}: unavailable: {why}"),

@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use crate::cpu::CpuUse;
 use crate::load::Scenario;
 use crate::targets::Target;
 
@@ -28,7 +29,7 @@ pub struct Record {
     pub scenario: Scenario,
     /// Variant label (`4 streams`, `64 B`...).
     pub variant: String,
-    /// `direct`, `engine-splice`, `engine-copy`, `haproxy`.
+    /// `direct`, `engine-splice`, `engine-copy`, `base-splice`, `base-copy`, `haproxy`.
     pub target: Target,
     /// Relay mode: `kernel-forwarding`, `splice`, `copy`, `haproxy-splice-auto`.
     pub relay: String,
@@ -77,6 +78,9 @@ pub struct Record {
     pub intercepted: Option<bool>,
     /// Which round (0-based) of a `--rounds N` run produced this record.
     pub round: usize,
+    /// Busy time of the proxy's cores (`env.engine_cores`) over the window and per
+    /// unit of work; for `direct` the same cores with no proxy on them.
+    pub cpu: Option<CpuUse>,
 }
 
 impl Record {
@@ -116,6 +120,7 @@ impl Record {
             server_saw: Vec::new(),
             intercepted: None,
             round: 0,
+            cpu: None,
         }
     }
 
@@ -127,6 +132,11 @@ impl Record {
             Scenario::TcpRr | Scenario::UdpRr => self.req_s,
             Scenario::UdpPps => self.pps,
         }
+    }
+
+    /// CPU per unit of work on the proxy's cores (lower is better).
+    pub fn cpu_per_unit(&self) -> Option<f64> {
+        self.cpu.as_ref()?.per_unit
     }
 
     /// Row key: scenario and variant.
@@ -160,8 +170,15 @@ pub struct Env {
     pub engine: Option<String>,
     /// `release`, `debug` or `unknown`.
     pub engine_build: String,
-    /// The engine's startup output (ring flags) per relay mode.
+    /// The `--baseline-engine` binary (targets `base-splice`, `base-copy`).
+    pub baseline_engine: Option<String>,
+    /// Its build profile.
+    pub baseline_engine_build: Option<String>,
+    /// The engines' startup output (ring flags): the current engine's per relay
+    /// mode (`splice`, `copy`), the baseline's per target (`base-splice`...).
     pub engine_startup: BTreeMap<String, Vec<String>>,
+    /// Tick rate of `/proc/stat` (USER_HZ) behind the records' `cpu` figures.
+    pub user_hz: u64,
     /// Setup binary.
     pub setup: Option<String>,
     /// `haproxy -v`.
@@ -341,6 +358,13 @@ impl Report {
             e.engine.as_deref().unwrap_or("not available"),
             e.engine_build
         );
+        if let Some(b) = &e.baseline_engine {
+            let _ = writeln!(
+                s,
+                "| baseline engine | {b} ({} build) |",
+                e.baseline_engine_build.as_deref().unwrap_or("unknown")
+            );
+        }
         for l in e.ring_flags() {
             let _ = writeln!(s, "| engine startup | `{}` |", l.replace('|', "\\|"));
         }
@@ -350,6 +374,11 @@ impl Report {
             e.haproxy.as_deref().unwrap_or("not available")
         );
         let _ = writeln!(s, "| fd limit | {} |", e.fd_limit);
+        let _ = writeln!(
+            s,
+            "| CPU figures | busy time of cores {:?} from /proc/stat, USER_HZ {} |",
+            e.engine_cores, e.user_hz
+        );
         let _ = writeln!(s);
 
         let targets = self.targets();
@@ -398,6 +427,8 @@ impl Report {
             }
             let _ = writeln!(s);
         }
+
+        self.cpu_table(&mut s, &targets);
 
         let lat_rows: Vec<_> = self
             .rows()
@@ -478,21 +509,154 @@ impl Report {
         s
     }
 
-    /// Ratio columns that have data: engine vs kernel, engine vs HAProxy.
+    /// Ratio columns that have data: engine vs kernel, vs HAProxy, vs the baseline
+    /// engine (before/after), and HAProxy vs kernel.
     fn ratio_columns(&self) -> Vec<(String, Target, Target)> {
+        let mut v = self.pairs(&[Target::Direct, Target::Haproxy]);
+        if self.targets().contains(&Target::Haproxy) && self.targets().contains(&Target::Direct) {
+            v.push(("haproxy / direct".into(), Target::Haproxy, Target::Direct));
+        }
+        v
+    }
+
+    /// CPU ratio columns: engine vs HAProxy and vs the baseline engine. None against
+    /// `direct`: no proxy runs on the cores then.
+    fn cpu_ratio_columns(&self) -> Vec<(String, Target, Target)> {
+        self.pairs(&[Target::Haproxy])
+    }
+
+    /// `(label, engine, other)` for each engine target and each of `others`, then its
+    /// baseline twin (before/after), that both have records.
+    fn pairs(&self, others: &[Target]) -> Vec<(String, Target, Target)> {
         let have = self.targets();
         let mut v = Vec::new();
         for e in [Target::EngineSplice, Target::EngineCopy] {
-            for base in [Target::Direct, Target::Haproxy] {
+            for base in others.iter().copied().chain(e.baseline()) {
                 if have.contains(&e) && have.contains(&base) {
                     v.push((format!("{} / {}", e.name(), base.name()), e, base));
                 }
             }
         }
-        if have.contains(&Target::Haproxy) && have.contains(&Target::Direct) {
-            v.push(("haproxy / direct".into(), Target::Haproxy, Target::Direct));
-        }
         v
+    }
+
+    /// The record of a CPU cell: the measured round with the median CPU per unit,
+    /// and the min-max over the rounds when there are several (the rate's treatment).
+    fn cpu_find(
+        &self,
+        row: &(Scenario, String),
+        t: Target,
+    ) -> Option<(&Record, Option<(f64, f64)>)> {
+        let mut ok: Vec<(&Record, f64)> = self
+            .cell(row, t)
+            .filter(|r| r.status == Status::Ok)
+            .filter_map(|r| Some((r, r.cpu_per_unit()?)))
+            .collect();
+        if ok.is_empty() {
+            return None;
+        }
+        ok.sort_by(|a, b| a.1.total_cmp(&b.1));
+        let spread = (ok.len() > 1).then(|| (ok[0].1, ok[ok.len() - 1].1));
+        Some((ok[(ok.len() - 1) / 2].0, spread))
+    }
+
+    fn cpu_ratio(&self, row: &(Scenario, String), a: Target, b: Target) -> Option<f64> {
+        let va = self.cpu_find(row, a)?.0.cpu_per_unit()?;
+        let vb = self.cpu_find(row, b)?.0.cpu_per_unit()?;
+        (vb > 0.0).then(|| va / vb)
+    }
+
+    /// The CPU-per-unit table: one row per scenario variant, one column per target
+    /// (median, min-max, the cores' busy share), then ratios.
+    fn cpu_table(&self, s: &mut String, targets: &[Target]) {
+        let rows = self.rows();
+        let any = rows
+            .iter()
+            .any(|row| targets.iter().any(|t| self.cpu_find(row, *t).is_some()));
+        if !any {
+            return;
+        }
+        let cores = &self.env.engine_cores;
+        let _ = writeln!(
+            s,
+            "\nCPU per unit of work on the proxy core(s) {cores:?} (lower is better): their busy \
+             time over the window, from /proc/stat, divided by the work counted; after the \
+             comma, their busy share of the window:\n"
+        );
+        let ratios = self.cpu_ratio_columns();
+        let _ = write!(s, "| scenario | CPU/unit |");
+        for t in targets {
+            let mark = if *t == Target::Direct { "†" } else { "" };
+            let _ = write!(s, " {}{mark} |", t.name());
+        }
+        for (name, _, _) in &ratios {
+            let _ = write!(s, " {name} |");
+        }
+        let _ = writeln!(
+            s,
+            "\n|---|---|{}",
+            "---:|".repeat(targets.len() + ratios.len())
+        );
+        for row in &rows {
+            let _ = write!(s, "| {} {} | {} |", row.0.name(), row.1, row.0.cpu_unit());
+            for t in targets {
+                let cell = match self.cpu_find(row, *t) {
+                    Some((r, spread)) => {
+                        let c = r.cpu.as_ref().expect("cpu_find returns records with cpu");
+                        let mut cell = fmt_num(c.per_unit.unwrap_or(0.0));
+                        if let Some((lo, hi)) = spread {
+                            let _ = write!(cell, " ({}-{})", fmt_num(lo), fmt_num(hi));
+                        }
+                        let _ = write!(cell, ", {:.0}%", c.util * 100.0);
+                        if c.contended {
+                            cell.push_str(" ‡");
+                        }
+                        cell
+                    }
+                    None => match self.find(row, *t) {
+                        Some(r) if r.status == Status::Ok => "-".into(),
+                        Some(r) if r.status == Status::Skipped => "skipped".into(),
+                        Some(_) => "FAILED".into(),
+                        None => "".into(),
+                    },
+                };
+                let _ = write!(s, " {cell} |");
+            }
+            for (_, a, b) in &ratios {
+                let cell = self
+                    .cpu_ratio(row, *a, *b)
+                    .map_or("".into(), |x| format!("{x:.2}x"));
+                let _ = write!(s, " {cell} |");
+            }
+            let _ = writeln!(s);
+        }
+        let contended = rows.iter().any(|row| {
+            targets.iter().any(|t| {
+                self.cpu_find(row, *t)
+                    .and_then(|(r, _)| r.cpu.as_ref())
+                    .is_some_and(|c| c.contended)
+            })
+        });
+        if contended {
+            let _ = writeln!(
+                s,
+                "\n‡ other work ran on cores {cores:?} in this window: the proxy's own process \
+                 took less than {:.0}% of their busy time (`cpu.proxy_s` vs `cpu.busy_s`), or, \
+                 with no proxy, they were more than {:.0}% busy. On a shared machine that is \
+                 usually someone else's process; the figure overstates the cost. Rerun.",
+                crate::cpu::MIN_PROXY_SHARE * 100.0,
+                crate::cpu::MAX_UTIL_WITHOUT_PROXY * 100.0
+            );
+        }
+        if targets.contains(&Target::Direct) {
+            let _ = writeln!(
+                s,
+                "\n† direct: no proxy runs on cores {cores:?}; this is what landed there anyway \
+                 (softirq, stray threads) per unit of work. On veth the kernel forwards in the \
+                 sending thread's softirq, on the load and server cores, so it is not the cost \
+                 of kernel forwarding; no ratio is taken against it."
+            );
+        }
     }
 
     fn ratio(&self, row: &(Scenario, String), a: Target, b: Target) -> Option<f64> {
@@ -517,6 +681,8 @@ impl Report {
             Target::Direct => "#8c8c8c",
             Target::EngineSplice => "#1f77b4",
             Target::EngineCopy => "#6baed6",
+            Target::BaseSplice => "#2ca02c",
+            Target::BaseCopy => "#98df8a",
             Target::Haproxy => "#ff7f0e",
         };
         // Each group's bars are scaled to the best target of that group, or to direct.
@@ -777,6 +943,116 @@ mod tests {
             "{md}"
         );
         assert!(!rep.all_ran());
+    }
+
+    fn cpu(busy_s: f64, util: f64, per_unit: f64) -> CpuUse {
+        CpuUse {
+            cores: vec![1],
+            user_hz: 100,
+            window_s: 1.0,
+            busy_s,
+            user_s: 0.0,
+            system_s: busy_s,
+            softirq_s: 0.0,
+            irq_s: 0.0,
+            steal_s: 0.0,
+            util,
+            proxy_s: None,
+            rest_util: None,
+            per_unit: Some(per_unit),
+            unit: Scenario::TcpBulk.cpu_unit(),
+            contended: false,
+        }
+    }
+
+    #[test]
+    fn cpu_table_median_spread_and_ratios() {
+        let mut rep = Report::default();
+        rep.env.rounds = 3;
+        rep.env.engine_cores = vec![1];
+        // (rate, CPU per unit) per round for each target.
+        let rounds = [
+            [(20.0, 10.0), (12.0, 600.0), (11.0, 700.0), (6.0, 1000.0)],
+            [(18.0, 12.0), (13.0, 500.0), (10.0, 800.0), (7.0, 1100.0)],
+            [(19.0, 8.0), (11.0, 550.0), (12.0, 900.0), (6.5, 1200.0)],
+        ];
+        let targets = [
+            Target::Direct,
+            Target::EngineSplice,
+            Target::BaseSplice,
+            Target::Haproxy,
+        ];
+        for (round, figs) in rounds.iter().enumerate() {
+            for (t, (rate, per)) in targets.iter().zip(figs) {
+                let mut r = rec(*t, *rate);
+                r.round = round;
+                r.cpu = Some(cpu(0.9, 0.9, *per));
+                rep.records.push(r);
+            }
+        }
+        let md = rep.to_markdown();
+        // Columns in enum order: each engine next to its baseline.
+        assert!(
+            md.contains(
+                "| scenario | unit | direct | engine-splice | base-splice | haproxy | \
+                 engine-splice / direct | engine-splice / haproxy | engine-splice / base-splice | \
+                 haproxy / direct |"
+            ),
+            "{md}"
+        );
+        // Rate medians 19, 12, 11, 6.5: 12/19, 12/6.5, 12/11, 6.5/19.
+        assert!(md.contains("| 0.63x | 1.85x | 1.09x | 0.34x |"), "{md}");
+        assert!(
+            md.contains(
+                "| scenario | CPU/unit | direct† | engine-splice | base-splice | haproxy | \
+                 engine-splice / haproxy | engine-splice / base-splice |"
+            ),
+            "{md}"
+        );
+        // CPU medians 10, 550, 800, 1100 with their spreads and the busy share;
+        // ratios 550/1100 and 550/800.
+        assert!(
+            md.contains(
+                "| tcp-bulk 1 stream | ms/GB | 10.0 (8.00-12.0), 90% | 550 (500-600), 90% | \
+                 800 (700-900), 90% | 1100 (1000-1200), 90% | 0.50x | 0.69x |"
+            ),
+            "{md}"
+        );
+        assert!(md.contains("† direct: no proxy runs on cores [1]"), "{md}");
+    }
+
+    #[test]
+    fn cpu_table_cells_without_figures() {
+        let mut rep = Report::default();
+        rep.env.engine_cores = vec![1];
+        let mut e = rec(Target::EngineSplice, 10.0);
+        e.cpu = Some(cpu(0.5, 0.5, 400.0));
+        rep.records.push(e);
+        // Measured but no CPU reading (e.g. /proc/stat unreadable): a dash.
+        rep.records.push(rec(Target::EngineCopy, 8.0));
+        let mut h = rec(Target::Haproxy, 0.0);
+        h.status = Status::Skipped;
+        h.reason = Some("haproxy is not installed".into());
+        rep.records.push(h);
+        let md = rep.to_markdown();
+        assert!(
+            md.contains("| tcp-bulk 1 stream | ms/GB | 400, 50% | - | skipped |"),
+            "{md}"
+        );
+        assert!(!md.contains('†'), "no direct, no footnote: {md}");
+        assert!(!md.contains('‡'), "nothing contended: {md}");
+        // A contended cell is marked and explained.
+        rep.records[0].cpu.as_mut().unwrap().contended = true;
+        let md = rep.to_markdown();
+        assert!(md.contains("| 400, 50% ‡ |"), "{md}");
+        assert!(md.contains("‡ other work ran on cores [1]"), "{md}");
+        // No record has a CPU figure: no table at all.
+        let mut bare = Report::default();
+        bare.records.push(rec(Target::Direct, 1.0));
+        assert!(!bare.to_markdown().contains("CPU/unit"));
+        let json = rep.to_json();
+        assert!(json.contains("\"per_unit\": 400.0"), "{json}");
+        assert!(json.contains("\"unit\": \"ms/GB\""), "{json}");
     }
 
     #[test]

@@ -32,20 +32,38 @@ pub enum Target {
     /// `engine --relay splice` behind `setup apply`.
     #[serde(rename = "engine-splice")]
     EngineSplice,
+    /// [`Target::EngineSplice`] with the `--baseline-engine` binary (an older build).
+    #[serde(rename = "base-splice")]
+    BaseSplice,
     /// `engine --relay copy` behind `setup apply`.
     #[serde(rename = "engine-copy")]
     EngineCopy,
+    /// [`Target::EngineCopy`] with the `--baseline-engine` binary.
+    #[serde(rename = "base-copy")]
+    BaseCopy,
     /// HAProxy, transparent bind, `option splice-auto`, behind `setup apply`.
     #[serde(rename = "haproxy")]
     Haproxy,
 }
 
 impl Target {
-    /// Every target, baseline first (it runs on a router that never saw rules).
+    /// The targets of `--target all`, baseline first (it runs on a router that never
+    /// saw rules).
     pub const ALL: [Target; 4] = [
         Target::Direct,
         Target::EngineSplice,
         Target::EngineCopy,
+        Target::Haproxy,
+    ];
+
+    /// `--target all` with `--baseline-engine`: each engine target right before its
+    /// baseline twin, so that slow drift of the machine hits both alike.
+    pub const ALL_WITH_BASELINE: [Target; 6] = [
+        Target::Direct,
+        Target::EngineSplice,
+        Target::BaseSplice,
+        Target::EngineCopy,
+        Target::BaseCopy,
         Target::Haproxy,
     ];
 
@@ -54,23 +72,58 @@ impl Target {
         match self {
             Target::Direct => "direct",
             Target::EngineSplice => "engine-splice",
+            Target::BaseSplice => "base-splice",
             Target::EngineCopy => "engine-copy",
+            Target::BaseCopy => "base-copy",
             Target::Haproxy => "haproxy",
         }
     }
 
     /// Parses a CLI name.
     pub fn parse(s: &str) -> Option<Target> {
-        Target::ALL.into_iter().find(|t| t.name() == s)
+        Target::ALL_WITH_BASELINE
+            .into_iter()
+            .find(|t| t.name() == s)
     }
 
     /// The relay mode recorded with each result.
     pub fn relay(self) -> &'static str {
         match self {
             Target::Direct => "kernel-forwarding",
-            Target::EngineSplice => "splice",
-            Target::EngineCopy => "copy",
+            Target::EngineSplice | Target::BaseSplice => "splice",
+            Target::EngineCopy | Target::BaseCopy => "copy",
             Target::Haproxy => "haproxy-splice-auto",
+        }
+    }
+
+    /// True for the targets that run an engine binary (current or baseline).
+    pub fn is_engine(self) -> bool {
+        matches!(
+            self,
+            Target::EngineSplice | Target::EngineCopy | Target::BaseSplice | Target::BaseCopy
+        )
+    }
+
+    /// True for the targets that run the `--baseline-engine` binary.
+    pub fn is_baseline(self) -> bool {
+        matches!(self, Target::BaseSplice | Target::BaseCopy)
+    }
+
+    /// The current-engine twin of a baseline target (and of itself otherwise).
+    pub fn current(self) -> Target {
+        match self {
+            Target::BaseSplice => Target::EngineSplice,
+            Target::BaseCopy => Target::EngineCopy,
+            t => t,
+        }
+    }
+
+    /// The baseline twin of an engine target, if it has one.
+    pub fn baseline(self) -> Option<Target> {
+        match self {
+            Target::EngineSplice => Some(Target::BaseSplice),
+            Target::EngineCopy => Some(Target::BaseCopy),
+            _ => None,
         }
     }
 
@@ -94,6 +147,8 @@ pub struct Tools {
     pub haproxy: Found,
     /// `haproxy -v`, first line.
     pub haproxy_version: Option<String>,
+    /// The `--baseline-engine` binary, when one was given (targets `base-*`).
+    pub baseline_engine: Option<Found>,
 }
 
 impl Tools {
@@ -130,6 +185,32 @@ impl Tools {
             setup,
             haproxy,
             haproxy_version,
+            baseline_engine: None,
+        }
+    }
+
+    /// Adds the `--baseline-engine` binary, checked like the engine.
+    pub fn with_baseline_engine(mut self, p: &Path) -> Tools {
+        self.baseline_engine = Some(if p.is_file() {
+            check_help(
+                p,
+                "--relay",
+                "baseline engine binary does not implement `--relay`",
+            )
+        } else {
+            Err(format!("baseline engine {} does not exist", p.display()))
+        });
+        self
+    }
+
+    /// The engine binary a target runs.
+    pub fn engine_for(&self, target: Target) -> Found {
+        if target.is_baseline() {
+            self.baseline_engine
+                .clone()
+                .unwrap_or_else(|| Err("no --baseline-engine PATH given".into()))
+        } else {
+            self.engine.clone()
         }
     }
 
@@ -138,8 +219,8 @@ impl Tools {
         let reason = |f: &Found| f.as_ref().err().cloned();
         match target {
             Target::Direct => None,
-            Target::EngineSplice | Target::EngineCopy => {
-                reason(&self.engine).or_else(|| reason(&self.setup))
+            Target::EngineSplice | Target::EngineCopy | Target::BaseSplice | Target::BaseCopy => {
+                reason(&self.engine_for(target)).or_else(|| reason(&self.setup))
             }
             Target::Haproxy => reason(&self.haproxy).or_else(|| {
                 reason(&self.setup).map(|r| format!("{r} (HAProxy needs its TPROXY rules)"))
@@ -153,6 +234,14 @@ impl Tools {
         match &self.engine {
             Ok(p) => build_kind(p),
             Err(_) => "unknown",
+        }
+    }
+
+    /// [`Tools::engine_build`] of the baseline engine; `None` without one.
+    pub fn baseline_engine_build(&self) -> Option<&'static str> {
+        match self.baseline_engine.as_ref()? {
+            Ok(p) => Some(build_kind(p)),
+            Err(_) => Some("unknown"),
         }
     }
 }
@@ -322,8 +411,8 @@ impl<'a> Armed<'a> {
             .map_err(ArmError::Failed)?;
         armed.setup = Some(setup);
         let started = match target {
-            Target::EngineSplice | Target::EngineCopy => {
-                let engine = tools.engine.clone().map_err(ArmError::Skipped)?;
+            Target::EngineSplice | Target::EngineCopy | Target::BaseSplice | Target::BaseCopy => {
+                let engine = tools.engine_for(target).map_err(ArmError::Skipped)?;
                 armed.start_engine(&engine, opts)
             }
             Target::Haproxy => {
@@ -371,7 +460,12 @@ impl<'a> Armed<'a> {
             "--relay",
             self.target.relay(),
         ]);
-        let child = NsChild::spawn(format!("engine --relay {}", self.target.relay()), cmd)?;
+        let who = if self.target.is_baseline() {
+            "baseline engine"
+        } else {
+            "engine"
+        };
+        let child = NsChild::spawn(format!("{who} --relay {}", self.target.relay()), cmd)?;
         self.child = Some(child);
         self.wait_up(opts.port, true)
     }
@@ -458,6 +552,11 @@ impl<'a> Armed<'a> {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// The proxy's pid (`None` for `direct`).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(NsChild::pid)
     }
 
     /// `Err(reason)` when the proxy has died since it started.
@@ -635,10 +734,41 @@ mod tests {
     }
 
     #[test]
+    fn baseline_engine_is_checked_like_the_engine() {
+        let tools = Tools {
+            engine: Ok(PathBuf::from("/w/target/release/engine")),
+            setup: Ok(PathBuf::from("/w/target/release/setup")),
+            haproxy: Err("not installed".into()),
+            haproxy_version: None,
+            baseline_engine: None,
+        };
+        assert_eq!(tools.missing_for(Target::EngineSplice), None);
+        let why = tools.missing_for(Target::BaseSplice).unwrap();
+        assert!(why.contains("--baseline-engine"), "{why}");
+        assert_eq!(tools.baseline_engine_build(), None);
+        let tools = tools.with_baseline_engine(Path::new("/nonexistent/old/engine"));
+        let why = tools.missing_for(Target::BaseCopy).unwrap();
+        assert!(why.contains("does not exist"), "{why}");
+        assert_eq!(tools.engine_for(Target::EngineCopy), tools.engine);
+    }
+
+    #[test]
     fn build_kinds() {
         assert_eq!(build_kind(Path::new("/w/target/release/engine")), "release");
         assert_eq!(build_kind(Path::new("/w/target/debug/engine")), "debug");
         assert_eq!(build_kind(Path::new("/usr/bin/engine")), "unknown");
         assert_eq!(Target::parse("engine-copy"), Some(Target::EngineCopy));
+        assert_eq!(Target::parse("base-splice"), Some(Target::BaseSplice));
+        for t in Target::ALL_WITH_BASELINE {
+            assert_eq!(Target::parse(t.name()), Some(t));
+            if t.is_baseline() {
+                assert_eq!(t.current().baseline(), Some(t));
+                assert_eq!(t.relay(), t.current().relay());
+                assert!(
+                    !Target::ALL.contains(&t),
+                    "all includes base-* only on request"
+                );
+            }
+        }
     }
 }

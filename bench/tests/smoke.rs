@@ -72,6 +72,20 @@ fn check_ok(r: &Record) {
     if r.target == Target::Direct {
         assert_ne!(r.intercepted, Some(true), "{what}: baseline intercepted");
     }
+    // The proxy cores' CPU over the window, whatever it is.
+    let cpu = r
+        .cpu
+        .as_ref()
+        .unwrap_or_else(|| panic!("{what}: no cpu figure"));
+    assert_eq!(cpu.unit, r.scenario.cpu_unit(), "{what}");
+    let per = cpu.per_unit.unwrap_or(-1.0);
+    assert!(per >= 0.0 && per.is_finite(), "{what}: cpu {cpu:?}");
+    assert!((0.0..=1.0).contains(&cpu.util), "{what}: cpu {cpu:?}");
+    if r.target.is_proxy() {
+        // A proxy relaying for the whole window cannot leave its core idle.
+        assert!(cpu.busy_s > 0.0 && per > 0.0, "{what}: cpu {cpu:?}");
+        assert!(cpu.proxy_s.is_some(), "{what}: cpu {cpu:?}");
+    }
 }
 
 #[test]
@@ -181,6 +195,84 @@ fn cli_run_writes_json_markdown_svg() {
     assert!(std::fs::read_to_string(d.join("r.svg"))
         .unwrap()
         .starts_with("<svg"));
+    let _ = std::fs::remove_dir_all(d);
+}
+
+/// `--baseline-engine` adds `base-splice` / `base-copy`: run with the current engine
+/// as its own baseline, both must measure and carry their CPU figures.
+#[test]
+fn baseline_engine_targets_run_side_by_side() {
+    let name = "baseline_engine_targets_run_side_by_side";
+    if skip(name) {
+        return;
+    }
+    let tools = Tools::discover();
+    let (engine, setup) = match (&tools.engine, &tools.setup) {
+        (Ok(e), Ok(s)) => (e.clone(), s.clone()),
+        (e, s) => {
+            println!(
+                "SKIPPED: {name}: {:?} {:?}",
+                e.as_ref().err(),
+                s.as_ref().err()
+            );
+            return;
+        }
+    };
+    let d = tmp("baseline");
+    let out = Command::new(env!("CARGO_BIN_EXE_bench"))
+        .env("RINGRELAY_ENGINE", &engine)
+        .env("RINGRELAY_SETUP", &setup)
+        .args([
+            "run",
+            "--scenario",
+            "tcp-rr,udp-rr",
+            "--target",
+            "engine-splice,base-splice,base-copy",
+            "--duration",
+            "0.3s",
+            "--conns",
+            "2",
+        ])
+        .arg("--baseline-engine")
+        .arg(&engine)
+        .arg("--json")
+        .arg(d.join("r.json"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench run failed: {stderr}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("r.json")).unwrap()).unwrap();
+    assert_eq!(
+        json["env"]["baseline_engine"].as_str(),
+        Some(engine.to_str().unwrap())
+    );
+    assert!(json["env"]["engine_startup"]["base-splice"].is_array());
+    let recs = json["records"].as_array().unwrap();
+    assert_eq!(recs.len(), 6);
+    for t in ["engine-splice", "base-splice", "base-copy"] {
+        for r in recs.iter().filter(|r| r["target"] == t) {
+            assert_eq!(r["status"], "ok", "{r}");
+            assert!(r["req_s"].as_f64().unwrap() > 0.0, "{r}");
+            assert!(r["cpu"]["per_unit"].as_f64().unwrap() > 0.0, "{r}");
+            assert_eq!(r["cpu"]["unit"], "µs/req", "{r}");
+        }
+    }
+    assert_eq!(
+        recs.iter().filter(|r| r["target"] == "base-copy").count(),
+        2
+    );
+    // The before/after columns are there, for the rate and for the CPU.
+    assert!(stdout.contains("engine-splice / base-splice"), "{stdout}");
+    assert!(stdout.contains("| scenario | CPU/unit |"), "{stdout}");
+    // Without the flag the base targets are refused up front.
+    let refused = Command::new(env!("CARGO_BIN_EXE_bench"))
+        .args(["run", "--target", "base-splice", "--duration", "0.1s"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--baseline-engine"));
     let _ = std::fs::remove_dir_all(d);
 }
 

@@ -900,3 +900,56 @@ fn tcp_router_local_not_intercepted_v4() {
 fn tcp_router_local_not_intercepted_v6() {
     router_local_not_intercepted("tcp_router_local_not_intercepted_v6", Family::V6);
 }
+
+// ---------------------------------------------------------------------------------
+// Loop detection must not mistake a server for the engine
+// ---------------------------------------------------------------------------------
+
+/// A real server listening on the engine's own port (15001) behind the router is
+/// relayed even when the router sets `ip_nonlocal_bind=1` (common on routers with
+/// floating VRRP addresses). The engine used to ask "is this address local?" with a
+/// probe bind, which succeeds for every address under that sysctl, so it refused
+/// every such connection as a loop and reset the client.
+fn server_on_engine_port(test: &str, family: Family) {
+    let Some(mut rig) = Rig::start(test, RigConfig::new()) else {
+        return;
+    };
+    let key = match family {
+        Family::V4 => "net.ipv4.ip_nonlocal_bind",
+        Family::V6 => "net.ipv6.ip_nonlocal_bind",
+    };
+    rig.lab.router.sysctl(key, "1").unwrap();
+    let dst = SocketAddr::new(family.server_a(), 15001);
+    let _srv = TcpServer::echo(&rig.lab.server, dst).unwrap();
+    rig.lab
+        .client
+        .run(move || -> anyhow::Result<()> {
+            let mut s = tcp_connect(dst)?;
+            s.write_all(b"ping")?;
+            let mut b = [0u8; 4];
+            s.read_exact(&mut b)
+                .context("no echo: the engine refused the connection as a loop")?;
+            ensure!(&b == b"ping", "echo {b:?}");
+            Ok(())
+        })
+        .unwrap();
+    let c = rig.engine_mut().counters();
+    assert_eq!(c.get("close_loop"), 0, "{c:?}");
+    assert!(c.get("accepted") >= 1, "{c:?}");
+}
+
+#[test]
+fn tcp_server_on_engine_port_under_nonlocal_bind_v4() {
+    server_on_engine_port(
+        "tcp_server_on_engine_port_under_nonlocal_bind_v4",
+        Family::V4,
+    );
+}
+
+#[test]
+fn tcp_server_on_engine_port_under_nonlocal_bind_v6() {
+    server_on_engine_port(
+        "tcp_server_on_engine_port_under_nonlocal_bind_v6",
+        Family::V6,
+    );
+}

@@ -553,15 +553,21 @@ fn stop_under_load(test: &str, family: Family) {
         Ok((sent, answered))
     });
     let e = rig.engine_mut();
-    e.wait_counters(Duration::from_secs(5), |c| c.get("udp_flows_created") >= 200)
-        .unwrap_or_else(|c| panic!("load did not reach the engine: {c:?}"));
+    e.wait_counters(Duration::from_secs(5), |c| {
+        c.get("udp_flows_created") >= 200
+    })
+    .unwrap_or_else(|c| panic!("load did not reach the engine: {c:?}"));
     let t = Instant::now();
     let (status, stdout, stderr) = e.stop(Duration::from_secs(DRAIN_S + 10));
     let took = t.elapsed();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (sent, answered) = load.join().expect("load thread").unwrap();
     let status = status.expect("engine did not exit");
-    assert!(status.success(), "exit {status}; stderr: {}", tail(&stderr, 2000));
+    assert!(
+        status.success(),
+        "exit {status}; stderr: {}",
+        tail(&stderr, 2000)
+    );
     assert!(
         took <= Duration::from_secs(DRAIN_S + 1),
         "exit took {took:?} with --drain-timeout-s {DRAIN_S}; stderr: {}",
@@ -570,7 +576,10 @@ fn stop_under_load(test: &str, family: Family) {
     let at_exit = stdout.split("summary:").nth(1).expect("a summary line");
     let summary = parse_counter_table(at_exit).expect("exit summary");
     assert_eq!(summary.get("udp_flows_active"), 0, "{summary:?}");
-    assert!(answered > 0 && sent > answered / 2, "sent {sent}, answered {answered}");
+    assert!(
+        answered > 0 && sent > answered / 2,
+        "sent {sent}, answered {answered}"
+    );
 }
 
 #[test]

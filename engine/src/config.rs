@@ -44,8 +44,21 @@ fn parse_mark(s: &str) -> Result<u32, String> {
 /// Accepts TCP and UDP handed over by TPROXY rules (see `setup apply`) on every
 /// listed core and relays it to the original destination.
 #[derive(Parser, Debug, Clone)]
-#[command(name = "engine", version, about, long_about = None)]
+#[command(
+    name = "engine",
+    about,
+    long_about = None,
+    disable_version_flag = true,
+    after_help = "Signals: SIGTERM/SIGINT stop accepting and drain for --drain-timeout-s \
+                  (a second one exits at once); SIGUSR1 prints the per-core counters; \
+                  SIGHUP is logged and ignored (nothing to reload without a rules file)."
+)]
 pub struct Args {
+    /// Print the version, git revision, build profile, kernel and the io_uring
+    /// features found, then exit.
+    #[arg(short = 'V', long)]
+    pub version: bool,
+
     /// CPUs to run one pinned worker on each, e.g. `0-7` or `0,2,4-5`.
     /// Default: every CPU this process may run on.
     #[arg(long, value_name = "LIST")]
@@ -145,6 +158,8 @@ pub struct Config {
     pub udp_single_exchange_timeout_s: u64,
     /// Per core.
     pub udp_max_flows_per_core: usize,
+    /// Optional io_uring features this kernel has (probed at startup).
+    pub features: crate::core::ring::Features,
 }
 
 impl Config {

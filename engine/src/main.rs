@@ -128,7 +128,7 @@ const MAX_PIPE_SIZE: usize = 1 << 30;
 /// Largest `--copy-buf-size`: 1 MiB, i.e. 512 MiB of provided buffers per core.
 const MAX_COPY_BUF_SIZE: usize = 1 << 20;
 
-fn resolve(args: &Args) -> Result<(Config, u64)> {
+fn resolve(args: &Args, features: ring::Features) -> Result<(Config, u64)> {
     let allowed = cpus::allowed();
     let cores = match &args.cores {
         Some(text) => {
@@ -198,6 +198,7 @@ fn resolve(args: &Args) -> Result<(Config, u64)> {
                 .udp_single_exchange_timeout_s
                 .clamp(1, args.udp_idle_timeout_s.max(1)),
             udp_max_flows_per_core: max_flows.div_ceil(n).max(1),
+            features,
         },
         nofile,
     ))
@@ -207,9 +208,42 @@ fn print_counters(rows: &[(usize, stats::Snapshot)]) {
     print!("{}", stats::render(rows));
 }
 
+/// `RINGRELAY_DISABLE`: optional io_uring features to leave off (fallback tests).
+fn disabled_features() -> Option<String> {
+    std::env::var("RINGRELAY_DISABLE").ok()
+}
+
+/// `engine --version`: version, git revision, build profile, kernel and the
+/// io_uring features this kernel has.
+fn print_version() {
+    let kernel = sys::kernel_version().map_or("unknown".into(), |(a, b)| format!("{a}.{b}"));
+    println!(
+        "engine {} (git {}, {} build)",
+        env!("CARGO_PKG_VERSION"),
+        env!("RINGRELAY_GIT_REV"),
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        }
+    );
+    println!("kernel {kernel}");
+    match ring::probe(disabled_features().as_deref()) {
+        Ok(f) => println!("io_uring: {}", f.describe()),
+        Err(e) => println!("io_uring: unusable: {e}"),
+    }
+}
+
 fn run(args: Args) -> Result<()> {
-    let (cfg, nofile) = resolve(&args)?;
-    ring::probe().map_err(|e| anyhow::anyhow!(e))?;
+    if args.version {
+        print_version();
+        return Ok(());
+    }
+    let features = ring::probe(disabled_features().as_deref()).map_err(|e| anyhow::anyhow!(e))?;
+    let (cfg, nofile) = resolve(&args, features)?;
+    if !(features.defer_taskrun && features.multishot_timeout) {
+        eprintln!("engine: io_uring features: {}", features.describe());
+    }
     check_privileges(cfg.mark)?;
     check_port_free(&cfg)?;
     check_pipe_size(&cfg)?;

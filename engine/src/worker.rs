@@ -73,7 +73,7 @@ impl Worker {
         control: OwnedFd,
         policy: Box<dyn Policy>,
     ) -> Result<Worker, String> {
-        let ring = Ring::new(SQ_ENTRIES, cq_entries(&cfg))
+        let ring = Ring::new(SQ_ENTRIES, cq_entries(&cfg), &cfg.features)
             .map_err(|e| format!("cpu {cpu}: io_uring_setup: {e}"))?;
         let mut core = Core::new(ring, cfg.clone(), cpu, stats, policy);
         let tcp = if cfg.tcp {
@@ -97,13 +97,17 @@ impl Worker {
         })
     }
 
+    /// Arms the 1 s housekeeping timer: multishot where the kernel has it (6.4),
+    /// else single-shot, re-armed by `on_tick` on every completion.
     fn arm_tick(&mut self) {
-        let sqe = opcode::Timeout::new(&*self.tick_ts as *const types::Timespec)
-            .count(0)
-            .flags(types::TimeoutFlags::MULTISHOT)
-            .build()
-            .user_data(Token::global(Op::Tick).encode());
-        self.core.submit(sqe);
+        let t = opcode::Timeout::new(&*self.tick_ts as *const types::Timespec).count(0);
+        let t = if self.core.cfg.features.multishot_timeout {
+            t.flags(types::TimeoutFlags::MULTISHOT)
+        } else {
+            t
+        };
+        self.core
+            .submit(t.build().user_data(Token::global(Op::Tick).encode()));
     }
 
     fn arm_control(&mut self) {
@@ -191,7 +195,7 @@ impl Worker {
 
     fn on_tick(&mut self, c: Completion) {
         if !c.more() && !self.tick_cancelled {
-            // The multishot timer ended without being cancelled: re-arm it.
+            // A single-shot tick, or a multishot timer the kernel ended: re-arm.
             self.arm_tick();
         }
         self.core.tick += 1;

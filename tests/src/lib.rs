@@ -492,9 +492,19 @@ pub struct Engine {
 impl Engine {
     /// Starts the engine in `ns` and waits for `ready:`.
     pub fn start(ns: &Netns, args: &[String]) -> anyhow::Result<Engine> {
+        Engine::start_with_env(ns, args, &[])
+    }
+
+    /// [`Engine::start`] with extra environment variables for the engine.
+    pub fn start_with_env(
+        ns: &Netns,
+        args: &[String],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Engine> {
         let bin = engine_bin();
         let mut cmd = ns.command(&bin);
         cmd.args(args);
+        cmd.envs(env.iter().copied());
         let mut child = NsChild::spawn(format!("engine@{}", ns.name()), cmd)?;
         let ready_line = child.wait_for_line(|l| l.starts_with("ready:"), ENGINE_READY_TIMEOUT)?;
         let pid = child.pid();

@@ -177,3 +177,78 @@ fn engine_sigterm_drains_and_exits_clean() {
     assert_eq!(nums[0], nums[1], "fds leaked at exit: {summary}");
     drop((held, udp_sock));
 }
+
+/// One TCP echo and one UDP echo through the engine of `rig`, v4.
+fn relay_once(rig: &Rig, tcp_port: u16, udp_port: u16) {
+    let dst = SocketAddr::new(Family::V4.server_a(), tcp_port);
+    let _srv = TcpServer::echo(&rig.lab.server, dst).unwrap();
+    let udp_dst = SocketAddr::new(Family::V4.server_a(), udp_port);
+    let _udp = UdpEcho::start(&rig.lab.server, udp_dst, false).unwrap();
+    rig.lab
+        .client
+        .run(move || -> anyhow::Result<()> {
+            let mut s = tcp_connect(dst)?;
+            s.write_all(b"ping")?;
+            let mut b = [0u8; 4];
+            s.read_exact(&mut b)?;
+            anyhow::ensure!(&b == b"ping");
+            let u = udp_client(Family::V4, Duration::from_secs(3))?;
+            u.send_to(b"pong", udp_dst)?;
+            let mut b = [0u8; 8];
+            let (n, from) = u.recv_from(&mut b)?;
+            anyhow::ensure!(&b[..n] == b"pong" && from == udp_dst, "{from}");
+            Ok(())
+        })
+        .unwrap();
+}
+
+/// The kernel-feature fallbacks (what a 6.0 kernel gets) are chosen by
+/// `RINGRELAY_DISABLE`, said on stderr and in the ready line's ring flags, and the
+/// engine relays and stops cleanly with them.
+#[test]
+fn engine_fallbacks_forced_by_env() {
+    let test = "engine_fallbacks_forced_by_env";
+    let Some(mut rig) = Rig::start(test, RigConfig::new().without_engine()) else {
+        return;
+    };
+    let args: Vec<String> = ["--cores", "0", "--drain-timeout-s", "1"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let env = [("RINGRELAY_DISABLE", "defer-taskrun,multishot-timeout")];
+    rig.engine = Some(Engine::start_with_env(&rig.lab.router, &args, &env).unwrap());
+    let ready = rig.engine().ready_line.clone();
+    assert!(
+        ready.contains("ring SINGLE_ISSUER|SUBMIT_ALL "),
+        "ring flags with the fallbacks: {ready}"
+    );
+    // Ticks must keep coming with a re-armed single-shot timer: UDP flows expire.
+    relay_once(&rig, 5030, 5031);
+    let e = rig.engine_mut();
+    assert!(e.counters().get("udp_flows_active") >= 1);
+    let (status, _, stderr) = e.stop(Duration::from_secs(8));
+    assert!(status.expect("engine exited").success(), "{stderr}");
+    assert!(
+        stderr.contains("multishot-timeout (6.4+): fallback"),
+        "stderr: {stderr}"
+    );
+}
+
+/// SIGHUP is what `systemctl reload` and many operators send by reflex: it must not
+/// kill the engine (it used to, without drain or summary).
+#[test]
+fn engine_survives_sighup() {
+    let test = "engine_survives_sighup";
+    let Some(mut rig) = Rig::start(test, RigConfig::new()) else {
+        return;
+    };
+    let e = rig.engine_mut();
+    e.child.signal(nix::sys::signal::Signal::SIGHUP).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(e.is_running(), "SIGHUP killed the engine");
+    relay_once(&rig, 5032, 5033);
+    let (status, stdout, stderr) = rig.engine_mut().stop(Duration::from_secs(8));
+    assert!(status.expect("engine exited").success(), "{stderr}");
+    assert!(stdout.contains("summary:"), "{stdout}");
+    assert!(stderr.contains("SIGHUP"), "{stderr}");
+}

@@ -81,7 +81,7 @@ impl Ring {
     ///   kernel skip submission locking (6.0).
     /// * `DEFER_TASKRUN`: completion work runs only when this thread enters the kernel
     ///   to wait, in batches, instead of interrupting it at arbitrary points (6.1).
-    ///   Requires `SINGLE_ISSUER`.
+    ///   Requires `SINGLE_ISSUER`. Left out where the kernel lacks it ([`Features`]).
     /// * `CQSIZE`: sized by the caller from the connection and flow budget, so the CQ
     ///   does not overflow (overflowed CQEs go to a slow kernel list; the count is
     ///   exported as `ring_cq_overflow`). `CLAMP` caps it at the kernel's maximum.
@@ -89,24 +89,28 @@ impl Ring {
     ///   pending, so a non-blocking submit knows to enter with GETEVENTS and run it.
     /// * `SUBMIT_ALL`: keep submitting the rest of a batch when one SQE fails at
     ///   submission time, so a bad op cannot stall the others (5.18).
-    pub fn new(sq_entries: u32, cq_entries: u32) -> io::Result<Ring> {
+    pub fn new(sq_entries: u32, cq_entries: u32, features: &Features) -> io::Result<Ring> {
         let cq_entries = cq_entries.max(sq_entries);
-        let ring = IoUring::builder()
-            .setup_single_issuer()
-            .setup_defer_taskrun()
-            .setup_taskrun_flag()
+        let mut b = IoUring::builder();
+        b.setup_single_issuer()
             .setup_submit_all()
             .setup_clamp()
-            .setup_cqsize(cq_entries)
-            .build(sq_entries)?;
+            .setup_cqsize(cq_entries);
+        if features.defer_taskrun {
+            b.setup_defer_taskrun().setup_taskrun_flag();
+        }
+        let ring = b.build(sq_entries)?;
         let (sq, cq) = (ring.params().sq_entries(), ring.params().cq_entries());
+        let flags = if features.defer_taskrun {
+            "SINGLE_ISSUER|DEFER_TASKRUN|TASKRUN_FLAG|SUBMIT_ALL"
+        } else {
+            "SINGLE_ISSUER|SUBMIT_ALL"
+        };
         Ok(Ring {
             ring,
             bufs: Vec::new(),
             backlog: VecDeque::new(),
-            flags_description: format!(
-                "SINGLE_ISSUER|DEFER_TASKRUN|TASKRUN_FLAG|SUBMIT_ALL sq={sq} cq={cq}"
-            ),
+            flags_description: format!("{flags} sq={sq} cq={cq}"),
         })
     }
 
@@ -266,13 +270,9 @@ const REQUIRED_OPS: &[(u8, &str, &str)] = &[
     (opcode::AcceptMulti::CODE, "ACCEPT (multishot)", "5.19"),
     (opcode::Connect::CODE, "CONNECT", "5.5"),
     (opcode::LinkTimeout::CODE, "LINK_TIMEOUT", "5.5"),
-    (opcode::PollAdd::CODE, "POLL_ADD", "5.1"),
-    (
-        opcode::AsyncCancel::CODE,
-        "ASYNC_CANCEL",
-        "5.19 (cancel by fd)",
-    ),
-    (opcode::Timeout::CODE, "TIMEOUT (multishot)", "6.4"),
+    (opcode::PollAdd::CODE, "POLL_ADD (multishot)", "5.13"),
+    (opcode::AsyncCancel::CODE, "ASYNC_CANCEL", "5.5"),
+    (opcode::Timeout::CODE, "TIMEOUT", "5.4"),
     (
         opcode::Recv::CODE,
         "RECV (multishot, provided buffer ring)",
@@ -283,14 +283,95 @@ const REQUIRED_OPS: &[(u8, &str, &str)] = &[
     (opcode::Read::CODE, "READ", "5.6"),
 ];
 
-/// Oldest kernel whose io_uring has every feature the engine uses: multishot
-/// timeouts (6.4) are the newest of them; `DEFER_TASKRUN` is 6.1.
-pub const MIN_KERNEL: (u32, u32) = (6, 4);
+/// Oldest kernel the engine runs on: multishot recv/recvmsg over provided buffer
+/// rings and `SINGLE_ISSUER` are 6.0. Newer features are probed and have
+/// fallbacks ([`Features`]).
+pub const MIN_KERNEL: (u32, u32) = (6, 0);
 
-/// Checks that io_uring is usable and supports every op the engine needs.
-/// The error text says what is missing and how to fix it.
-pub fn probe() -> Result<(), String> {
-    let ring = Ring::new(8, 8).map_err(|e| match e.raw_os_error() {
+/// Optional io_uring features, probed at startup, each with a fallback.
+///
+/// `RINGRELAY_DISABLE=name[,name]` turns features off even where the kernel has
+/// them, so the fallbacks can be tested on a new kernel (names as in [`Features::ALL`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Features {
+    /// `IORING_SETUP_DEFER_TASKRUN` (6.1): completion work runs only when the worker
+    /// waits. Without it the kernel runs it at any syscall boundary (more
+    /// interruptions, same results).
+    pub defer_taskrun: bool,
+    /// Multishot `TIMEOUT` (6.4): one SQE ticks forever. Without it the worker
+    /// re-arms a single-shot timeout on every tick.
+    pub multishot_timeout: bool,
+}
+
+impl Features {
+    /// `(name, kernel, what the engine does without it)` of every optional feature.
+    pub const ALL: [(&'static str, &'static str, &'static str); 2] = [
+        (
+            "defer-taskrun",
+            "6.1",
+            "ring without DEFER_TASKRUN: completion work may interrupt the worker",
+        ),
+        (
+            "multishot-timeout",
+            "6.4",
+            "the 1 s housekeeping timer is re-armed on every tick",
+        ),
+    ];
+
+    /// Everything on.
+    pub fn all() -> Features {
+        Features {
+            defer_taskrun: true,
+            multishot_timeout: true,
+        }
+    }
+
+    fn get(&self, name: &str) -> bool {
+        match name {
+            "defer-taskrun" => self.defer_taskrun,
+            "multishot-timeout" => self.multishot_timeout,
+            _ => false,
+        }
+    }
+
+    fn set(&mut self, name: &str, on: bool) -> bool {
+        match name {
+            "defer-taskrun" => self.defer_taskrun = on,
+            "multishot-timeout" => self.multishot_timeout = on,
+            _ => return false,
+        }
+        true
+    }
+
+    /// Turns off the features named in a `RINGRELAY_DISABLE` value.
+    pub fn disable(&mut self, list: &str) -> Result<(), String> {
+        for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            if !self.set(name, false) {
+                let known: Vec<_> = Features::ALL.iter().map(|f| f.0).collect();
+                return Err(format!(
+                    "RINGRELAY_DISABLE: unknown feature `{name}` (known: {})",
+                    known.join(", ")
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// `name=on|off(fallback)` for each feature, for `--version` and the log.
+    pub fn describe(&self) -> String {
+        Features::ALL
+            .iter()
+            .map(|(name, since, _)| {
+                let state = if self.get(name) { "on" } else { "fallback" };
+                format!("{name} ({since}+): {state}")
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+fn setup_error(e: io::Error) -> String {
+    match e.raw_os_error() {
         Some(libc::ENOSYS) => "io_uring is not available: the kernel was built without \
                                CONFIG_IO_URING"
             .to_string(),
@@ -300,12 +381,39 @@ pub fn probe() -> Result<(), String> {
                               that blocks io_uring_setup"
             .to_string(),
         Some(libc::EINVAL) => format!(
-            "io_uring refused the engine's setup flags (SINGLE_ISSUER|DEFER_TASKRUN need \
-             Linux 6.1+; need {}.{}+)",
+            "io_uring refused the engine's setup flags (SINGLE_ISSUER needs Linux 6.0+; \
+             the engine needs {}.{}+)",
             MIN_KERNEL.0, MIN_KERNEL.1
         ),
         _ => format!("io_uring_setup failed: {e}"),
-    })?;
+    }
+}
+
+/// Checks that io_uring is usable and supports every op the engine needs, and finds
+/// which optional features this kernel has (minus those `disabled`, a
+/// `RINGRELAY_DISABLE` value). The error text says what is missing and how to fix it.
+pub fn probe(disabled: Option<&str>) -> Result<Features, String> {
+    let mut features = Features::all();
+    if let Some(list) = disabled {
+        features.disable(list)?;
+    }
+    if let Some(v) = crate::sys::kernel_version() {
+        if v < MIN_KERNEL {
+            return Err(format!(
+                "kernel {}.{} is too old: the engine needs Linux {}.{}+ (multishot \
+                 recv/recvmsg over provided buffer rings)",
+                v.0, v.1, MIN_KERNEL.0, MIN_KERNEL.1
+            ));
+        }
+    }
+    let mut ring = match Ring::new(8, 8, &features) {
+        Ok(r) => r,
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) && features.defer_taskrun => {
+            features.defer_taskrun = false;
+            Ring::new(8, 8, &features).map_err(setup_error)?
+        }
+        Err(e) => return Err(setup_error(e)),
+    };
     let mut probe = io_uring::Probe::new();
     ring.submitter()
         .register_probe(&mut probe)
@@ -317,16 +425,36 @@ pub fn probe() -> Result<(), String> {
             ));
         }
     }
-    if let Some(v) = crate::sys::kernel_version() {
-        if v < MIN_KERNEL {
-            return Err(format!(
-                "kernel {}.{} is too old: the engine needs Linux {}.{}+ (multishot \
-                 accept/recv/recvmsg and multishot timeouts)",
-                v.0, v.1, MIN_KERNEL.0, MIN_KERNEL.1
-            ));
-        }
+    if features.multishot_timeout {
+        features.multishot_timeout = ring.supports_multishot_timeout();
     }
-    Ok(())
+    Ok(features)
+}
+
+impl Ring {
+    /// Tries a multishot timeout that fires once (count 1): kernels before 6.4
+    /// reject the flag with `EINVAL`.
+    fn supports_multishot_timeout(&mut self) -> bool {
+        let ts = types::Timespec::new().nsec(1);
+        let sqe = opcode::Timeout::new(&ts as *const types::Timespec)
+            .count(1)
+            .flags(types::TimeoutFlags::MULTISHOT)
+            .build()
+            .user_data(1);
+        if self.push(sqe).is_err() {
+            return false;
+        }
+        let mut got = Vec::new();
+        // Waits for the final completion: `ts` must outlive the op.
+        while !got.iter().any(|c: &Completion| !c.more()) {
+            if self.submit_and_wait(1).is_err() {
+                // The op may still be armed; `ts` on this stack would dangle.
+                std::process::abort();
+            }
+            self.drain(&mut got);
+        }
+        got.iter().all(|c| c.result != -libc::EINVAL)
+    }
 }
 
 /// A provided-buffer ring (`IORING_REGISTER_PBUF_RING`, 5.19): a group of equally
@@ -461,7 +589,7 @@ mod tests {
     /// available to this process (some sandboxes forbid it).
     #[test]
     fn push_never_spins_or_drops_when_the_sq_is_full() {
-        let mut ring = match Ring::new(4, 8) {
+        let mut ring = match Ring::new(4, 8, &Features::all()) {
             Ok(r) => r,
             Err(e) => {
                 eprintln!("SKIPPED: push_never_spins_or_drops_when_the_sq_is_full: {e}");

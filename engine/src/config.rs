@@ -82,9 +82,22 @@ pub struct Args {
     pub connect_timeout_ms: u64,
 
     /// Reset TCP connections with no traffic in either direction for this long;
-    /// 0 never times them out.
-    #[arg(long, default_value_t = 300, value_name = "SECONDS")]
+    /// 0 never times them out. Long by default, like a router's connection tracking
+    /// (established: 5 days): SSH sessions, database pools and websockets idle for
+    /// minutes are normal. Dead peers are found by keepalive instead.
+    #[arg(long, default_value_t = 3600, value_name = "SECONDS")]
     pub idle_timeout_s: u64,
+
+    /// Reset a connection that one side has half-closed (its FIN was passed on)
+    /// when nothing moved for this long; 0: never (HAProxy's `timeout client-fin`).
+    #[arg(long, default_value_t = 120, value_name = "SECONDS")]
+    pub half_closed_timeout_s: u64,
+
+    /// TCP keepalive on both sockets of every connection: first probe after this
+    /// long without traffic, then every 15 s, reset after 4 unanswered probes (a dead
+    /// peer is found after about SECONDS + 60 s); 0 turns keepalive off.
+    #[arg(long, default_value_t = 120, value_name = "SECONDS")]
+    pub keepalive_s: u64,
 
     /// Maximum concurrent TCP connections, all cores together. Default: derived from
     /// RLIMIT_NOFILE so the engine can never run out of file descriptors (each
@@ -144,6 +157,10 @@ pub struct Config {
     pub connect_timeout_ms: u64,
     /// `None`: never time out idle connections.
     pub idle_timeout_s: Option<u64>,
+    /// `None`: never time out half-closed connections.
+    pub half_closed_timeout_s: Option<u64>,
+    /// TCP keepalive idle time; `None`: keepalive off.
+    pub keepalive_s: Option<u64>,
     /// Per core.
     pub max_conns_per_core: usize,
     /// Per core: [`PARK_TOTAL`] split over the cores.

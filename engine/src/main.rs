@@ -185,6 +185,9 @@ fn resolve(args: &Args, features: ring::Features) -> Result<(Config, u64)> {
             mark: args.mark,
             connect_timeout_ms: args.connect_timeout_ms.max(1),
             idle_timeout_s: (args.idle_timeout_s != 0).then_some(args.idle_timeout_s),
+            half_closed_timeout_s: (args.half_closed_timeout_s != 0)
+                .then_some(args.half_closed_timeout_s),
+            keepalive_s: (args.keepalive_s != 0).then_some(args.keepalive_s),
             max_conns_per_core: max_conns.div_ceil(n).max(1),
             park_max_per_core: (config::PARK_TOTAL / n).max(1),
             drain_timeout_s: args.drain_timeout_s,

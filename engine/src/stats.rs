@@ -29,6 +29,8 @@ pub enum CloseReason {
     ConnectError,
     /// No traffic in either direction for `--idle-timeout-s`.
     IdleTimeout,
+    /// Half-closed by one side, then nothing moved for `--half-closed-timeout-s`.
+    HalfClosedTimeout,
     /// Still open when the drain deadline passed during a stop: reset.
     DrainDeadline,
     /// Accepted while stopping, or parked when the stop began: reset unrelayed.
@@ -48,7 +50,7 @@ pub enum CloseReason {
 
 impl CloseReason {
     /// Every reason, in counter order.
-    pub const ALL: [CloseReason; 16] = [
+    pub const ALL: [CloseReason; 17] = [
         CloseReason::ClientFin,
         CloseReason::ServerFin,
         CloseReason::ClientReset,
@@ -58,6 +60,7 @@ impl CloseReason {
         CloseReason::Unreachable,
         CloseReason::ConnectError,
         CloseReason::IdleTimeout,
+        CloseReason::HalfClosedTimeout,
         CloseReason::DrainDeadline,
         CloseReason::Stopping,
         CloseReason::Rejected,
@@ -84,6 +87,7 @@ impl CloseReason {
             CloseReason::Unreachable => "close_unreachable",
             CloseReason::ConnectError => "close_connect_error",
             CloseReason::IdleTimeout => "close_idle_timeout",
+            CloseReason::HalfClosedTimeout => "close_half_closed_timeout",
             CloseReason::DrainDeadline => "close_drain_deadline",
             CloseReason::Stopping => "close_stopping",
             CloseReason::Rejected => "close_rejected",

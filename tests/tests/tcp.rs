@@ -953,3 +953,82 @@ fn tcp_server_on_engine_port_under_nonlocal_bind_v6() {
         Family::V6,
     );
 }
+
+// ---------------------------------------------------------------------------------
+// Timeouts and keepalive
+// ---------------------------------------------------------------------------------
+
+/// Both sockets of a relayed connection carry TCP keepalive (`--keepalive-s`), and a
+/// connection that one side half-closed and then went quiet is reset after
+/// `--half-closed-timeout-s` on both sides (HAProxy's `timeout client-fin`), while
+/// the idle timeout (default 1 h) does not touch it.
+fn half_closed_timeout(test: &str, family: Family) {
+    let cfg =
+        RigConfig::new().engine_args(&["--half-closed-timeout-s", "2", "--keepalive-s", "30"]);
+    let Some(mut rig) = Rig::start(test, cfg) else {
+        return;
+    };
+    let dst = SocketAddr::new(family.server_a(), 5004);
+    let server = TcpServer::start(&rig.lab.server, dst, |s, _| {
+        let mut buf = [0u8; 1024];
+        while (&s).read(&mut buf)? > 0 {}
+        // The client's FIN arrived; stay silent and wait for the engine's reset.
+        let deadline = Instant::now() + Duration::from_secs(6);
+        while Instant::now() < deadline {
+            if let Some(e) = s.take_error()? {
+                // A RST to a socket in CLOSE_WAIT reports EPIPE (tcp_reset()).
+                ensure!(
+                    matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::BrokenPipe),
+                    "server side: {e}"
+                );
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        anyhow::bail!("server side: no reset within 6 s")
+    })
+    .unwrap();
+    let mut s = rig
+        .lab
+        .client
+        .run(move || -> anyhow::Result<TcpStream> {
+            let mut s = tcp_connect(dst)?;
+            s.write_all(b"request")?;
+            s.shutdown(Shutdown::Write)?;
+            Ok(s)
+        })
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let ss = rig.lab.router.sh("ss -tnoH").unwrap();
+    let keepalive_timers = ss
+        .lines()
+        .filter(|l| l.contains("timer:(keepalive"))
+        .count();
+    assert_eq!(
+        keepalive_timers, 2,
+        "keepalive on both sockets of the engine: {ss}"
+    );
+    s.set_read_timeout(Some(Duration::from_secs(6))).unwrap();
+    let mut b = [0u8; 16];
+    let client_side = s.read(&mut b).map_err(|e| e.kind());
+    assert_eq!(client_side, Err(ErrorKind::ConnectionReset), "client side");
+    assert!(server.wait_finished(1, Duration::from_secs(8)));
+    assert_eq!(server.errors(), Vec::<String>::new());
+    let c = rig
+        .engine_mut()
+        .wait_counters(Duration::from_secs(3), |c| {
+            c.get("close_half_closed_timeout") == 1
+        })
+        .unwrap_or_else(|c| panic!("no half-closed timeout counted: {c:?}"));
+    assert_eq!(c.get("close_idle_timeout"), 0, "{c:?}");
+}
+
+#[test]
+fn tcp_half_closed_timeout_v4() {
+    half_closed_timeout("tcp_half_closed_timeout_v4", Family::V4);
+}
+
+#[test]
+fn tcp_half_closed_timeout_v6() {
+    half_closed_timeout("tcp_half_closed_timeout_v6", Family::V6);
+}

@@ -33,7 +33,10 @@ pub const MULTISHOT_HEADROOM: usize = 64;
 ///
 /// `IP_TRANSPARENT` must be set before `bind()`: nft `tproxy` only assigns packets to
 /// transparent sockets.
-pub fn listener(v6: bool, port: u16) -> io::Result<OwnedFd> {
+/// Keepalive set here is inherited by every accepted socket (the kernel copies the
+/// listener's options and starts the timer on the child), so the client side costs
+/// no setsockopt per connection.
+pub fn listener(v6: bool, port: u16, keepalive: Option<u64>) -> io::Result<OwnedFd> {
     let domain = if v6 { Domain::IPV6 } else { Domain::IPV4 };
     let s = Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
     if v6 {
@@ -45,6 +48,9 @@ pub fn listener(v6: bool, port: u16) -> io::Result<OwnedFd> {
     }
     s.set_reuse_address(true)?;
     s.set_reuse_port(true)?;
+    if let Some(ka) = keepalive {
+        s.set_tcp_keepalive(&super::keepalive_params(ka))?;
+    }
     s.bind(&sys::unspecified(v6, port).into())?;
     s.listen(4096)?;
     Ok(s.into())
@@ -81,7 +87,7 @@ impl Acceptor {
     pub fn new(cfg: &Config) -> Result<Acceptor, String> {
         let mut listeners = Vec::new();
         for v6 in cfg.families() {
-            let fd = listener(v6, cfg.port)
+            let fd = listener(v6, cfg.port, cfg.keepalive_s)
                 .map_err(|e| format!("TCP listener on {}: {e}", sys::unspecified(v6, cfg.port)))?;
             listeners.push(Listener {
                 fd: Some(fd),

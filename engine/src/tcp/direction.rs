@@ -249,10 +249,12 @@ impl Direction {
             return;
         }
         match r {
-            // ENOTCONN: the destination is already fully closed; nothing to pass on.
-            Io::Done(_) | Io::Err(libc::ENOTCONN) => self.set_state(State::Done),
+            Io::Done(_) => self.set_state(State::Done),
             // shutdown(2) on a TCP socket never blocks; retrying would spin.
             Io::WouldBlock => self.fail(libc::EAGAIN),
+            // ENOTCONN too: a connected socket is closed before its own FIN only by a
+            // reset or a fatal error, so the FIN never reached that peer, and the
+            // other peer must get a reset, not a clean close.
             Io::Err(e) => self.fail(e),
         }
     }
@@ -370,11 +372,12 @@ mod tests {
     }
 
     #[test]
-    fn shutdown_on_closed_destination_is_done() {
+    fn shutdown_on_reset_destination_fails() {
         let mut d = Direction::new(100);
         d.on_read(Io::Done(0));
         d.on_shutdown(Io::Err(libc::ENOTCONN));
-        assert_eq!(d.state(), State::Done);
+        assert_eq!(d.state(), State::Failed);
+        assert_eq!(d.error(), Some(libc::ENOTCONN));
     }
 
     #[test]

@@ -239,6 +239,13 @@ impl ConnMachine {
         self.dirs[d].flow.state()
     }
 
+    /// One direction has passed its FIN on and the other is still open.
+    pub fn is_half_closed(&self) -> bool {
+        self.phase == Phase::Relaying
+            && (self.dirs[0].flow.state() == State::Done)
+                != (self.dirs[1].flow.state() == State::Done)
+    }
+
     /// Tick of the last byte moved (or of the connect).
     pub fn last_active(&self) -> u64 {
         self.last_active

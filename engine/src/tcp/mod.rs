@@ -273,7 +273,7 @@ impl Tcp {
             // there): relaying would connect the engine to itself, forever.
             return Self::refuse(core, client, CloseReason::Loop);
         }
-        let upstream = match upstream_socket(&target, core.cfg.mark) {
+        let upstream = match upstream_socket(&target, core.cfg.mark, core.cfg.keepalive_s) {
             Ok(s) => s,
             Err(e) => {
                 core.log_limited(format_args!("tcp: upstream socket to {target}: {e}"));
@@ -352,17 +352,20 @@ impl Tcp {
         let h = self.headroom(core);
         self.acceptor.on_tick(core, h);
         let deadline_passed = self.stop_deadline.is_some_and(|t| core.tick >= t);
-        let idle = core.cfg.idle_timeout_s;
+        let (idle, half_closed) = (core.cfg.idle_timeout_s, core.cfg.half_closed_timeout_s);
         if self.conns.is_empty() {
             return;
         }
         for (slot, g) in self.conns.live() {
             let tick = core.tick;
             self.with_conn(core, slot, g, |m, fx| {
+                let quiet = tick.saturating_sub(m.last_active());
                 if deadline_passed {
                     m.abort(CloseReason::DrainDeadline, fx)
-                } else if idle.is_some_and(|t| tick.saturating_sub(m.last_active()) >= t) {
+                } else if idle.is_some_and(|t| quiet >= t) {
                     m.abort(CloseReason::IdleTimeout, fx)
+                } else if half_closed.is_some_and(|t| quiet >= t) && m.is_half_closed() {
+                    m.abort(CloseReason::HalfClosedTimeout, fx)
                 } else {
                     Step::Continue
                 }
@@ -390,7 +393,7 @@ impl Tcp {
 }
 
 /// An upstream socket towards `target`, marked so interception rules skip it.
-fn upstream_socket(target: &SocketAddr, mark: u32) -> io::Result<OwnedFd> {
+fn upstream_socket(target: &SocketAddr, mark: u32, keepalive: Option<u64>) -> io::Result<OwnedFd> {
     let domain = if target.is_ipv6() {
         Domain::IPV6
     } else {
@@ -400,5 +403,16 @@ fn upstream_socket(target: &SocketAddr, mark: u32) -> io::Result<OwnedFd> {
     if mark != 0 {
         s.set_mark(mark)?;
     }
+    if let Some(ka) = keepalive {
+        s.set_tcp_keepalive(&keepalive_params(ka))?;
+    }
     Ok(s.into())
+}
+
+/// Keepalive: first probe after `idle_s` quiet seconds, then every 15 s, 4 probes.
+pub fn keepalive_params(idle_s: u64) -> socket2::TcpKeepalive {
+    socket2::TcpKeepalive::new()
+        .with_time(std::time::Duration::from_secs(idle_s))
+        .with_interval(std::time::Duration::from_secs(15))
+        .with_retries(4)
 }

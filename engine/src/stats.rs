@@ -165,10 +165,97 @@ impl FlowEnd {
     }
 }
 
+/// Upper bounds (seconds) of the upstream connect latency histogram's buckets.
+pub const CONNECT_BUCKETS_S: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+
+/// Upper bounds (seconds) of the connection duration histogram's buckets.
+pub const DURATION_BUCKETS_S: [f64; 12] = [
+    0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0, 86400.0,
+];
+
+/// A fixed-bucket histogram written by one core: `N` buckets plus one for values
+/// above the last bound, and the sum in microseconds.
+#[derive(Debug)]
+pub struct Histogram<const N: usize> {
+    bounds_us: [u64; N],
+    buckets: [AtomicU64; N],
+    above: AtomicU64,
+    sum_us: AtomicU64,
+}
+
+impl<const N: usize> Histogram<N> {
+    /// A histogram with the given bucket bounds in seconds.
+    pub fn new(bounds_s: &[f64; N]) -> Self {
+        Histogram {
+            bounds_us: std::array::from_fn(|i| (bounds_s[i] * 1e6) as u64),
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            above: AtomicU64::new(0),
+            sum_us: AtomicU64::new(0),
+        }
+    }
+
+    /// Records one value.
+    pub fn observe_us(&self, us: u64) {
+        match self.bounds_us.iter().position(|&b| us <= b) {
+            Some(i) => self.buckets[i].fetch_add(1, Relaxed),
+            None => self.above.fetch_add(1, Relaxed),
+        };
+        self.sum_us.fetch_add(us, Relaxed);
+    }
+
+    /// A copy: per-bucket (not cumulative) counts, the overflow bucket, the sum.
+    pub fn snapshot(&self) -> HistSnapshot<N> {
+        HistSnapshot {
+            buckets: std::array::from_fn(|i| self.buckets[i].load(Relaxed)),
+            above: self.above.load(Relaxed),
+            sum_us: self.sum_us.load(Relaxed),
+        }
+    }
+}
+
+/// A plain copy of a [`Histogram`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HistSnapshot<const N: usize> {
+    /// Observations per bucket (not cumulative), in bound order.
+    pub buckets: [u64; N],
+    /// Observations above the last bound.
+    pub above: u64,
+    /// Sum of all observations, microseconds.
+    pub sum_us: u64,
+}
+
+impl<const N: usize> Default for HistSnapshot<N> {
+    fn default() -> Self {
+        HistSnapshot {
+            buckets: [0; N],
+            above: 0,
+            sum_us: 0,
+        }
+    }
+}
+
+impl<const N: usize> HistSnapshot<N> {
+    /// Observations in total.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().sum::<u64>() + self.above
+    }
+
+    /// Field-wise sum.
+    pub fn add(&mut self, o: &HistSnapshot<N>) {
+        for i in 0..N {
+            self.buckets[i] += o.buckets[i];
+        }
+        self.above += o.above;
+        self.sum_us += o.sum_us;
+    }
+}
+
 macro_rules! counters {
     ($( $(#[$doc:meta])* $name:ident ),* $(,)?) => {
         /// Counters of one worker core.
-        #[derive(Default, Debug)]
+        #[derive(Debug)]
         #[repr(align(128))]
         pub struct CoreStats {
             $( $(#[$doc])* pub $name: AtomicU64, )*
@@ -176,6 +263,22 @@ macro_rules! counters {
             closes: [AtomicU64; CloseReason::ALL.len()],
             /// UDP flows ended, per [`FlowEnd`].
             flow_ends: [AtomicU64; FlowEnd::ALL.len()],
+            /// Upstream TCP connect latency (connects that succeeded).
+            pub connect_latency: Histogram<{ CONNECT_BUCKETS_S.len() }>,
+            /// Life of finished TCP connections, accept to close.
+            pub conn_duration: Histogram<{ DURATION_BUCKETS_S.len() }>,
+        }
+
+        impl Default for CoreStats {
+            fn default() -> Self {
+                CoreStats {
+                    $( $name: AtomicU64::new(0), )*
+                    closes: Default::default(),
+                    flow_ends: Default::default(),
+                    connect_latency: Histogram::new(&CONNECT_BUCKETS_S),
+                    conn_duration: Histogram::new(&DURATION_BUCKETS_S),
+                }
+            }
         }
 
         /// A plain copy of [`CoreStats`].
@@ -184,6 +287,8 @@ macro_rules! counters {
             $( $(#[$doc])* pub $name: u64, )*
             pub closes: [u64; CloseReason::ALL.len()],
             pub flow_ends: [u64; FlowEnd::ALL.len()],
+            pub connect_latency: HistSnapshot<{ CONNECT_BUCKETS_S.len() }>,
+            pub conn_duration: HistSnapshot<{ DURATION_BUCKETS_S.len() }>,
         }
 
         impl CoreStats {
@@ -193,6 +298,8 @@ macro_rules! counters {
                     $( $name: self.$name.load(Relaxed), )*
                     closes: std::array::from_fn(|i| self.closes[i].load(Relaxed)),
                     flow_ends: std::array::from_fn(|i| self.flow_ends[i].load(Relaxed)),
+                    connect_latency: self.connect_latency.snapshot(),
+                    conn_duration: self.conn_duration.snapshot(),
                 }
             }
 
@@ -222,6 +329,8 @@ macro_rules! counters {
                 for i in 0..self.flow_ends.len() {
                     self.flow_ends[i] += o.flow_ends[i];
                 }
+                self.connect_latency.add(&o.connect_latency);
+                self.conn_duration.add(&o.conn_duration);
             }
 
             /// Connections ended with `reason`.
@@ -315,6 +424,12 @@ counters! {
     ring_cq_overflow,
     /// SQEs waiting for room in the SQ (a gauge; normally 0).
     ring_backlog,
+    /// Idle pipes in the splice relay's pool (a gauge, updated every second).
+    pipes_idle,
+    /// Pipes held by relay directions with bytes in flight (a gauge, every second).
+    pipes_in_use,
+    /// Clients accepted past the limit, waiting for a slot (a gauge, every second).
+    tcp_parked,
 }
 
 /// Formats a table of per-core snapshots plus a total line.
@@ -379,6 +494,19 @@ mod tests {
         assert!(text.contains("close_connect_refused"), "{text}");
         assert!(text.contains("udp_end_drain"), "{text}");
         assert!(!text.contains("close_client_fin"), "{text}");
+    }
+
+    #[test]
+    fn histograms_bucket_by_upper_bound() {
+        let h = Histogram::new(&[0.001, 0.01]);
+        h.observe_us(1000); // exactly the first bound: first bucket
+        h.observe_us(1001);
+        h.observe_us(50_000);
+        let s = h.snapshot();
+        assert_eq!(s.buckets, [1, 1]);
+        assert_eq!(s.above, 1);
+        assert_eq!(s.count(), 3);
+        assert_eq!(s.sum_us, 52_001);
     }
 
     #[test]

@@ -117,6 +117,11 @@ impl Core {
         self.started.elapsed().as_millis() as u64
     }
 
+    /// Microseconds since the worker started (monotonic).
+    pub fn now_us(&self) -> u64 {
+        self.started.elapsed().as_micros() as u64
+    }
+
     /// The ring cannot be entered any more while the kernel may still be writing
     /// into memory this process owns (buffers, sockaddrs, msghdrs of ops in flight).
     /// Unwinding or returning would free that memory under the kernel, so the only

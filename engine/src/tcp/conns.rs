@@ -25,8 +25,8 @@ pub struct ConnIo {
     pub connect_addr: (libc::sockaddr_storage, libc::socklen_t),
     /// Splice: the pipe of each direction, only while it holds bytes.
     pub pipes: [Option<Pipe>; 2],
-    /// Tick the connection was accepted.
-    pub started: u64,
+    /// When the connection was accepted (the core's clock, microseconds).
+    pub started_us: u64,
 }
 
 /// One relayed TCP connection.

@@ -160,9 +160,7 @@ impl Effects for Driver<'_> {
 
     fn put_pipe(&mut self, d: usize, empty: bool) {
         if let Some(p) = self.io.pipes[d].take() {
-            if empty {
-                self.pipes.give(p);
-            }
+            self.pipes.give(p, empty);
         }
     }
 
@@ -189,6 +187,8 @@ impl Effects for Driver<'_> {
     }
 
     fn established(&mut self) {
+        let us = self.core.now_us().saturating_sub(self.io.started_us);
+        self.core.stats.connect_latency.observe_us(us);
         // Latency over batching: small request/response traffic must not wait for Nagle.
         let _ = socket2::SockRef::from(&self.io.client).set_tcp_nodelay(true);
         let _ = socket2::SockRef::from(&self.io.upstream).set_tcp_nodelay(true);

@@ -291,7 +291,7 @@ impl Tcp {
                 upstream_addr: UpstreamAddr(target),
                 connect_addr: sys::cmsg::encode_sockaddr(&target),
                 pipes: [None, None],
-                started: core.tick,
+                started_us: core.now_us(),
             },
         });
         let (slot, g) = self.conns.insert(conn);
@@ -331,6 +331,8 @@ impl Tcp {
         }
         core.stats.count_close(reason);
         core.stats.active.fetch_sub(1, Relaxed);
+        let lived_us = core.now_us().saturating_sub(conn.io.started_us);
+        core.stats.conn_duration.observe_us(lived_us);
         drop(conn);
         // A parked client may have gone meanwhile (start_conn then takes no slot):
         // keep going until a slot is taken again or nobody is parked.
@@ -349,6 +351,12 @@ impl Tcp {
     /// Once a second: pipe pool trim, idle timeouts, paused accepts, drain deadline.
     pub fn on_tick(&mut self, core: &mut Core) {
         self.pipes.on_tick();
+        let (idle, in_use) = self.pipes.counts();
+        core.stats.pipes_idle.store(idle as u64, Relaxed);
+        core.stats.pipes_in_use.store(in_use as u64, Relaxed);
+        core.stats
+            .tcp_parked
+            .store(self.acceptor.parked() as u64, Relaxed);
         let h = self.headroom(core);
         self.acceptor.on_tick(core, h);
         let deadline_passed = self.stop_deadline.is_some_and(|t| core.tick >= t);

@@ -27,6 +27,8 @@ pub struct PipePool {
     idle: Vec<Pipe>,
     /// Pipes taken from the pool or created since the last tick.
     taken: u64,
+    /// Pipes held by relay directions now.
+    in_use: usize,
 }
 
 impl PipePool {
@@ -34,9 +36,11 @@ impl PipePool {
     pub fn take(&mut self, core: &Core) -> io::Result<Pipe> {
         self.taken += 1;
         if let Some(p) = self.idle.pop() {
+            self.in_use += 1;
             return Ok(p);
         }
         let p = Pipe::new(core.cfg.pipe_size)?;
+        self.in_use += 1;
         core.stats.pipes_created.fetch_add(1, Relaxed);
         if core.cfg.pipe_size.is_some_and(|want| p.capacity < want) {
             core.stats.pipes_undersized.fetch_add(1, Relaxed);
@@ -44,11 +48,18 @@ impl PipePool {
         Ok(p)
     }
 
-    /// Returns an EMPTY pipe to the pool (a pipe with data in it must be dropped).
-    pub fn give(&mut self, p: Pipe) {
-        if self.idle.len() < PIPE_POOL_MAX {
+    /// Takes a pipe back: into the pool if `empty`, else it is closed (a pipe with
+    /// stale bytes must never be reused).
+    pub fn give(&mut self, p: Pipe, empty: bool) {
+        self.in_use -= 1;
+        if empty && self.idle.len() < PIPE_POOL_MAX {
             self.idle.push(p);
         }
+    }
+
+    /// (idle, in use), for the gauges.
+    pub fn counts(&self) -> (usize, usize) {
+        (self.idle.len(), self.in_use)
     }
 
     /// Once a second: after a quiet second, give idle pipes back (2 fds and up to

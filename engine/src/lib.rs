@@ -30,6 +30,7 @@ pub mod config;
 pub mod core;
 pub mod cpus;
 pub mod policy;
+pub mod sockets;
 pub mod stats;
 #[allow(unsafe_code)]
 pub mod sys;
@@ -80,12 +81,30 @@ pub struct Engine {
     workers: Vec<WorkerHandle>,
     ring_flags: String,
     started: Instant,
+    /// Duplicates of the listening sockets, for a successor engine (takeover);
+    /// dropped when stopping, so that the sockets close once the workers close theirs.
+    handover: std::sync::Mutex<Option<Vec<sockets::Listen>>>,
 }
 
 impl Engine {
     /// Starts one worker per core of `cfg` and waits until every one listens.
     /// If any fails, the others are stopped and the first error is returned.
     pub fn start(cfg: Config, policy: PolicyFactory) -> Result<Engine, StartError> {
+        Engine::start_with(cfg, policy, Vec::new())
+    }
+
+    /// [`Engine::start`] over `inherited` listening sockets (a takeover): they are
+    /// dealt to the workers first; new ones are opened only where needed.
+    pub fn start_with(
+        cfg: Config,
+        policy: PolicyFactory,
+        inherited: Vec<sockets::Listen>,
+    ) -> Result<Engine, StartError> {
+        let listen = sockets::ListenSet::build(&cfg, inherited).map_err(StartError::Worker)?;
+        let handover = listen.dup_all().map_err(|source| StartError::Os {
+            what: "duplicating the listening sockets",
+            source,
+        })?;
         let cfg = Arc::new(cfg);
         let (tx, rx) = mpsc::channel();
         let mut engine = Engine {
@@ -93,8 +112,9 @@ impl Engine {
             workers: Vec::new(),
             ring_flags: String::new(),
             started: Instant::now(),
+            handover: std::sync::Mutex::new(Some(handover)),
         };
-        for &cpu in &cfg.cores {
+        for (&cpu, sockets) in cfg.cores.iter().zip(listen.per_worker) {
             let stats = Arc::new(CoreStats::default());
             let os = |what| move |source| StartError::Os { what, source };
             let control = sys::eventfd().map_err(os("eventfd"))?;
@@ -102,7 +122,7 @@ impl Engine {
             let (c, s, t, p) = (cfg.clone(), stats.clone(), tx.clone(), policy(cpu));
             let thread = std::thread::Builder::new()
                 .name(format!("ringrelay-cpu{cpu}"))
-                .spawn(move || worker::thread_main(c, cpu, s, worker_control, p, t))
+                .spawn(move || worker::thread_main(c, cpu, s, worker_control, p, sockets, t))
                 .map_err(os("spawning a worker thread"))?;
             engine.workers.push(WorkerHandle {
                 cpu,
@@ -160,9 +180,36 @@ impl Engine {
     /// Asks every worker to stop: no new connections or flows, live ones drain
     /// for up to the drain timeout. Returns at once; see [`Engine::is_finished`].
     pub fn stop(&self) {
+        self.drop_handover();
         for w in &self.workers {
             let _ = sys::eventfd_write(w.control.as_fd(), 1);
         }
+    }
+
+    /// Duplicates of the listening sockets for a successor, or `None` once stopping.
+    pub fn handover_sockets(&self) -> std::io::Result<Option<Vec<sockets::Listen>>> {
+        let guard = self.handover.lock().unwrap_or_else(|e| e.into_inner());
+        match guard.as_ref() {
+            None => Ok(None),
+            Some(v) => v
+                .iter()
+                .map(|l| {
+                    Ok(sockets::Listen {
+                        proto: l.proto,
+                        v6: l.v6,
+                        fd: l.fd.try_clone()?,
+                    })
+                })
+                .collect::<std::io::Result<Vec<_>>>()
+                .map(Some),
+        }
+    }
+
+    fn drop_handover(&self) {
+        self.handover
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
     }
 
     /// Every worker has ended.

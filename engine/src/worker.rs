@@ -17,6 +17,7 @@ use crate::core::ring::{Completion, Ring};
 use crate::core::token::{Op, Subsystem, Token};
 use crate::core::Core;
 use crate::policy::Policy;
+use crate::sockets::{Listen, Proto};
 use crate::stats::CoreStats;
 use crate::tcp::Tcp;
 use crate::udp::Udp;
@@ -72,17 +73,22 @@ impl Worker {
         stats: Arc<CoreStats>,
         control: OwnedFd,
         policy: Box<dyn Policy>,
+        sockets: Vec<Listen>,
     ) -> Result<Worker, String> {
         let ring = Ring::new(SQ_ENTRIES, cq_entries(&cfg), &cfg.features)
             .map_err(|e| format!("cpu {cpu}: io_uring_setup: {e}"))?;
         let mut core = Core::new(ring, cfg.clone(), cpu, stats, policy);
+        let (tcp_fds, udp_fds): (Vec<_>, Vec<_>) =
+            sockets.into_iter().partition(|l| l.proto == Proto::Tcp);
         let tcp = if cfg.tcp {
-            Some(Tcp::new(&mut core).map_err(|e| format!("cpu {cpu}: {e}"))?)
+            let fds = tcp_fds.into_iter().map(|l| l.fd).collect();
+            Some(Tcp::new(&mut core, fds).map_err(|e| format!("cpu {cpu}: {e}"))?)
         } else {
             None
         };
         let udp = if cfg.udp {
-            Some(Udp::new(&mut core).map_err(|e| format!("cpu {cpu}: UDP: {e}"))?)
+            let fds = udp_fds.into_iter().map(|l| l.fd).collect();
+            Some(Udp::new(&mut core, fds).map_err(|e| format!("cpu {cpu}: UDP: {e}"))?)
         } else {
             None
         };
@@ -256,13 +262,14 @@ pub fn thread_main(
     stats: Arc<CoreStats>,
     control: OwnedFd,
     policy: Box<dyn Policy>,
+    sockets: Vec<Listen>,
     ready: mpsc::Sender<Ready>,
 ) {
     if !core_affinity::set_for_current(core_affinity::CoreId { id: cpu }) {
         let _ = ready.send(Err(format!("cannot pin the worker thread to CPU {cpu}")));
         return;
     }
-    match Worker::new(cfg, cpu, stats, control, policy) {
+    match Worker::new(cfg, cpu, stats, control, policy, sockets) {
         Ok(w) => w.run(ready),
         Err(e) => {
             let _ = ready.send(Err(e));

@@ -1,8 +1,8 @@
 //! Transparent listeners, accepting under a connection limit, and parking.
 //!
 //! Each worker has its own listener per address family on the same port
-//! (`SO_REUSEPORT`; the kernel spreads new connections across the workers by flow
-//! hash, and the tproxy listener lookup honours reuseport groups).
+//! (`crate::sockets`: one `SO_REUSEPORT` group; the kernel spreads new connections
+//! across the workers by flow hash). After a takeover a worker may serve several.
 //!
 //! Accepting follows the connection budget: a multishot accept while at least
 //! [`MULTISHOT_HEADROOM`] slots are free; closer to the limit one single-shot accept
@@ -17,7 +17,6 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering::Relaxed;
 
 use io_uring::{opcode, types};
-use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::Config;
 use crate::core::ring::Completion;
@@ -28,33 +27,6 @@ use crate::sys;
 /// A multishot accept is armed only while at least this many connection slots are
 /// free (see the module documentation).
 pub const MULTISHOT_HEADROOM: usize = 64;
-
-/// Creates one transparent TCP listener of a worker.
-///
-/// `IP_TRANSPARENT` must be set before `bind()`: nft `tproxy` only assigns packets to
-/// transparent sockets.
-/// Keepalive set here is inherited by every accepted socket (the kernel copies the
-/// listener's options and starts the timer on the child), so the client side costs
-/// no setsockopt per connection.
-pub fn listener(v6: bool, port: u16, keepalive: Option<u64>) -> io::Result<OwnedFd> {
-    let domain = if v6 { Domain::IPV6 } else { Domain::IPV4 };
-    let s = Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
-    if v6 {
-        // v4 has its own listener; a dual-stack socket would see v4 as mapped addresses.
-        s.set_only_v6(true)?;
-        s.set_ip_transparent_v6(true)?;
-    } else {
-        s.set_ip_transparent_v4(true)?;
-    }
-    s.set_reuse_address(true)?;
-    s.set_reuse_port(true)?;
-    if let Some(ka) = keepalive {
-        s.set_tcp_keepalive(&super::keepalive_params(ka))?;
-    }
-    s.bind(&sys::unspecified(v6, port).into())?;
-    s.listen(4096)?;
-    Ok(s.into())
-}
 
 /// A TCP listener of this worker.
 struct Listener {
@@ -83,27 +55,25 @@ pub struct Acceptor {
 }
 
 impl Acceptor {
-    /// Opens the listeners of one worker.
-    pub fn new(cfg: &Config) -> Result<Acceptor, String> {
-        let mut listeners = Vec::new();
-        for v6 in cfg.families() {
-            let fd = listener(v6, cfg.port, cfg.keepalive_s)
-                .map_err(|e| format!("TCP listener on {}: {e}", sys::unspecified(v6, cfg.port)))?;
-            listeners.push(Listener {
+    /// The acceptor of one worker, over its listeners (`crate::sockets`).
+    pub fn new(cfg: &Config, fds: Vec<OwnedFd>) -> Acceptor {
+        let listeners = fds
+            .into_iter()
+            .map(|fd| Listener {
                 fd: Some(fd),
                 armed: false,
                 multishot: false,
                 cancelling: false,
-            });
-        }
-        Ok(Acceptor {
+            })
+            .collect();
+        Acceptor {
             listeners,
             parked: VecDeque::new(),
             park_max: cfg.park_max_per_core,
             at_limit: false,
             starved: false,
             stopping: false,
-        })
+        }
     }
 
     /// Clients parked for a slot.

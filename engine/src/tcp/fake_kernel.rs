@@ -200,6 +200,9 @@ struct Params {
     poll_end_pct: u32,
     /// Multishot polls the kernel may end on its own, without an event.
     poll_ends: u32,
+    /// Wakeups of multishot polls that nothing changed (another wakeup on the
+    /// socket's wait queue while the polled state holds).
+    spurious: u32,
     abort: Option<(u64, CloseReason)>,
     /// Weight of delivering a completion against everything else (10): low values
     /// let several completions pile up.
@@ -270,6 +273,7 @@ impl Params {
             eagain: rng.pct(30),
             poll_end_pct: rng.pick(&[0, 0, 5, 25]),
             poll_ends: rng.pick(&[0, 1, 3]),
+            spurious: rng.pick(&[0, 4, 40]),
             abort: if rng.pct(12) {
                 let r = rng.pick(&[
                     CloseReason::IdleTimeout,
@@ -306,6 +310,7 @@ impl Params {
             eagain: false,
             poll_end_pct: 0,
             poll_ends: 0,
+            spurious: 0,
             abort: None,
             deliver_weight: 10,
         }
@@ -461,6 +466,7 @@ struct Kernel {
     bufs: Vec<Buf>,
     phantom_left: u32,
     poll_ends_left: u32,
+    spurious_left: u32,
     waiters: VecDeque<usize>,
     runq: VecDeque<usize>,
     queued: [bool; 2],
@@ -518,6 +524,7 @@ impl Kernel {
             ],
             phantom_left: p.phantom_takes,
             poll_ends_left: p.poll_ends,
+            spurious_left: p.spurious,
             waiters: VecDeque::new(),
             runq: VecDeque::new(),
             queued: [false; 2],
@@ -1220,6 +1227,8 @@ enum Ev {
     Deliver,
     /// The kernel ends multishot poll `i` on its own.
     PollEnd(usize),
+    /// Multishot poll `i` wakes up without a change.
+    Spurious(usize),
     PeerSend(usize),
     PeerFin(usize),
     PeerRead(usize),
@@ -1402,8 +1411,14 @@ impl Sim {
             if !slot.done && k.ready(i) {
                 evs.push((Ev::Progress(i), 10));
             }
-            if !slot.done && multishot(op) && k.poll_ends_left > 0 {
-                evs.push((Ev::PollEnd(i), 1));
+            if !slot.done && multishot(op) {
+                if k.poll_ends_left > 0 {
+                    evs.push((Ev::PollEnd(i), 1));
+                }
+                let m = k.socks[poll_sock(op)].mask() & interest(op);
+                if k.spurious_left > 0 && m != 0 {
+                    evs.push((Ev::Spurious(i), 2));
+                }
             }
         }
         for s in 0..2 {
@@ -1528,6 +1543,10 @@ impl Sim {
                 };
                 k.cov.poll_ends += 1;
                 k.post(i, res, false, None);
+            }
+            Ev::Spurious(i) => {
+                k.spurious_left -= 1;
+                k.fire(ConnOp::ALL[i]);
             }
             Ev::PeerSend(s) => k.peer_send(s),
             Ev::PeerFin(s) => k.peer_fin(s),
@@ -1781,6 +1800,9 @@ impl Sim {
             .position(|b| matches!(b.owner, Owner::Conn(_) | Owner::Cqe(_)))
         {
             k.fail(&format!("freed without returning buffer {b}"));
+        }
+        if !k.cq.is_empty() {
+            k.fail(&format!("freed with completions queued: {:?}", k.cq));
         }
         if k.moved != k.reported {
             k.fail(&format!("wrote {:?} bytes, reported {:?}", k.moved, k.reported));

@@ -68,7 +68,7 @@ pub struct Tcp {
 
 impl Tcp {
     /// Opens the listeners and, for the copy relay, registers its buffers.
-    pub fn new(core: &mut Core) -> Result<Tcp, String> {
+    pub fn new(core: &mut Core, listeners: Vec<OwnedFd>) -> Result<Tcp, String> {
         let cfg = core.cfg.clone();
         if cfg.relay == RelayMode::Copy {
             core.ring
@@ -80,7 +80,7 @@ impl Tcp {
             RelayMode::Copy => cfg.copy_buf_size,
         };
         Ok(Tcp {
-            acceptor: Acceptor::new(&cfg)?,
+            acceptor: Acceptor::new(&cfg, listeners),
             conns: ConnTable::with_capacity(cfg.max_conns_per_core),
             pipes: PipePool::default(),
             waiters: BufWaiters::default(),
@@ -411,16 +411,8 @@ fn upstream_socket(target: &SocketAddr, mark: u32, keepalive: Option<u64>) -> io
     if mark != 0 {
         s.set_mark(mark)?;
     }
-    if let Some(ka) = keepalive {
-        s.set_tcp_keepalive(&keepalive_params(ka))?;
+    if keepalive.is_some() {
+        crate::sockets::set_keepalive(s.as_fd(), keepalive)?;
     }
     Ok(s.into())
-}
-
-/// Keepalive: first probe after `idle_s` quiet seconds, then every 15 s, 4 probes.
-pub fn keepalive_params(idle_s: u64) -> socket2::TcpKeepalive {
-    socket2::TcpKeepalive::new()
-        .with_time(std::time::Duration::from_secs(idle_s))
-        .with_interval(std::time::Duration::from_secs(15))
-        .with_retries(4)
 }

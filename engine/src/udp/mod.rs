@@ -28,7 +28,7 @@ pub mod replies;
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering::Relaxed;
 
 use io_uring::{opcode, types};
@@ -89,25 +89,6 @@ pub struct Udp {
     stop_deadline: Option<u64>,
 }
 
-fn tproxy_socket(v6: bool, port: u16) -> io::Result<OwnedFd> {
-    let domain = if v6 { Domain::IPV6 } else { Domain::IPV4 };
-    let s = Socket::new(domain, Type::DGRAM.nonblocking(), Some(Protocol::UDP))?;
-    if v6 {
-        s.set_only_v6(true)?;
-        s.set_ip_transparent_v6(true)?;
-    } else {
-        s.set_ip_transparent_v4(true)?;
-    }
-    sys::set_recv_orig_dst(s.as_fd(), v6)?;
-    s.set_reuse_address(true)?;
-    s.set_reuse_port(true)?;
-    // Bursts land here while the worker is busy with other completions; a queue
-    // beyond the default rmem_max (208 KiB, ~150 full-size datagrams) absorbs them.
-    let _ = sys::set_recv_buffer_force(s.as_fd(), 8 << 20);
-    s.bind(&sys::unspecified(v6, port).into())?;
-    Ok(s.into())
-}
-
 /// A marked socket connected to `target`.
 fn upstream_socket(target: &SocketAddr, mark: u32) -> io::Result<OwnedFd> {
     let domain = if target.is_ipv6() {
@@ -125,15 +106,13 @@ fn upstream_socket(target: &SocketAddr, mark: u32) -> io::Result<OwnedFd> {
 
 impl Udp {
     /// Opens the tproxy sockets and registers the buffer ring.
-    pub fn new(core: &mut Core) -> Result<Udp, String> {
+    pub fn new(core: &mut Core, tproxy_sockets: Vec<OwnedFd>) -> Result<Udp, String> {
         let cfg = core.cfg.clone();
         core.ring
             .register_buffers(GROUP_UDP, BUFFERS, MAX_PAYLOAD + RECVMSG_OVERHEAD)
             .map_err(|e| format!("registering the UDP buffer ring: {e}"))?;
         let mut sockets = Vec::new();
-        for v6 in cfg.families() {
-            let fd = tproxy_socket(v6, cfg.port)
-                .map_err(|e| format!("UDP socket on {}: {e}", sys::unspecified(v6, cfg.port)))?;
+        for fd in tproxy_sockets {
             // Multishot recvmsg reads only the name and control lengths from it.
             let mut msghdr = Box::new(sys::zeroed_msghdr());
             msghdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;

@@ -51,9 +51,17 @@ fn parse_mark(s: &str) -> Result<u32, String> {
     disable_version_flag = true,
     after_help = "Signals: SIGTERM/SIGINT stop accepting and drain for --drain-timeout-s \
                   (a second one exits at once); SIGUSR1 prints the per-core counters; \
-                  SIGHUP is logged and ignored (nothing to reload without a rules file)."
+                  SIGHUP is logged and ignored (nothing to reload without a rules file). \
+                  With --takeover, starting another engine on the same PATH hands the \
+                  sockets over and this one drains."
 )]
 pub struct Args {
+    /// Restart without dropping anything: if an engine serves this Unix socket,
+    /// take its listening sockets over and let it drain; either way, serve it for
+    /// the next engine (e.g. /run/ringrelay/takeover.sock).
+    #[arg(long, value_name = "PATH")]
+    pub takeover: Option<std::path::PathBuf>,
+
     /// Print the version, git revision, build profile, kernel and the io_uring
     /// features found, then exit.
     #[arg(short = 'V', long)]

@@ -34,6 +34,7 @@ pub mod sockets;
 pub mod stats;
 #[allow(unsafe_code)]
 pub mod sys;
+pub mod takeover;
 pub mod tcp;
 pub mod udp;
 pub mod worker;
@@ -83,7 +84,7 @@ pub struct Engine {
     started: Instant,
     /// Duplicates of the listening sockets, for a successor engine (takeover);
     /// dropped when stopping, so that the sockets close once the workers close theirs.
-    handover: std::sync::Mutex<Option<Vec<sockets::Listen>>>,
+    handover: Arc<std::sync::Mutex<Option<Vec<sockets::Listen>>>>,
 }
 
 impl Engine {
@@ -112,7 +113,7 @@ impl Engine {
             workers: Vec::new(),
             ring_flags: String::new(),
             started: Instant::now(),
-            handover: std::sync::Mutex::new(Some(handover)),
+            handover: Arc::new(std::sync::Mutex::new(Some(handover))),
         };
         for (&cpu, sockets) in cfg.cores.iter().zip(listen.per_worker) {
             let stats = Arc::new(CoreStats::default());
@@ -186,23 +187,10 @@ impl Engine {
         }
     }
 
-    /// Duplicates of the listening sockets for a successor, or `None` once stopping.
-    pub fn handover_sockets(&self) -> std::io::Result<Option<Vec<sockets::Listen>>> {
-        let guard = self.handover.lock().unwrap_or_else(|e| e.into_inner());
-        match guard.as_ref() {
-            None => Ok(None),
-            Some(v) => v
-                .iter()
-                .map(|l| {
-                    Ok(sockets::Listen {
-                        proto: l.proto,
-                        v6: l.v6,
-                        fd: l.fd.try_clone()?,
-                    })
-                })
-                .collect::<std::io::Result<Vec<_>>>()
-                .map(Some),
-        }
+    /// The engine's duplicates of its listening sockets, shared with the takeover
+    /// server ([`takeover::serve`]); `None` once stopping.
+    pub fn handover(&self) -> Arc<std::sync::Mutex<Option<Vec<sockets::Listen>>>> {
+        self.handover.clone()
     }
 
     fn drop_handover(&self) {

@@ -17,7 +17,7 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use socket2::{Domain, Socket, Type};
 
 use ringrelay_engine::config::{self, Args, Config, RelayMode};
-use ringrelay_engine::{core::ring, cpus, policy, stats, sys, Engine};
+use ringrelay_engine::{core::ring, cpus, policy, stats, sys, takeover, Engine};
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -244,17 +244,35 @@ fn run(args: Args) -> Result<()> {
     }
     let features = ring::probe(disabled_features().as_deref()).map_err(|e| anyhow::anyhow!(e))?;
     let (cfg, nofile) = resolve(&args, features)?;
+    let mut inherited = match &args.takeover {
+        Some(path) => takeover::take_over(path)?,
+        None => None,
+    };
     if !(features.defer_taskrun && features.multishot_timeout) {
         eprintln!("engine: io_uring features: {}", features.describe());
     }
     check_privileges(cfg.mark)?;
-    check_port_free(&cfg)?;
+    match &inherited {
+        Some(inh) if inh.port != cfg.port => bail!(
+            "the engine serving --takeover (pid {}) listens on port {}, this one is \
+             configured for --port {}; start it with the same port",
+            inh.pid,
+            inh.port,
+            cfg.port
+        ),
+        Some(_) => {} // its sockets are ours now: the port is in use by design
+        None => check_port_free(&cfg)?,
+    }
     check_pipe_size(&cfg)?;
 
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGUSR1, SIGHUP])
         .context("installing signal handlers")?;
     let fds_at_start = sys::open_fd_count();
-    let engine = Engine::start(cfg, policy::relay_all())?;
+    let sockets = inherited
+        .as_mut()
+        .map(|inh| std::mem::take(&mut inh.sockets))
+        .unwrap_or_default();
+    let engine = Engine::start_with(cfg, policy::relay_all(), sockets)?;
     let cfg = engine.config();
 
     let protos = match (cfg.tcp, cfg.udp) {
@@ -279,8 +297,37 @@ fn run(args: Args) -> Result<()> {
         engine.ring_flags(),
     );
 
+    if let Some(inh) = inherited {
+        let pid = inh.pid;
+        match inh.release() {
+            Ok(()) => eprintln!("engine: took the sockets over from pid {pid}; it drains"),
+            Err(e) => eprintln!("engine: warning: {e} (pid {pid} may still be accepting)"),
+        }
+    }
+    let (takeover_tx, takeover_rx) = std::sync::mpsc::channel();
+    if let Some(path) = &args.takeover {
+        takeover::serve(path, engine.handover(), cfg.port, takeover_tx)
+            .with_context(|| format!("serving --takeover {}", path.display()))?;
+    }
+
     let mut stopping = false;
     loop {
+        while let Ok(ev) = takeover_rx.try_recv() {
+            match ev {
+                takeover::Event::HandedOver { pid } if !stopping => {
+                    stopping = true;
+                    eprintln!(
+                        "engine: handed the sockets over to pid {pid}; draining for up to {} s",
+                        engine.config().drain_timeout_s
+                    );
+                    engine.stop();
+                }
+                takeover::Event::HandedOver { .. } => {}
+                takeover::Event::Failed(e) => {
+                    eprintln!("engine: a takeover failed ({e}); still serving")
+                }
+            }
+        }
         for sig in signals.pending() {
             match sig {
                 SIGUSR1 => print_counters(&engine.counters()),

@@ -412,8 +412,6 @@ counters! {
     udp_drop_loop,
     /// Receive re-arms after the kernel ran out of provided buffers (ENOBUFS).
     udp_enobufs,
-    /// Datagrams dropped: they would have opened a flow while the engine stops.
-    udp_drop_stopping,
     /// Datagrams dropped by the policy's verdict (no flow created).
     udp_drop_policy,
     /// TCP connections the policy redirected to another address.

@@ -350,3 +350,116 @@ pub fn zeroed_msghdr() -> libc::msghdr {
     // SAFETY: msghdr is plain C data (pointers and integers); all-zero is valid.
     unsafe { mem::zeroed() }
 }
+
+/// Most fds passed in one `SCM_RIGHTS` message (the kernel's limit is 253).
+pub const MAX_FDS_PER_MSG: usize = 200;
+
+/// `sendmsg(2)` of `data` with `fds` attached as `SCM_RIGHTS` (the receiver gets its
+/// own duplicates; ours stay open). At most [`MAX_FDS_PER_MSG`] fds.
+pub fn send_with_fds(sock: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    assert!(fds.len() <= MAX_FDS_PER_MSG, "too many fds for one message");
+    let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let payload = mem::size_of_val(raw.as_slice());
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(payload as u32) } as usize;
+    let mut control = vec![0u64; space.div_ceil(8)];
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    let mut msg = zeroed_msghdr();
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if !raw.is_empty() {
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = space as _;
+        // SAFETY: `msg` has a control buffer of CMSG_SPACE(payload) bytes, 8-aligned,
+        // so the first header and its data fit inside it.
+        unsafe {
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(payload as u32) as _;
+            std::ptr::copy_nonoverlapping(raw.as_ptr().cast::<u8>(), libc::CMSG_DATA(c), payload);
+        }
+    }
+    loop {
+        // SAFETY: `msg` points at `iov` and `control`, which outlive the call; the fds
+        // are open (borrowed from the caller).
+        let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+        match cvt(n) {
+            Ok(n) if n as usize == data.len() => return Ok(()),
+            Ok(_) => return Err(io::Error::other("short sendmsg on a unix stream")),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// `recvmsg(2)` into `buf`, taking ownership of any `SCM_RIGHTS` fds that came
+/// with it (`MSG_CMSG_CLOEXEC`). Returns the bytes read (0 at EOF) and the fds.
+pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    let payload = MAX_FDS_PER_MSG * mem::size_of::<RawFd>();
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(payload as u32) } as usize;
+    let mut control = vec![0u64; space.div_ceil(8)];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let mut msg = zeroed_msghdr();
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    let n = loop {
+        // SAFETY: `msg` points at `iov` (into `buf`) and `control`, both valid for
+        // writes of their lengths for the duration of the call.
+        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        match cvt(n) {
+            Ok(n) => break n as usize,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    };
+    let mut fds = Vec::new();
+    // SAFETY: the kernel filled `msg.msg_control`/`msg_controllen`; the CMSG_*
+    // macros walk only within that buffer. SCM_RIGHTS data are new fds that this
+    // process now owns, each taken exactly once.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(c);
+                let len = (*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                for i in 0..len / mem::size_of::<RawFd>() {
+                    let fd = std::ptr::read_unaligned(data.cast::<RawFd>().add(i));
+                    fds.push(owned_fd(fd));
+                }
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+        return Err(io::Error::other("fds were cut off (MSG_CTRUNC)"));
+    }
+    Ok((n, fds))
+}
+
+/// The pid of the process at the other end of a Unix socket (`SO_PEERCRED`).
+pub fn peer_pid(sock: BorrowedFd<'_>) -> io::Result<u32> {
+    // SAFETY: ucred is plain data; getsockopt fills it.
+    let mut cred: libc::ucred = unsafe { mem::zeroed() };
+    let mut len = mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: valid pointers to a local ucred and its size.
+    cvt(unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    })?;
+    Ok(cred.pid as u32)
+}

@@ -28,8 +28,8 @@ use crate::config::RelayMode;
 use crate::core::token::ConnOp;
 use crate::stats::CloseReason;
 
-/// Random schedules per relay mode and `cargo test` (the `SEEDS` variable
-/// overrides it for a longer soak).
+/// Random schedules per relay mode and `cargo test`. For a longer soak, `SEEDS=n`
+/// runs seeds `0..n`, and `SEEDS=a..b` seeds `a..b`.
 const SEEDS_PER_MODE: u64 = 5000;
 
 /// Socket and peer indices. Direction `d` reads socket `d` and writes `1 - d`,
@@ -149,6 +149,8 @@ enum Outcome {
     Refused,
     Unreachable,
     TimedOut,
+    /// Any other error (the server's SYN-ACK path reset).
+    Failed,
 }
 
 /// When a peer resets its connection.
@@ -262,8 +264,9 @@ impl Params {
             connect: match rng.below(100) {
                 0..=79 => Outcome::Connected,
                 80..=86 => Outcome::Refused,
-                87..=92 => Outcome::Unreachable,
-                _ => Outcome::TimedOut,
+                87..=91 => Outcome::Unreachable,
+                92..=97 => Outcome::TimedOut,
+                _ => Outcome::Failed,
             },
             sticky: rng.pct(70),
             short_pct: rng.pick(&[0, 20, 60]),
@@ -457,6 +460,8 @@ struct Kernel {
     /// it). Ops complete in a random order; their completions do not overtake.
     cq: VecDeque<(usize, Cqe)>,
     connect_done: bool,
+    /// The second of the connect's two completions, posted at a later step.
+    connect_later: Option<(usize, i32)>,
     /// The upstream connection exists (so the server peer can act).
     upstream: bool,
     socks: [Sock; 2],
@@ -500,11 +505,12 @@ impl Kernel {
         };
         Kernel {
             seed,
-            rng: Rng(seed ^ 0x5eed_0f_fa4e),
+            rng: Rng(seed ^ 0x5eed_fa4e_0000_0000),
             step: 0,
             ops: std::array::from_fn(|_| Slot::default()),
             cq: VecDeque::new(),
             connect_done: false,
+            connect_later: None,
             upstream: false,
             socks: [
                 Sock::new(p.rx_cap[0], p.tx_cap[0]),
@@ -580,11 +586,17 @@ impl Kernel {
         }
     }
 
+    /// A free buffer, any of them (the kernel's ring hands them out in the order
+    /// they came back, which is as good as random here).
     fn free_buf(&mut self) -> Option<usize> {
-        let free: Vec<usize> = (0..self.bufs.len())
-            .filter(|&b| self.bufs[b].owner == Owner::Free)
-            .collect();
-        (!free.is_empty()).then(|| self.rng.pick(&free))
+        let free = self.bufs.iter().filter(|b| b.owner == Owner::Free).count();
+        let nth = self.rng.below(free as u64) as usize;
+        (free > 0).then(|| {
+            (0..self.bufs.len())
+                .filter(|&b| self.bufs[b].owner == Owner::Free)
+                .nth(nth)
+                .expect("counted")
+        })
     }
 
     fn has_free_buf(&self) -> bool {
@@ -679,8 +691,11 @@ impl Kernel {
         let cancel = self.ops[i].cancel;
         let op = ConnOp::ALL[i];
         match op {
-            // The connect completes on its outcome (`Ev::Connect`).
-            ConnOp::Connect | ConnOp::ConnectTimeout => false,
+            // The connect completes on its outcome (`Ev::Connect`), the other op of
+            // the pair after it.
+            ConnOp::Connect | ConnOp::ConnectTimeout => {
+                self.connect_later.is_some_and(|(j, _)| j == i)
+            }
             // Multishot polls complete on events, or once cancelled.
             ConnOp::PollIn(_) | ConnOp::ErrWatch(_) => cancel,
             _ if cancel => true,
@@ -745,7 +760,10 @@ impl Kernel {
                 let res = self.send(d);
                 self.post(i, res, false, None);
             }
-            _ => unreachable!("{op:?} does not progress"),
+            ConnOp::Connect | ConnOp::ConnectTimeout => {
+                let (j, res) = self.connect_later.take().expect("ready");
+                self.post(j, res, false, None);
+            }
         }
     }
 
@@ -804,7 +822,9 @@ impl Kernel {
             .expect("a send has its arguments");
         let t = 1 - d;
         if self.socks[t].tx_fin {
-            self.fail(&format!("direction {d} sends after shutting its destination down"));
+            self.fail(&format!(
+                "direction {d} sends after shutting its destination down"
+            ));
         }
         if self.socks[t].reset {
             return -self.write_err(t);
@@ -824,7 +844,10 @@ impl Kernel {
         }
         let b = self.bufs[a.bid as usize];
         if b.data_of != d {
-            self.fail(&format!("direction {d} sends buffer {} of the other stream", a.bid));
+            self.fail(&format!(
+                "direction {d} sends buffer {} of the other stream",
+                a.bid
+            ));
         }
         let start = b.data.start + a.off as u64;
         self.write_dst(
@@ -861,10 +884,25 @@ impl Kernel {
                     self.misbehave(CloseReason::ConnectTimeout);
                     (-libc::ECANCELED, -libc::ETIME)
                 }
+                Outcome::Failed => {
+                    self.misbehave(CloseReason::ConnectError);
+                    (-libc::ECONNRESET, -libc::ECANCELED)
+                }
             }
         };
-        self.post(op_index(ConnOp::Connect), c, false, None);
-        self.post(op_index(ConnOp::ConnectTimeout), t, false, None);
+        // Whichever op finished first posts first; the other follows, maybe after
+        // completions of other ops.
+        let (c, t) = (
+            (op_index(ConnOp::Connect), c),
+            (op_index(ConnOp::ConnectTimeout), t),
+        );
+        let (first, later) = if t.1 == -libc::ETIME && self.rng.pct(50) {
+            (t, c)
+        } else {
+            (c, t)
+        };
+        self.post(first.0, first.1, false, None);
+        self.connect_later = Some(later);
     }
 
     fn peer_active(&self, s: usize) -> bool {
@@ -933,7 +971,9 @@ impl Effects for Kernel {
     fn submit(&mut self, op: ConnOp, send: Option<SendArgs>) {
         let i = op_index(op);
         if self.ops[i].live {
-            self.fail(&format!("{op:?} submitted while the previous one is pending"));
+            self.fail(&format!(
+                "{op:?} submitted while the previous one is pending"
+            ));
         }
         if send.is_some() != matches!(op, ConnOp::Send(_)) {
             self.fail(&format!("{op:?} submitted with send arguments {send:?}"));
@@ -1009,7 +1049,10 @@ impl Effects for Kernel {
             self.fail(&format!("direction {d} splices in without a pipe"));
         };
         if pipe.len() != 0 {
-            self.fail(&format!("direction {d} reads with {} bytes in its pipe", pipe.len()));
+            self.fail(&format!(
+                "direction {d} reads with {} bytes in its pipe",
+                pipe.len()
+            ));
         }
         if len == 0 || len > self.pipe_cap[d] {
             self.fail(&format!(
@@ -1058,7 +1101,9 @@ impl Effects for Kernel {
         }
         let t = 1 - d;
         if self.socks[t].tx_fin {
-            self.fail(&format!("direction {d} writes after shutting its destination down"));
+            self.fail(&format!(
+                "direction {d} writes after shutting its destination down"
+            ));
         }
         let r = if self.socks[t].reset {
             Io::Err(self.write_err(t))
@@ -1092,13 +1137,14 @@ impl Effects for Kernel {
             self.fail(&format!("direction {d} shuts its destination down twice"));
         }
         if !self.eofs.contains(&d) {
-            self.fail(&format!("direction {d} passes on a FIN its source never sent"));
+            self.fail(&format!(
+                "direction {d} passes on a FIN its source never sent"
+            ));
         }
         if self.socks[t].tx.end != self.socks[d].rx.start {
             self.fail(&format!(
                 "direction {d} passes its FIN on with {} bytes read and {} written",
-                self.socks[d].rx.start,
-                self.socks[t].tx.end
+                self.socks[d].rx.start, self.socks[t].tx.end
             ));
         }
         // Linux: a reset socket is TCP_CLOSE, and shutdown() of one is ENOTCONN.
@@ -1150,7 +1196,10 @@ impl Effects for Kernel {
             self.fail(&format!("returns unknown buffer {bid}"));
         };
         if !matches!(b.owner, Owner::Conn(_)) {
-            self.fail(&format!("returns buffer {bid}, which it does not hold ({:?})", b.owner));
+            self.fail(&format!(
+                "returns buffer {bid}, which it does not hold ({:?})",
+                b.owner
+            ));
         }
         for d in 0..2 {
             let slot = &self.ops[op_index(ConnOp::Send(d))];
@@ -1341,7 +1390,8 @@ impl Sim {
         let limit = 20_000 + 64 * total / self.k.p.pipe.0.min(self.k.p.capacity) as u64;
         while !self.freed {
             if self.steps > limit {
-                self.k.fail(&format!("not freed after {} steps", self.steps));
+                self.k
+                    .fail(&format!("not freed after {} steps", self.steps));
             }
             self.collect();
             let ev = if self.evs.is_empty() {
@@ -1482,7 +1532,9 @@ impl Sim {
             return Ev::Unstall;
         }
         if phase != Phase::Relaying {
-            k.fail(&format!("stuck in {phase:?}: an op never completes (not cancelled?)"));
+            k.fail(&format!(
+                "stuck in {phase:?}: an op never completes (not cancelled?)"
+            ));
         }
         for s in 0..2 {
             if k.socks[s].reset {
@@ -1498,8 +1550,7 @@ impl Sim {
         for s in 0..2 {
             let sock = &k.socks[s];
             let fin_passed = !k.peers[s].fin_sent || k.peers[1 - s].saw_fin;
-            if sock.rx.end != k.p.len[s] || sock.rx.len() > 0 || sock.tx.len() > 0 || !fin_passed
-            {
+            if sock.rx.end != k.p.len[s] || sock.rx.len() > 0 || sock.tx.len() > 0 || !fin_passed {
                 k.fail(&format!(
                     "stuck relaying: {:?} socket {sock:?}, peers {:?}",
                     side(s),
@@ -1629,15 +1680,18 @@ impl Sim {
                 let a = send.expect("a send has its arguments");
                 k.bufs[a.bid as usize].acked += cqe.res as usize;
             }
-            ConnOp::Recv(d) if cqe.res == 0 && phase == Phase::Relaying => {
-                if !k.eofs.contains(&d) {
-                    k.eofs.push(d);
-                }
+            ConnOp::Recv(d) if cqe.res == 0 && phase == Phase::Relaying && !k.eofs.contains(&d) => {
+                k.eofs.push(d);
             }
             _ => {}
         }
         let established = k.established;
-        k.note(|| format!("  deliver {op:?} res {} more {} bid {:?}", cqe.res, cqe.more, cqe.bid));
+        k.note(|| {
+            format!(
+                "  deliver {op:?} res {} more {} bid {:?}",
+                cqe.res, cqe.more, cqe.bid
+            )
+        });
         let step = self.m.on_completion(op, cqe.res, cqe.more, cqe.bid, k);
         let expect = u32::from(op == ConnOp::Connect && cqe.res == 0 && phase == Phase::Connecting);
         if k.established != established + expect {
@@ -1667,7 +1721,10 @@ impl Sim {
         }
         let live = k.live_ops();
         if m.in_flight() != live {
-            k.fail(&format!("in_flight {} with {live} ops pending", m.in_flight()));
+            k.fail(&format!(
+                "in_flight {} with {live} ops pending",
+                m.in_flight()
+            ));
         }
         match step {
             Step::Free if live != 0 => k.fail(&format!("freed with {live} ops pending")),
@@ -1718,7 +1775,10 @@ impl Sim {
             }
             for d in 0..2 {
                 if self.m.state(d) != State::Done {
-                    k.fail(&format!("clean close with direction {d} {:?}", self.m.state(d)));
+                    k.fail(&format!(
+                        "clean close with direction {d} {:?}",
+                        self.m.state(d)
+                    ));
                 }
             }
         } else {
@@ -1733,7 +1793,9 @@ impl Sim {
                     .into_iter()
                     .filter(|&x| k.allowed & reason_bit(x) != 0)
                     .collect();
-                k.fail(&format!("closed with {r:?}, but what went wrong was {names:?}"));
+                k.fail(&format!(
+                    "closed with {r:?}, but what went wrong was {names:?}"
+                ));
             }
         }
     }
@@ -1753,7 +1815,9 @@ impl Sim {
                 },
                 (RelayMode::Splice, Held::Nothing) => {
                     if k.pipes[d].is_some() {
-                        k.fail(&format!("direction {d} dropped its pipe without returning it"));
+                        k.fail(&format!(
+                            "direction {d} dropped its pipe without returning it"
+                        ));
                     }
                 }
                 (RelayMode::Copy, Held::Buf { bid, off }) => {
@@ -1772,16 +1836,11 @@ impl Sim {
                 (RelayMode::Copy, Held::Nothing) => {}
                 (mode, held) => k.fail(&format!("direction {d} holds {held:?} in {mode:?}")),
             }
-            let owned: Vec<usize> = (0..k.bufs.len())
-                .filter(|&b| k.bufs[b].owner == Owner::Conn(d))
-                .collect();
-            let held = match m.held(d) {
-                Held::Buf { bid, .. } => vec![bid as usize],
-                _ => Vec::new(),
-            };
-            if owned != held {
+            let owned = k.bufs.iter().filter(|b| b.owner == Owner::Conn(d)).count();
+            if owned != usize::from(matches!(m.held(d), Held::Buf { .. })) {
                 k.fail(&format!(
-                    "direction {d} was given buffers {owned:?} and holds {held:?}"
+                    "direction {d} was given {owned} buffers and holds {:?}",
+                    m.held(d)
                 ));
             }
         }
@@ -1805,10 +1864,16 @@ impl Sim {
             k.fail(&format!("freed with completions queued: {:?}", k.cq));
         }
         if k.moved != k.reported {
-            k.fail(&format!("wrote {:?} bytes, reported {:?}", k.moved, k.reported));
+            k.fail(&format!(
+                "wrote {:?} bytes, reported {:?}",
+                k.moved, k.reported
+            ));
         }
         let r = self.m.reason().expect("a freed connection has a reason");
         k.cov.reasons[r as usize] += 1;
+        if k.resets != u32::from(!r.is_clean()) {
+            k.fail(&format!("freed with {r:?} after {} resets", k.resets));
+        }
         if !r.is_clean() {
             return;
         }
@@ -1861,10 +1926,20 @@ fn run_seed(seed: u64, mode: RelayMode, trace: bool) -> Coverage {
 }
 
 fn run_seeds(mode: RelayMode) -> Coverage {
-    let n = std::env::var("SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(SEEDS_PER_MODE);
+    let (first, n) = match std::env::var("SEEDS") {
+        Err(_) => (0, SEEDS_PER_MODE),
+        Ok(s) => {
+            let num = |x: &str| -> u64 {
+                x.trim()
+                    .parse()
+                    .unwrap_or_else(|_| panic!("SEEDS must be n or a..b, not {s:?}"))
+            };
+            match s.split_once("..") {
+                Some((a, b)) => (num(a), num(b)),
+                None => (0, num(&s)),
+            }
+        }
+    };
     let t = Instant::now();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
     let mut cov = Coverage::default();
@@ -1873,7 +1948,7 @@ fn run_seeds(mode: RelayMode) -> Coverage {
             .map(|w| {
                 scope.spawn(move || {
                     let mut cov = Coverage::default();
-                    let mut seed = w;
+                    let mut seed = first + w;
                     while seed < n {
                         cov.add(&run_seed(seed, mode, false));
                         seed += threads;
@@ -1909,6 +1984,7 @@ fn assert_coverage(cov: &Coverage, mode: RelayMode) {
         CloseReason::ConnectRefused,
         CloseReason::ConnectTimeout,
         CloseReason::Unreachable,
+        CloseReason::ConnectError,
         CloseReason::IdleTimeout,
         CloseReason::DrainDeadline,
     ] {
@@ -2037,7 +2113,10 @@ fn enobufs_then_buffer_returned() {
     assert!(!s.m.is_armed(ConnOp::Recv(0)) && !s.m.is_armed(ConnOp::Recv(1)));
     s.ev(Ev::PeerSend(CLIENT));
     s.settle();
-    assert_eq!(s.k.socks[SERVER].tx.end, 0, "nothing moves without a buffer");
+    assert_eq!(
+        s.k.socks[SERVER].tx.end, 0,
+        "nothing moves without a buffer"
+    );
     s.ev(Ev::PhantomGive);
     s.settle();
     assert_eq!(s.k.socks[SERVER].tx.end, 100);
@@ -2082,7 +2161,10 @@ fn error_watch_ended_by_the_kernel_is_rearmed() {
         s.ev(Ev::PeerFin(CLIENT));
         s.connect();
         let watch = ConnOp::ErrWatch(0);
-        assert!(s.m.is_armed(watch), "{mode:?}: EOF without a wait arms the watch");
+        assert!(
+            s.m.is_armed(watch),
+            "{mode:?}: EOF without a wait arms the watch"
+        );
         // The kernel ends the watch, with an event and without one.
         for res in [P_RDHUP, -libc::ECANCELED] {
             s.k.post(op_index(watch), res, false, None);

@@ -17,7 +17,8 @@
 //! * Datagrams are forwarded with non-blocking `send`/`sendto` right in the
 //!   completion handler, so each receive buffer goes back to the kernel at once.
 //! * Stopping closes the tproxy sockets at once (with nft's fail-open rules new
-//!   datagrams then bypass the engine), keeps the flows so that answers to what was
+//!   datagrams then bypass the engine, or go to the successor after a takeover),
+//!   keeps the flows so that answers to what was
 //!   already forwarded still reach their clients, ends answered single exchanges at
 //!   the next tick and other flows once quiet for the single-exchange timeout, and
 //!   ends the rest at the drain deadline.
@@ -256,14 +257,12 @@ impl Udp {
             orig_dst: OrigDst(orig),
         };
         let now = core.now_ms();
+        // While stopping this can still open a flow (a datagram delivered before the
+        // cancel of the tproxy receive took effect, or taken over by a successor in
+        // the same instant): it is armed and drains like the others, so its answer
+        // still reaches the client.
         let id = match self.flows.lookup(&key) {
             Some(id) => id,
-            None if core.stopping => {
-                // Delivered before the cancel of the tproxy recv took effect: no new
-                // flow may start now, it would outlive the drain.
-                stats.udp_drop_stopping.fetch_add(1, Relaxed);
-                return;
-            }
             None => match self.open_flow(core, key, now) {
                 Some(id) => id,
                 None => return,

@@ -20,7 +20,7 @@ const DRAIN_S: u64 = 8;
 #[test]
 fn takeover_ten_restarts_drop_nothing() {
     let test = "takeover_ten_restarts_drop_nothing";
-    let Some(mut rig) = Rig::start(test, RigConfig::new().without_engine()) else {
+    let Some(rig) = Rig::start(test, RigConfig::new().without_engine()) else {
         return;
     };
     let path = rig.state_dir().join("takeover.sock");

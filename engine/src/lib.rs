@@ -29,6 +29,7 @@ pub mod config;
 #[allow(unsafe_code)]
 pub mod core;
 pub mod cpus;
+pub mod notify;
 pub mod policy;
 pub mod sockets;
 pub mod stats;
@@ -198,6 +199,30 @@ impl Engine {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
+    }
+
+    /// A liveness probe for a watchdog: fails once a worker has not run its 1 s tick
+    /// for `stall` (its loop is stuck), or has ended while not asked to stop.
+    pub fn liveness(&self, stall: Duration) -> impl FnMut() -> Result<(), String> + Send {
+        let stats: Vec<_> = self.workers.iter().map(|w| (w.cpu, w.stats.clone())).collect();
+        let mut seen: Vec<(u64, Instant)> = stats.iter().map(|_| (0, Instant::now())).collect();
+        move || {
+            for (i, (cpu, s)) in stats.iter().enumerate() {
+                let ticks = s.heartbeat.load(std::sync::atomic::Ordering::Relaxed);
+                if ticks == stats::HEARTBEAT_ENDED {
+                    continue; // drained and ended
+                }
+                if ticks != seen[i].0 {
+                    seen[i] = (ticks, Instant::now());
+                } else if seen[i].1.elapsed() > stall {
+                    return Err(format!(
+                        "the worker on CPU {cpu} has not turned its loop for {:.1} s",
+                        seen[i].1.elapsed().as_secs_f64()
+                    ));
+                }
+            }
+            Ok(())
+        }
     }
 
     /// Every worker has ended.

@@ -13,10 +13,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1, SIGUSR2};
 use socket2::{Domain, Socket, Type};
 
 use ringrelay_engine::config::{self, Args, Config, RelayMode};
+use ringrelay_engine::notify::{self, Notifier};
 use ringrelay_engine::{core::ring, cpus, policy, stats, sys, takeover, Engine};
 
 fn main() -> ExitCode {
@@ -207,6 +208,56 @@ fn resolve(args: &Args, features: ring::Features) -> Result<(Config, u64)> {
     ))
 }
 
+/// A worker whose 1 s tick has not run for this long is stuck (watchdog).
+const WATCHDOG_STALL: Duration = Duration::from_secs(3);
+
+/// A one-line summary for systemd's `STATUS=`.
+fn status_line(engine: &Engine) -> String {
+    let mut t = stats::Snapshot::default();
+    for (_, s) in engine.counters() {
+        t.add(&s);
+    }
+    format!(
+        "{} connections, {} UDP flows; {} accepted, {} flows created since start",
+        t.active, t.udp_flows_active, t.accepted, t.udp_flows_created
+    )
+}
+
+/// Starts draining: no new connections or flows, live ones finish.
+fn begin_stop(engine: &Engine, notifier: &Notifier, why: &str) {
+    eprintln!(
+        "engine: {why}; draining for up to {} s",
+        engine.config().drain_timeout_s
+    );
+    let _ = notifier.send("STOPPING=1\nSTATUS=draining");
+    engine.stop();
+}
+
+/// SIGUSR2: starts this engine again, from the binary now installed at the same
+/// path (an upgrade), with the same arguments; with `--takeover` it takes the
+/// sockets over and this one drains. The successor reports itself to systemd
+/// (`MAINPID=`, needs `NotifyAccess=all`); `WATCHDOG_PID` names this process, so
+/// it is not passed on.
+fn restart_in_place(args: &Args) -> Result<std::process::Child> {
+    if args.takeover.is_none() {
+        bail!("it needs --takeover PATH (the new engine takes the sockets over through it)");
+    }
+    let exe = std::fs::read_link("/proc/self/exe").context("reading /proc/self/exe")?;
+    // After a package upgrade the running file is gone: "PATH (deleted)", and PATH
+    // now holds the new binary.
+    let exe = std::path::PathBuf::from(
+        exe.to_string_lossy()
+            .trim_end_matches(" (deleted)")
+            .to_string(),
+    );
+    std::process::Command::new(&exe)
+        .args(std::env::args_os().skip(1))
+        .env_remove("WATCHDOG_PID")
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {}", exe.display()))
+}
+
 fn print_counters(rows: &[(usize, stats::Snapshot)]) {
     print!("{}", stats::render(rows));
 }
@@ -265,7 +316,7 @@ fn run(args: Args) -> Result<()> {
     }
     check_pipe_size(&cfg)?;
 
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGUSR1, SIGHUP])
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGUSR1, SIGUSR2, SIGHUP])
         .context("installing signal handlers")?;
     let fds_at_start = sys::open_fd_count();
     let sockets = inherited
@@ -310,17 +361,31 @@ fn run(args: Args) -> Result<()> {
             .with_context(|| format!("serving --takeover {}", path.display()))?;
     }
 
+    let notifier = Notifier::from_env().context("NOTIFY_SOCKET")?;
+    let _ = notifier.send(&format!(
+        "READY=1\nMAINPID={}\nSTATUS={}",
+        std::process::id(),
+        status_line(&engine)
+    ));
+    if let Some(interval) = notify::watchdog_interval() {
+        let n = Notifier::from_env().context("NOTIFY_SOCKET")?;
+        notify::spawn_watchdog(n, interval, engine.liveness(WATCHDOG_STALL))
+            .context("starting the watchdog thread")?;
+    }
+
     let mut stopping = false;
+    let mut successor: Option<std::process::Child> = None;
+    let mut last_status = std::time::Instant::now();
     loop {
         while let Ok(ev) = takeover_rx.try_recv() {
             match ev {
                 takeover::Event::HandedOver { pid } if !stopping => {
                     stopping = true;
-                    eprintln!(
-                        "engine: handed the sockets over to pid {pid}; draining for up to {} s",
-                        engine.config().drain_timeout_s
+                    begin_stop(
+                        &engine,
+                        &notifier,
+                        &format!("handed the sockets over to pid {pid}"),
                     );
-                    engine.stop();
                 }
                 takeover::Event::HandedOver { .. } => {}
                 takeover::Event::Failed(e) => {
@@ -335,19 +400,38 @@ fn run(args: Args) -> Result<()> {
                     "engine: SIGHUP: nothing to reload (no rules file is configured); \
                      still running"
                 ),
+                SIGUSR2 if stopping => eprintln!("engine: SIGUSR2 while stopping: ignored"),
+                SIGUSR2 => match restart_in_place(&args) {
+                    Ok(child) => {
+                        eprintln!(
+                            "engine: SIGUSR2: started pid {} to take over",
+                            child.id()
+                        );
+                        successor = Some(child);
+                    }
+                    Err(e) => eprintln!("engine: SIGUSR2: cannot restart in place: {e:#}"),
+                },
                 _ if !stopping => {
                     stopping = true;
-                    eprintln!(
-                        "engine: stopping: no new connections; draining for up to {} s",
-                        engine.config().drain_timeout_s
-                    );
-                    engine.stop();
+                    begin_stop(&engine, &notifier, "stopping: no new connections");
                 }
                 _ => {
                     eprintln!("engine: second signal: exiting now");
                     print_counters(&engine.counters());
                     std::process::exit(1);
                 }
+            }
+        }
+        if let Some(child) = successor.as_mut() {
+            if let Ok(Some(status)) = child.try_wait() {
+                if !stopping {
+                    eprintln!(
+                        "engine: the successor (pid {}) exited ({status}) before taking \
+                         over; still serving",
+                        child.id()
+                    );
+                }
+                successor = None;
             }
         }
         if engine.is_finished() {
@@ -357,6 +441,10 @@ fn run(args: Args) -> Result<()> {
             eprintln!("engine: a worker exited unexpectedly; stopping the others");
             stopping = true;
             engine.stop();
+        }
+        if !stopping && last_status.elapsed() >= Duration::from_secs(10) {
+            last_status = std::time::Instant::now();
+            let _ = notifier.send(&format!("STATUS={}", status_line(&engine)));
         }
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -165,6 +165,9 @@ impl FlowEnd {
     }
 }
 
+/// [`CoreStats::heartbeat`] of a worker whose loop ended.
+pub const HEARTBEAT_ENDED: u64 = u64::MAX;
+
 /// Upper bounds (seconds) of the upstream connect latency histogram's buckets.
 pub const CONNECT_BUCKETS_S: [f64; 12] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
@@ -267,6 +270,10 @@ macro_rules! counters {
             pub connect_latency: Histogram<{ CONNECT_BUCKETS_S.len() }>,
             /// Life of finished TCP connections, accept to close.
             pub conn_duration: Histogram<{ DURATION_BUCKETS_S.len() }>,
+            /// Housekeeping ticks the worker ran (one a second), or
+            /// [`HEARTBEAT_ENDED`] once its loop ended: the watchdog checks that it
+            /// keeps moving. Not a counter: not summed, not printed.
+            pub heartbeat: AtomicU64,
         }
 
         impl Default for CoreStats {
@@ -277,6 +284,7 @@ macro_rules! counters {
                     flow_ends: Default::default(),
                     connect_latency: Histogram::new(&CONNECT_BUCKETS_S),
                     conn_duration: Histogram::new(&DURATION_BUCKETS_S),
+                    heartbeat: AtomicU64::new(0),
                 }
             }
         }

@@ -169,6 +169,11 @@ impl Worker {
                 break;
             }
         }
+        // Tells a watchdog this worker ended on purpose (see `Engine::liveness`).
+        self.core
+            .stats
+            .heartbeat
+            .store(crate::stats::HEARTBEAT_ENDED, Relaxed);
         // Nothing of ours is referenced by the kernel any more (in flight == 0), so
         // dropping the ring and its buffers is sound.
     }
@@ -205,6 +210,7 @@ impl Worker {
             self.arm_tick();
         }
         self.core.tick += 1;
+        self.core.stats.heartbeat.store(self.core.tick, Relaxed);
         if let Some(tcp) = self.tcp.as_mut() {
             tcp.on_tick(&mut self.core);
         }

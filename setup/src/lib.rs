@@ -30,6 +30,7 @@ pub mod ops;
 pub mod plan;
 pub mod ports;
 pub mod runner;
+pub mod sockdiag;
 pub mod state;
 pub mod status;
 pub mod sysctl;

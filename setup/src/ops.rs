@@ -146,7 +146,19 @@ pub fn apply(
     if let Some(old) = &old {
         cleanup_old(runner, old, &state, &mut report);
     }
-    report.warnings.extend(status::trap_warnings(runner, &plan));
+    // What status would call BLOCKED: printed as warnings (nothing listening is
+    // expected until the engine starts).
+    match status::data_path(runner, &plan) {
+        Ok(findings) => report.warnings.extend(
+            findings
+                .into_iter()
+                .filter(|(level, _)| {
+                    matches!(level, status::Level::Blocked | status::Level::Warning)
+                })
+                .map(|(_, text)| text),
+        ),
+        Err(e) => report.warn(format!("could not check the data path: {e}")),
+    }
     Ok(report)
 }
 

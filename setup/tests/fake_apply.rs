@@ -3,9 +3,12 @@
 //! bad input that must change nothing. No root needed.
 
 use ringrelay_setup::config::{Backend, Config, FailMode};
+use ringrelay_setup::plan::{Family, L4};
 use ringrelay_setup::runner::{Event, Output, RecordingRunner};
+use ringrelay_setup::sockdiag::{DiagSocket, STATE_CLOSE, STATE_LISTEN};
 use ringrelay_setup::state::State;
 use ringrelay_setup::{ops, status};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
 /// The namespace identity the fake runs in.
@@ -513,14 +516,7 @@ fn status_reports_ready_missing_and_conflicts() {
     );
     ops::apply(&r, &Config::default(), &path, NS).unwrap();
     show_ours(&r);
-    r.set_file(
-        "/proc/net/tcp",
-        "  sl  local_address rem_address   st\n   0: 00000000:3A99 00000000:0000 0A\n",
-    );
-    r.set_file(
-        "/proc/net/udp",
-        "  sl  local_address rem_address   st\n   0: 00000000:3A99 00000000:0000 07\n",
-    );
+    r.set_sockets(engine_sockets(15001));
     let ok = status::status(&r, &path, NS, &Config::default()).unwrap();
     assert!(ok.ready(), "{}", ok.render());
     assert!(ok.render().ends_with("ringrelay: ready\n"));
@@ -545,9 +541,145 @@ fn status_reports_ready_missing_and_conflicts() {
         text.contains("MISSING: ip -6 rule fwmark 0x1/0x1 lookup 100"),
         "{text}"
     );
-    assert!(text.contains("warning: src_valid_mark=1 on all"), "{text}");
+    assert!(
+        text.contains("BLOCKED: src_valid_mark=1 (net.ipv4.conf.all.src_valid_mark)"),
+        "{text}"
+    );
     assert!(
         text.ends_with("ringrelay: NOT READY (3 problems)\n"),
         "{text}"
+    );
+    assert_eq!(bad.exit_code(), status::EXIT_NOT_READY);
+}
+
+/// The sockets a running engine has: TCP listeners and UDP sockets on the wildcard
+/// address, v4 and v6-only v6, all transparent.
+fn engine_sockets(port: u16) -> Vec<DiagSocket> {
+    let mut v = Vec::new();
+    for (family, addr) in [
+        (Family::V4, IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+        (Family::V6, IpAddr::V6(Ipv6Addr::UNSPECIFIED)),
+    ] {
+        for (l4, state) in [(L4::Tcp, STATE_LISTEN), (L4::Udp, STATE_CLOSE)] {
+            v.push(DiagSocket {
+                family,
+                l4,
+                state,
+                addr,
+                port,
+                v6only: (family == Family::V6).then_some(true),
+                transparent: Some(true),
+                inode: 1000 + v.len() as u32,
+            });
+        }
+    }
+    v
+}
+
+/// Rules in place, but the data path does not end in an engine: exit 3, one BLOCKED
+/// line per finding with its fix. Before this check status said "ready" in every case.
+#[test]
+fn status_exit_3_when_traffic_would_not_reach_an_engine() {
+    let r = fake_host();
+    let (_dir, path) = state_path("blocked");
+    r.respond(
+        "nft list table inet ringrelay",
+        Output::ok("table inet ringrelay {\n\tchain prerouting {\n\t}\n}\n"),
+    );
+    ops::apply(&r, &Config::default(), &path, NS).unwrap();
+    show_ours(&r);
+    let check = |want: u8| {
+        let rep = status::status(&r, &path, NS, &Config::default()).unwrap();
+        let text = rep.render();
+        assert_eq!(rep.exit_code(), want, "{text}");
+        text
+    };
+
+    // No engine at all.
+    r.set_sockets(Vec::new());
+    let text = check(status::EXIT_NOT_DELIVERING);
+    assert!(text.contains("BLOCKED: nothing listens on TCP port 15001 (IPv4 and IPv6) in this network namespace: intercepted traffic is forwarded untouched (fail-open), not relayed; fix: start the engine in this network namespace: `engine --port 15001`"), "{text}");
+    assert!(
+        text.contains("BLOCKED: nothing listens on UDP port 15001 (IPv4 and IPv6)"),
+        "{text}"
+    );
+    assert!(text.ends_with("ringrelay: NOT DELIVERING (2 findings): the rules are in place, but intercepted traffic would not reach an engine\n"), "{text}");
+
+    // The engine runs, on another port.
+    r.set_sockets(engine_sockets(15002));
+    let text = check(status::EXIT_NOT_DELIVERING);
+    assert!(text.contains("a transparent TCP socket listens on port 15002 instead: an engine with `--port 15002`? then re-apply with `setup apply --port 15002` or restart it with `--port 15001`"), "{text}");
+
+    // Something else holds the port, without IP_TRANSPARENT.
+    let mut plain = engine_sockets(15001);
+    plain[0].transparent = Some(false);
+    r.set_sockets(plain);
+    let text = check(status::EXIT_NOT_DELIVERING);
+    assert!(text.contains("BLOCKED: TCP port 15001 (IPv4) is held by a socket without IP_TRANSPARENT (inode 1000)"), "{text}");
+
+    // An engine started with --no-ipv6 (or --no-udp).
+    let v4only: Vec<DiagSocket> = engine_sockets(15001)
+        .into_iter()
+        .filter(|s| s.family == Family::V4)
+        .collect();
+    r.set_sockets(v4only);
+    let text = check(status::EXIT_NOT_DELIVERING);
+    assert!(text.contains("nothing listens on TCP port 15001 (IPv6) in this network namespace: intercepted traffic is forwarded untouched (fail-open), not relayed; fix: the engine seems to run with --no-ipv6"), "{text}");
+    let tcponly: Vec<DiagSocket> = engine_sockets(15001)
+        .into_iter()
+        .filter(|s| s.l4 == L4::Tcp)
+        .collect();
+    r.set_sockets(tcponly);
+    let text = check(status::EXIT_NOT_DELIVERING);
+    assert!(text.contains("fix: the engine seems to run with --no-udp: restart it without, or stop intercepting UDP with `setup apply --no-udp`"), "{text}");
+
+    // A dual-stack [::] listener serves IPv4 as well.
+    let mut dual = engine_sockets(15001);
+    dual.retain(|s| s.family == Family::V6);
+    for s in &mut dual {
+        s.v6only = Some(false);
+    }
+    r.set_sockets(dual);
+    let text = check(status::EXIT_READY);
+    assert!(
+        text.contains(
+            "ok: transparent listeners on port 15001: IPv4 TCP, IPv6 TCP, IPv4 UDP, IPv6 UDP"
+        ),
+        "{text}"
+    );
+
+    // src_valid_mark on an intercepted interface; accept_local lets it through.
+    r.set_sockets(engine_sockets(15001));
+    r.set_file("/proc/sys/net/ipv4/conf/eth1/src_valid_mark", "1");
+    r.set_file("/proc/sys/net/ipv4/conf/all/accept_local", "0");
+    r.set_file("/proc/sys/net/ipv4/conf/eth1/accept_local", "0");
+    let text = check(status::EXIT_NOT_DELIVERING);
+    assert!(text.contains("BLOCKED: src_valid_mark=1 (net.ipv4.conf.eth1.src_valid_mark) on intercepted interfaces eth1: the reverse-path check routes the client's address with the interception mark, finds `local default dev lo` in table 100 and drops intercepted IPv4 packets as martians"), "{text}");
+    assert!(
+        text.contains("fix: `sysctl -w net.ipv4.conf.eth1.src_valid_mark=0`"),
+        "{text}"
+    );
+    r.set_file("/proc/sys/net/ipv4/conf/eth1/accept_local", "1");
+    check(status::EXIT_READY);
+}
+
+/// Fail-closed with no engine: status says the traffic is dropped (it used to say ready).
+#[test]
+fn status_fail_closed_without_engine_says_dropped() {
+    let r = fake_host();
+    let (_dir, path) = state_path("closed");
+    let config = Config {
+        fail_mode: FailMode::Closed,
+        ..Config::default()
+    };
+    ops::apply(&r, &config, &path, NS).unwrap();
+    show_ours(&r);
+    r.set_sockets(Vec::new());
+    let rep = status::status(&r, &path, NS, &Config::default()).unwrap();
+    assert!(
+        rep.render()
+            .contains("in this network namespace: intercepted traffic is DROPPED (fail-closed); fix: start the engine"),
+        "{}",
+        rep.render()
     );
 }

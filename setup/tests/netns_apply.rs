@@ -5,6 +5,8 @@
 //!
 //! The iptables tests FAIL (not skip) when iptables is not installed: CI installs it.
 
+use socket2::{Domain, Protocol, Socket, Type};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -189,6 +191,72 @@ fn assert_same(before: &[(&'static str, String)], after: &[(&'static str, String
     }
 }
 
+/// Sockets standing in for the engine: what `nft tproxy` looks up (TCP listeners and
+/// UDP sockets on the wildcard address, IPv4 and v6-only IPv6, `IP_TRANSPARENT` unless
+/// asked not to). They live in the namespace until dropped.
+struct StandIn {
+    _sockets: Vec<Socket>,
+}
+
+impl StandIn {
+    fn engine(ns: &Netns, port: u16) -> StandIn {
+        StandIn::new(ns, port, true, &[true, true], &[Type::STREAM, Type::DGRAM])
+    }
+
+    /// `families`: [IPv4, IPv6] on or off; `types`: STREAM and/or DGRAM.
+    fn new(
+        ns: &Netns,
+        port: u16,
+        transparent: bool,
+        families: &[bool; 2],
+        types: &[Type],
+    ) -> StandIn {
+        let path = format!("/run/netns/{}", ns.name);
+        let families = *families;
+        let types = types.to_vec();
+        let sockets = std::thread::spawn(move || -> std::io::Result<Vec<Socket>> {
+            let f = std::fs::File::open(&path)?;
+            nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)?;
+            let mut v = Vec::new();
+            for (on, v6) in families.iter().zip([false, true]) {
+                if !on {
+                    continue;
+                }
+                for &ty in &types {
+                    let addr: SocketAddr = if v6 {
+                        format!("[::]:{port}").parse().unwrap()
+                    } else {
+                        format!("0.0.0.0:{port}").parse().unwrap()
+                    };
+                    let proto = if ty == Type::STREAM {
+                        Protocol::TCP
+                    } else {
+                        Protocol::UDP
+                    };
+                    let s = Socket::new(Domain::for_address(addr), ty, Some(proto))?;
+                    if v6 {
+                        s.set_only_v6(true)?;
+                        s.set_ip_transparent_v6(transparent)?;
+                    } else {
+                        s.set_ip_transparent_v4(transparent)?;
+                    }
+                    s.set_reuse_address(true)?;
+                    s.bind(&addr.into())?;
+                    if ty == Type::STREAM {
+                        s.listen(16)?;
+                    }
+                    v.push(s);
+                }
+            }
+            Ok(v)
+        })
+        .join()
+        .unwrap()
+        .expect("stand-in sockets");
+        StandIn { _sockets: sockets }
+    }
+}
+
 fn count(haystack: &str, needle: &str) -> usize {
     haystack.matches(needle).count()
 }
@@ -219,6 +287,12 @@ fn lifecycle(ns: &Netns, apply_args: &[&str]) {
         "one state file, named after the netns"
     );
     assert!(ns.state_files()[0].starts_with("setup-netns-"));
+    // Rules in place, no engine: status says the traffic would not reach one (exit 3).
+    let status = ns.setup(&["status"]);
+    assert_eq!(status.status.code(), Some(3), "status without an engine");
+    assert!(String::from_utf8_lossy(&status.stdout)
+        .contains("BLOCKED: nothing listens on TCP port 15001"));
+    let engine = StandIn::engine(ns, 15001);
     ns.setup_ok(&["status"]);
     let rules = ns.sh("ip rule");
     assert_eq!(count(&rules, "fwmark 0x1/0x1 lookup 100"), 1, "{rules}");
@@ -244,6 +318,7 @@ fn lifecycle(ns: &Netns, apply_args: &[&str]) {
         "after applying twice (duplicated rules?)",
     );
     ns.setup_ok(&["status"]);
+    drop(engine);
 
     ns.setup_ok(&["teardown"]);
     assert!(
@@ -379,6 +454,7 @@ fn concurrent_runs_take_turns() {
     }
     // The status ran before, between or after the applies: never an error (exit 2).
     assert_ne!(runs[3].status.code(), Some(2), "concurrent status errored");
+    let _engine = StandIn::engine(&ns, 15001);
     ns.setup_ok(&["status"]);
     assert_eq!(count(&ns.sh("ip rule"), "fwmark 0x1/0x1 lookup 100"), 1);
     assert_eq!(count(&ns.sh("ip -6 rule"), "fwmark 0x1/0x1 lookup 100"), 1);
@@ -387,5 +463,116 @@ fn concurrent_runs_take_turns() {
         &before,
         &ns.snapshot(),
         "after concurrent applies and teardown",
+    );
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Status checks the data path, not just the rules: exit 3 (with the fix) whenever the
+/// rules are in place but no engine would get the traffic, 0 only when a transparent
+/// socket serves every intercepted protocol and family. It used to exit 0 in all of
+/// these cases.
+#[test]
+fn status_exit_3_unless_an_engine_would_get_the_traffic() {
+    if !need_root("status_exit_3_unless_an_engine_would_get_the_traffic") {
+        return;
+    }
+    let ns = Netns::new();
+    ns.setup_ok(&["apply", "--fail-closed"]);
+    let expect = |code: i32, needle: &str| {
+        let out = ns.setup(&["status"]);
+        let text = stdout(&out);
+        assert_eq!(out.status.code(), Some(code), "{text}");
+        assert!(text.contains(needle), "wanted {needle:?} in:\n{text}");
+    };
+    expect(
+        3,
+        "BLOCKED: nothing listens on UDP port 15001 (IPv4 and IPv6) in this network namespace: intercepted traffic is DROPPED (fail-closed); fix: start the engine",
+    );
+    {
+        // An engine on the wrong port.
+        let _e = StandIn::engine(&ns, 15002);
+        expect(3, "a transparent TCP socket listens on port 15002 instead");
+    }
+    {
+        // Something that is not transparent holds the port.
+        let _e = StandIn::new(
+            &ns,
+            15001,
+            false,
+            &[true, true],
+            &[Type::STREAM, Type::DGRAM],
+        );
+        expect(
+            3,
+            "BLOCKED: TCP port 15001 (IPv4) is held by a socket without IP_TRANSPARENT",
+        );
+    }
+    {
+        // An engine started with --no-ipv6.
+        let _e = StandIn::new(
+            &ns,
+            15001,
+            true,
+            &[true, false],
+            &[Type::STREAM, Type::DGRAM],
+        );
+        expect(3, "fix: the engine seems to run with --no-ipv6");
+    }
+    let _e = StandIn::engine(&ns, 15001);
+    expect(
+        0,
+        "ok: transparent listeners on port 15001: IPv4 TCP, IPv6 TCP, IPv4 UDP, IPv6 UDP",
+    );
+    // A VPN tool sets src_valid_mark: marked packets would vanish as martians.
+    ns.sh("echo 1 > /proc/sys/net/ipv4/conf/all/src_valid_mark");
+    expect(3, "BLOCKED: src_valid_mark=1 (net.ipv4.conf.all.src_valid_mark) on intercepted interfaces rrv0, rrv1");
+    ns.sh("echo 0 > /proc/sys/net/ipv4/conf/all/src_valid_mark");
+    expect(0, "ringrelay: ready");
+    // Rules missing wins over the data path: exit 1.
+    ns.sh("nft delete table inet ringrelay");
+    expect(1, "NOT READY");
+    ns.setup_ok(&["teardown"]);
+}
+
+/// `setup status --help` lists what status uses, not apply's options.
+#[test]
+fn status_help_lists_no_apply_options() {
+    let out = Command::new(SETUP)
+        .args(["status", "--help"])
+        .output()
+        .unwrap();
+    let help = stdout(&out);
+    assert!(out.status.success(), "{help}");
+    for apply_only in [
+        "--port",
+        "--tcp-ports",
+        "--in-iface",
+        "--backend",
+        "--fail-closed",
+        "--no-ipv6",
+        "--dry-run",
+        "--accept-input",
+    ] {
+        assert!(
+            !help.contains(apply_only),
+            "status --help lists {apply_only}:\n{help}"
+        );
+    }
+    assert!(
+        help.contains("3  rules in place, but intercepted traffic would not reach an engine"),
+        "{help}"
+    );
+    let apply = stdout(
+        &Command::new(SETUP)
+            .args(["apply", "--help"])
+            .output()
+            .unwrap(),
+    );
+    assert!(
+        apply.contains("--tcp-ports") && apply.contains("--dry-run"),
+        "{apply}"
     );
 }

@@ -5,8 +5,9 @@
 #![forbid(unsafe_code)]
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::process::Command;
+use std::time::Duration;
 
 use anyhow::ensure;
 use ringrelay_tests::*;
@@ -147,4 +148,103 @@ fn setup_teardown_leaves_nothing_nft() {
 #[test]
 fn setup_teardown_leaves_nothing_iptables() {
     teardown_leaves_nothing("setup_teardown_leaves_nothing_iptables", Backend::Iptables);
+}
+
+/// One echo exchange to `dst` from the client, with a short connect timeout; `Err`
+/// when the connection does not get through.
+fn try_ping(rig: &Rig, dst: SocketAddr) -> anyhow::Result<()> {
+    rig.lab.client.run(move || -> anyhow::Result<()> {
+        let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(b"hi")?;
+        s.shutdown(Shutdown::Write)?;
+        let mut v = Vec::new();
+        s.read_to_end(&mut v)?;
+        ensure!(v == b"hi", "echo {v:?}");
+        Ok(())
+    })
+}
+
+/// `setup status` in the router: (exit code, stdout).
+fn status(rig: &Rig) -> (i32, String) {
+    let out = rig.setup(&["status"]).unwrap();
+    (out.status.code().unwrap_or(-1), out.stdout)
+}
+
+/// What status says matches what traffic does: exit 3 exactly while intercepted flows
+/// miss the engine (no engine: forwarded untouched; src_valid_mark=1: dropped as
+/// martians), 0 once they reach it. Status used to say "ready" in both cases.
+#[test]
+fn setup_status_matches_what_traffic_does() {
+    let test = "setup_status_matches_what_traffic_does";
+    let Some(mut rig) = Rig::start(test, RigConfig::new().without_engine()) else {
+        return;
+    };
+    // Rules in place, no engine: fail-open forwards the flow untouched.
+    let (code, text) = status(&rig);
+    assert_eq!(code, 3, "{text}");
+    assert!(
+        text.contains("BLOCKED: nothing listens on TCP port 15001 (IPv4 and IPv6) in this network namespace: intercepted traffic is forwarded untouched (fail-open), not relayed"),
+        "{text}"
+    );
+    let dst = SocketAddr::new(Family::V4.server_a(), 5020);
+    let srv = TcpServer::echo(&rig.lab.server, dst).unwrap();
+    ping(&rig, dst);
+    assert_eq!(
+        srv.accepted()[0].peer.ip(),
+        Family::V4.client(),
+        "bypassed the engine"
+    );
+
+    // The engine starts: ready, and the flow is relayed.
+    let cores = rig.config.cores.clone();
+    rig.engine = Some(rig.start_engine(&cores, &[]).unwrap());
+    let (code, text) = status(&rig);
+    assert_eq!(code, 0, "{text}");
+    ping(&rig, dst);
+    assert_eq!(
+        srv.accepted()[1].peer.ip(),
+        Family::V4.router_s(),
+        "relayed"
+    );
+
+    // A VPN tool sets src_valid_mark: intercepted IPv4 vanishes before the engine.
+    rig.lab
+        .router
+        .sysctl("net.ipv4.conf.all.src_valid_mark", "1")
+        .unwrap();
+    let (code, text) = status(&rig);
+    assert_eq!(code, 3, "{text}");
+    assert!(
+        text.contains("BLOCKED: src_valid_mark=1 (net.ipv4.conf.all.src_valid_mark)"),
+        "{text}"
+    );
+    let accepted = rig.engine_mut().counters().get("accepted");
+    assert!(
+        try_ping(&rig, dst).is_err(),
+        "got through with src_valid_mark=1"
+    );
+    assert_eq!(rig.engine_mut().counters().get("accepted"), accepted);
+    // IPv6 has no src_valid_mark: still relayed.
+    let dst6 = SocketAddr::new(Family::V6.server_a(), 5021);
+    let srv6 = TcpServer::echo(&rig.lab.server, dst6).unwrap();
+    ping(&rig, dst6);
+    assert_eq!(srv6.accepted()[0].peer.ip(), Family::V6.router_s());
+
+    // The fix status names for a VPN that needs the mark: accept_local on the interface.
+    rig.lab
+        .router
+        .sysctl("net.ipv4.conf.veth-c.accept_local", "1")
+        .unwrap();
+    rig.lab
+        .router
+        .sysctl("net.ipv4.conf.veth-s.accept_local", "1")
+        .unwrap();
+    let (code, text) = status(&rig);
+    assert_eq!(code, 0, "{text}");
+    try_ping(&rig, dst).unwrap();
+    assert_eq!(
+        srv.accepted().last().unwrap().peer.ip(),
+        Family::V4.router_s()
+    );
 }

@@ -23,6 +23,7 @@
 pub mod config;
 pub mod error;
 pub mod host;
+pub mod input;
 pub mod iproute;
 pub mod iptables;
 pub mod nft;

@@ -135,6 +135,15 @@ struct PlanArgs {
     /// Same as --fail-mode closed
     #[arg(long, conflicts_with = "fail_mode")]
     fail_closed: bool,
+    /// Insert `meta mark & 0x1 == 0x1 accept` (iptables: `-m mark --mark 0x1/0x1 -j
+    /// ACCEPT`) at the top of every input-hook chain of this box's own firewall that
+    /// would drop intercepted packets; teardown removes it
+    ///
+    /// TPROXY-delivered packets traverse the INPUT hook: a firewall with `policy drop`
+    /// on input drops every intercepted flow unless it accepts the interception mark.
+    /// Without this option apply and status only report such chains, with the rule.
+    #[arg(long)]
+    accept_input: bool,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -182,6 +191,7 @@ impl PlanArgs {
             table: self.table,
             bypass_mark: self.bypass_mark,
             fail_mode,
+            accept_input: self.accept_input,
         };
         c.normalize();
         let defaulted_closed = explicit.is_none() && fail_mode == FailMode::Closed;

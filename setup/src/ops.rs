@@ -16,6 +16,7 @@
 use crate::config::{Backend, Config};
 use crate::error::SetupError;
 use crate::host::{self, run_any, run_checked};
+use crate::input::{self, InputTarget, Intercepted};
 use crate::iproute::{self, ShownRule, TableRoutes};
 use crate::iptables::{self, SavedMangle};
 use crate::nft;
@@ -200,6 +201,8 @@ enum Undo {
     DelRoute(LocalRoute),
     /// Write a sysctl back.
     Sysctl { key: SysctlKey, value: String },
+    /// Take our accept rule out of a chain of the box's own input firewall.
+    InputRule(InputTarget),
 }
 
 fn rollback(runner: &dyn Runner, undo: Vec<Undo>) -> Vec<String> {
@@ -223,6 +226,7 @@ fn rollback(runner: &dyn Runner, undo: Vec<Undo>) -> Vec<String> {
             Undo::DelRule { rule, pref } => delete_rule(runner, rule, *pref),
             Undo::DelRoute(route) => delete_route(runner, route),
             Undo::Sysctl { key, value } => restore_value(runner, key, value),
+            Undo::InputRule(target) => input::remove(runner, target).map(drop),
         };
         if let Err(e) = result {
             errors.push(e.to_string());
@@ -275,6 +279,29 @@ fn apply_steps(
                     plan::IPT_TPROXY_CHAIN
                 ));
             }
+        }
+    }
+
+    // 1b. The box's own input firewall: accept the interception mark where a chain
+    // would drop intercepted packets (`--accept-input`).
+    let mut input_rules = Vec::new();
+    if c.accept_input {
+        let hook = input::read(runner)?;
+        // Ours by their comment: kept (teardown removes them), never added twice.
+        input_rules = hook.with_accept_rule();
+        for b in hook.blocking(&intercepted(runner, plan)) {
+            if input_rules.contains(&b.target) {
+                continue;
+            }
+            undo.push(Undo::InputRule(b.target.clone()));
+            input::insert(runner, &b.target, c.fwmark)?;
+            report.line(format!(
+                "{}: inserted `{}` at the top (it dropped intercepted packets at `{}`)",
+                b.target,
+                b.target.rule_text(c.fwmark),
+                b.by
+            ));
+            input_rules.push(b.target);
         }
     }
 
@@ -401,8 +428,26 @@ fn apply_steps(
         routes,
         sysctls,
         mangle,
+        input_rules,
         fingerprint,
     })
+}
+
+/// What intercepted packets look like to the input hook under `plan`.
+pub fn intercepted<'a>(runner: &dyn Runner, plan: &'a Plan) -> Intercepted<'a> {
+    let c = &plan.config;
+    Intercepted {
+        families: plan.families(),
+        l4: [
+            (plan::L4::Tcp, c.tcp.is_some()),
+            (plan::L4::Udp, c.udp.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(p, on)| on.then_some(p))
+        .collect(),
+        ifaces: status::intercepted_ifaces(runner, plan),
+        mark: c.fwmark,
+    }
 }
 
 /// Whether a recorded rule priority is among the ones found (no priority recorded:
@@ -459,6 +504,16 @@ fn cleanup_old(runner: &dyn Runner, old: &State, new: &State, report: &mut Repor
         if let Some(route) = old_plan.routes.iter().find(|r| r.family == rec.family) {
             if let Err(e) = delete_route(runner, route) {
                 notes.push(e.to_string());
+            }
+        }
+    }
+    for target in &old.input_rules {
+        if !new.input_rules.contains(target) {
+            match input::remove(runner, target) {
+                Ok(_) => report.line(format!(
+                    "{target}: removed the accept rule of the previous apply (--accept-input not given)"
+                )),
+                Err(e) => notes.push(e.to_string()),
             }
         }
     }
@@ -523,6 +578,12 @@ pub fn teardown(runner: &dyn Runner, state_path: &Path, netns: &str) -> Result<R
             }
         }
     }
+    for target in &st.input_rules {
+        match input::remove(runner, target) {
+            Ok(_) => report.line(format!("{target}: accept rule removed")),
+            Err(e) => failures.push(e.to_string()),
+        }
+    }
     remove_leftovers(runner, Some(st.config.backend), &mut report);
 
     for rec in st.rules.iter().filter(|r| r.added) {
@@ -572,6 +633,16 @@ pub fn stale_note(path: &Path) -> String {
 /// Removes objects that are ours by name but not recorded for `recorded` backend
 /// (a state file lost, or a backend switch interrupted). Best effort: only reports.
 fn remove_leftovers(runner: &dyn Runner, recorded: Option<Backend>, report: &mut Report) {
+    // Accept rules of --accept-input carry our comment wherever they are.
+    if let Ok(hook) = input::read(runner) {
+        for target in hook.with_accept_rule() {
+            match input::remove(runner, &target) {
+                Ok(n) if n > 0 => report.line(format!("{target}: leftover accept rule removed")),
+                Ok(_) => {}
+                Err(e) => report.warn(format!("leftover accept rule in {target}: {e}")),
+            }
+        }
+    }
     if recorded != Some(Backend::Nft) && runner.find_program("nft").is_some() {
         let listed = runner.run(&nft::list_cmd()).map(|o| o.success());
         if listed.unwrap_or(false) {
@@ -921,6 +992,30 @@ pub fn dry_run(
                 ));
                 s.push_str(&iptables::render_apply(&plan, family, jumps == 0));
                 s.push_str("EOF\n");
+            }
+        }
+    }
+
+    if let Ok(hook) = input::read(runner) {
+        let present = hook.with_accept_rule();
+        let blocking: Vec<_> = hook
+            .blocking(&intercepted(runner, &plan))
+            .into_iter()
+            .filter(|b| !present.contains(&b.target))
+            .collect();
+        if !blocking.is_empty() {
+            s.push_str("\n# Step 1b: the box's own input firewall drops intercepted packets (TPROXY\n# delivers them through the input hook).\n");
+        }
+        let n = status::intercepted_ifaces(runner, &plan).len();
+        for b in blocking {
+            if c.accept_input {
+                let cmd = input::insert_cmd(&b.target, c.fwmark);
+                match &cmd.stdin {
+                    Some(script) => s.push_str(&format!("nft -f - <<'EOF'\n{script}EOF\n")),
+                    None => s.push_str(&format!("{cmd}\n")),
+                }
+            } else {
+                s.push_str(&format!("# NOTE: {}\n", b.message(c.fwmark, n)));
             }
         }
     }

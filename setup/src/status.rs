@@ -431,6 +431,7 @@ pub fn data_path(runner: &dyn Runner, plan: &Plan) -> Result<Vec<Finding>, Setup
     let intercepted = intercepted_ifaces(runner, plan);
 
     check_listeners(runner, plan, &mut out);
+    check_input_hook(runner, plan, &intercepted, &mut out)?;
 
     let read = |iface: &str, leaf: &str| {
         sysctl::read(runner, &SysctlKey::conf("ipv4", iface, leaf)).unwrap_or_default()
@@ -522,6 +523,36 @@ pub fn data_path(runner: &dyn Runner, plan: &Plan) -> Result<Vec<Finding>, Setup
         }
     }
     Ok(out)
+}
+
+/// The box's own firewall: does an input-hook chain drop intercepted packets?
+fn check_input_hook(
+    runner: &dyn Runner,
+    plan: &Plan,
+    ifaces: &[String],
+    out: &mut Vec<Finding>,
+) -> Result<(), SetupError> {
+    let c = &plan.config;
+    let hook = crate::input::read(runner)?;
+    for what in &hook.unreadable {
+        out.push((
+            Level::Warning,
+            format!("could not read the input-hook firewall ({what}): a chain there that drops intercepted packets would go unnoticed"),
+        ));
+    }
+    let blocking = hook.blocking(&crate::ops::intercepted(runner, plan));
+    for b in &blocking {
+        out.push((Level::Blocked, b.message(c.fwmark, ifaces.len())));
+    }
+    for target in hook.with_accept_rule() {
+        if !blocking.iter().any(|b| b.target == target) {
+            out.push((
+                Level::Ok,
+                format!("{target} accepts the interception mark (setup apply --accept-input)"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn family_name(f: Family) -> &'static str {

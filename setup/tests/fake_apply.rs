@@ -683,3 +683,29 @@ fn status_fail_closed_without_engine_says_dropped() {
         rep.render()
     );
 }
+
+/// `--dry-run` shows the input-hook problem, and with `--accept-input` the exact rule
+/// it would insert.
+#[test]
+fn dry_run_shows_the_input_hook_fix() {
+    let r = fake_host();
+    r.respond(
+        "nft list ruleset",
+        Output::ok("table ip fw {\n\tchain in {\n\t\ttype filter hook input priority filter; policy drop;\n\t\tiifname \"lo\" accept\n\t}\n}\n"),
+    );
+    let path = Path::new("/run/ringrelay/x.state");
+    let text = ops::dry_run(&r, &Config::default(), path).unwrap();
+    assert!(
+        text.contains("# NOTE: nft chain ip fw in (input hook) drops intercepted packets (IPv4 TCP, IPv4 UDP on every intercepted interface) at `policy drop`"),
+        "{text}"
+    );
+    let config = Config {
+        accept_input: true,
+        ..Config::default()
+    };
+    let text = ops::dry_run(&r, &config, path).unwrap();
+    assert!(
+        text.contains("nft -f - <<'EOF'\ninsert rule ip fw in meta mark & 0x1 == 0x1 accept comment \"ringrelay: setup apply --accept-input\"\nEOF\n"),
+        "{text}"
+    );
+}

@@ -576,3 +576,133 @@ fn status_help_lists_no_apply_options() {
         "{apply}"
     );
 }
+
+/// A hand-built firewall with `policy drop` on input, as on many routers.
+const INPUT_DROP_NFT: &str = "nft -f - <<'EOF'
+table inet fw {
+	chain input {
+		type filter hook input priority filter; policy drop;
+		ct state established,related accept
+		iifname \"lo\" accept
+		tcp dport 22 accept
+	}
+}
+EOF";
+
+/// The box's own input firewall: status says it drops intercepted packets (exit 3)
+/// and names the rule; `apply --accept-input` inserts it, status is then ready, a
+/// re-apply does not duplicate it, an apply without the option takes it out again,
+/// and teardown leaves the firewall exactly as it was.
+#[test]
+fn input_policy_drop_is_reported_and_accept_input_fixes_it_nft() {
+    if !need_root("input_policy_drop_is_reported_and_accept_input_fixes_it_nft") {
+        return;
+    }
+    let ns = Netns::new();
+    ns.sh(INPUT_DROP_NFT);
+    let before = ns.stable_snapshot();
+    let _engine = StandIn::engine(&ns, 15001);
+
+    let out = ns.setup(&["apply"]);
+    assert!(out.status.success());
+    let fix = "fix: `nft insert rule inet fw input 'meta mark & 0x1 == 0x1 accept'`, or re-run `setup apply --accept-input`";
+    let warned = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(warned.contains("setup: warning: nft chain inet fw input (input hook) drops intercepted packets (IPv4 TCP, IPv4 UDP, IPv6 TCP, IPv6 UDP on every intercepted interface) at `policy drop`"), "{warned}");
+    assert!(warned.contains(fix), "{warned}");
+    let st = ns.setup(&["status"]);
+    assert_eq!(st.status.code(), Some(3));
+    assert!(stdout(&st)
+        .contains("BLOCKED: nft chain inet fw input (input hook) drops intercepted packets"));
+    assert!(stdout(&st).contains(fix));
+
+    let out = ns.setup_ok(&["apply", "--accept-input"]);
+    assert!(out.contains("nft chain inet fw input: inserted `meta mark & 0x1 == 0x1 accept` at the top (it dropped intercepted packets at `policy drop`)"), "{out}");
+    let chain = ns.sh("nft list chain inet fw input");
+    let first_rule = chain.lines().nth(3).unwrap_or("").trim().to_string();
+    assert!(
+        first_rule.starts_with("meta mark & 0x00000001 == 0x00000001 accept"),
+        "{chain}"
+    );
+    let st = ns.setup_ok(&["status"]);
+    assert!(
+        st.contains("ok: nft chain inet fw input accepts the interception mark"),
+        "{st}"
+    );
+
+    ns.setup_ok(&["apply", "--accept-input"]);
+    assert_eq!(
+        count(&ns.sh("nft list chain inet fw input"), "ringrelay"),
+        1,
+        "no duplicate"
+    );
+
+    // Without the option the rule goes again (like every other option's objects).
+    ns.setup_ok(&["apply"]);
+    assert_eq!(
+        count(&ns.sh("nft list chain inet fw input"), "ringrelay"),
+        0
+    );
+    assert_eq!(ns.setup(&["status"]).status.code(), Some(3));
+
+    ns.setup_ok(&["apply", "--accept-input"]);
+    let out = ns.setup_ok(&["teardown"]);
+    assert!(
+        out.contains("nft chain inet fw input: accept rule removed"),
+        "{out}"
+    );
+    assert_same(&before, &ns.snapshot(), "after teardown");
+}
+
+/// The same with iptables: `iptables -P INPUT DROP` (legacy or nft variant) and its
+/// ip6tables twin; fixed through `iptables -I INPUT ...`.
+#[test]
+fn input_policy_drop_is_reported_and_accept_input_fixes_it_iptables() {
+    if !need_root("input_policy_drop_is_reported_and_accept_input_fixes_it_iptables") {
+        return;
+    }
+    require_iptables();
+    let ns = Netns::new();
+    ns.sh("iptables -P INPUT DROP && iptables -A INPUT -i lo -j ACCEPT && ip6tables -P INPUT DROP");
+    let filter_before = (
+        normalize(&ns.sh("iptables-save -t filter")),
+        normalize(&ns.sh("ip6tables-save -t filter")),
+    );
+    let _engine = StandIn::engine(&ns, 15001);
+
+    ns.setup_ok(&["apply", "--backend", "iptables"]);
+    let st = ns.setup(&["status"]);
+    let text = stdout(&st);
+    assert_eq!(st.status.code(), Some(3), "{text}");
+    assert!(text.contains("BLOCKED: iptables filter chain INPUT (input hook) drops intercepted packets (IPv4 TCP, IPv4 UDP on every intercepted interface) at `policy drop`"), "{text}");
+    assert!(
+        text.contains("fix: `iptables -I INPUT -m mark --mark 0x1/0x1 -j ACCEPT`"),
+        "{text}"
+    );
+    assert!(text.contains("BLOCKED: ip6tables filter chain INPUT (input hook) drops intercepted packets (IPv6 TCP, IPv6 UDP"), "{text}");
+
+    let out = ns.setup_ok(&["apply", "--backend", "iptables", "--accept-input"]);
+    assert!(
+        out.contains(
+            "iptables filter chain INPUT: inserted `-m mark --mark 0x1/0x1 -j ACCEPT` at the top"
+        ),
+        "{out}"
+    );
+    let saved = ns.sh("iptables-save -t filter");
+    let first = saved
+        .lines()
+        .find(|l| l.starts_with("-A INPUT"))
+        .unwrap_or("");
+    assert!(
+        first.contains("--mark 0x1/0x1") && first.contains("-j ACCEPT"),
+        "{saved}"
+    );
+    ns.setup_ok(&["status"]);
+    ns.setup_ok(&["teardown"]);
+    assert_eq!(
+        (
+            normalize(&ns.sh("iptables-save -t filter")),
+            normalize(&ns.sh("ip6tables-save -t filter"))
+        ),
+        filter_before
+    );
+}

@@ -248,3 +248,91 @@ fn setup_status_matches_what_traffic_does() {
         Family::V4.router_s()
     );
 }
+
+/// The router's own firewall drops input by default: every intercepted flow dies in the
+/// input hook the moment the engine starts, while status used to say "ready". Now
+/// status exits 3 naming the chain and the rule; `setup apply --accept-input` inserts
+/// it and the flows reach the engine; teardown gives the firewall back unchanged.
+fn input_firewall(test: &str, backend: Backend, firewall: &str, listing: &str, fix: &str) {
+    let Some(mut rig) = Rig::start(test, RigConfig::new().backend(backend)) else {
+        return;
+    };
+    let router = rig.lab.router.clone();
+    router.sh(firewall).unwrap();
+    let fw_before = router.sh(listing).unwrap();
+
+    let (code, text) = status(&rig);
+    assert_eq!(code, 3, "{text}");
+    assert!(text.contains(fix), "wanted {fix:?} in:\n{text}");
+    let accepted = rig.engine_mut().counters().get("accepted");
+    for family in [Family::V4, Family::V6] {
+        let dst = SocketAddr::new(family.server_a(), 5030);
+        let _srv = TcpServer::echo(&rig.lab.server, dst).unwrap();
+        assert!(
+            try_ping(&rig, dst).is_err(),
+            "{family:?} got through a policy-drop input chain"
+        );
+    }
+    assert_eq!(rig.engine_mut().counters().get("accepted"), accepted);
+
+    rig.setup(&["apply", "--backend", backend.name(), "--accept-input"])
+        .unwrap()
+        .ok("setup apply --accept-input")
+        .unwrap();
+    let (code, text) = status(&rig);
+    assert_eq!(code, 0, "{text}");
+    for family in [Family::V4, Family::V6] {
+        let dst = SocketAddr::new(family.server_a(), 5031);
+        let srv = TcpServer::echo(&rig.lab.server, dst).unwrap();
+        try_ping(&rig, dst).unwrap();
+        assert_eq!(srv.accepted()[0].peer.ip(), family.router_s(), "{family:?}");
+    }
+    assert_eq!(rig.engine_mut().counters().get("accepted"), accepted + 2);
+
+    rig.setup(&["teardown"])
+        .unwrap()
+        .ok("setup teardown")
+        .unwrap();
+    let normalize = |t: &str| -> Vec<String> {
+        t.lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| l.split(" [").next().unwrap_or(l).to_string())
+            .collect()
+    };
+    assert_eq!(
+        normalize(&router.sh(listing).unwrap()),
+        normalize(&fw_before),
+        "the firewall changed"
+    );
+}
+
+#[test]
+fn setup_accept_input_lets_flows_through_a_policy_drop_firewall_nft() {
+    input_firewall(
+        "setup_accept_input_lets_flows_through_a_policy_drop_firewall_nft",
+        Backend::Nft,
+        "nft -f - <<'EOF'
+table inet fw {
+	chain input {
+		type filter hook input priority filter; policy drop;
+		ct state established,related accept
+		iifname \"lo\" accept
+		tcp dport 22 accept
+	}
+}
+EOF",
+        "nft list table inet fw",
+        "BLOCKED: nft chain inet fw input (input hook) drops intercepted packets (IPv4 TCP, IPv4 UDP, IPv6 TCP, IPv6 UDP on every intercepted interface) at `policy drop`: TPROXY delivers them through the input hook, so they never reach the engine; fix: `nft insert rule inet fw input 'meta mark & 0x1 == 0x1 accept'`, or re-run `setup apply --accept-input`",
+    );
+}
+
+#[test]
+fn setup_accept_input_lets_flows_through_a_policy_drop_firewall_iptables() {
+    input_firewall(
+        "setup_accept_input_lets_flows_through_a_policy_drop_firewall_iptables",
+        Backend::Iptables,
+        "for t in iptables ip6tables; do $t -A INPUT -i lo -j ACCEPT && $t -A INPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT && $t -A INPUT -p tcp --dport 22 -j ACCEPT && $t -P INPUT DROP || exit 1; done",
+        "iptables-save -t filter; ip6tables-save -t filter",
+        "BLOCKED: iptables filter chain INPUT (input hook) drops intercepted packets (IPv4 TCP, IPv4 UDP on every intercepted interface) at `policy drop`: TPROXY delivers them through the input hook, so they never reach the engine; fix: `iptables -I INPUT -m mark --mark 0x1/0x1 -j ACCEPT`",
+    );
+}

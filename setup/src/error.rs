@@ -54,6 +54,15 @@ pub enum SetupError {
         /// The foreign routes, `;`-separated.
         routes: String,
     },
+    /// `table inet ringrelay` exists, and neither carries setup's marker nor is
+    /// recorded in the state file: someone else's table, which apply would replace.
+    #[error("nft table inet {table} already exists and setup did not create it (it lacks the comment \"{marker}\" and no state file records it): apply would replace it and its rules would be lost; rename or move that table, or if it is a leftover of an older setup, delete it with `nft delete table inet {table}`")]
+    ForeignTable {
+        /// The table's name.
+        table: &'static str,
+        /// The marker comment looked for.
+        marker: &'static str,
+    },
     /// A command ran and exited non-zero.
     #[error("`{cmd}` failed ({code}): {stderr}")]
     CommandFailed {

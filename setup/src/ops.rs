@@ -135,6 +135,9 @@ pub fn apply(
         }
         loaded => loaded.current(),
     };
+    if config.backend == Backend::Nft {
+        check_nft_owner(runner, old.as_ref())?;
+    }
     let mut undo = Vec::new();
     let state = match apply_steps(runner, &plan, old.as_ref(), netns, &mut undo, &mut report) {
         Ok(state) => state,
@@ -161,6 +164,50 @@ pub fn apply(
         Err(e) => report.warn(format!("could not check the data path: {e}")),
     }
     Ok(report)
+}
+
+/// What `nft list table inet ringrelay` shows: nothing, setup's table, or someone
+/// else's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TableOwner {
+    /// No such table (or nft is not installed).
+    Absent,
+    /// It carries setup's marker comment.
+    Marked,
+    /// It exists without the marker.
+    Unmarked,
+}
+
+/// Who owns `table inet ringrelay`, by its marker comment.
+pub fn nft_table_owner(runner: &dyn Runner) -> Result<TableOwner, SetupError> {
+    if runner.find_program("nft").is_none() {
+        return Ok(TableOwner::Absent);
+    }
+    let out = run_any(runner, &nft::list_cmd())?;
+    // A table that does not exist is an error ("No such file or directory"); so is
+    // one we may not read, and then the apply itself reports EPERM.
+    if !out.success() || out.stdout.trim().is_empty() {
+        return Ok(TableOwner::Absent);
+    }
+    Ok(if nft::has_marker(&out.stdout) {
+        TableOwner::Marked
+    } else {
+        TableOwner::Unmarked
+    })
+}
+
+/// Refuses to replace a `table inet ringrelay` that setup did not create: it must
+/// carry the marker, or the state file must record that setup installed it (a table
+/// of an older setup, from before the marker).
+fn check_nft_owner(runner: &dyn Runner, old: Option<&State>) -> Result<(), SetupError> {
+    let recorded = old.is_some_and(|o| o.config.backend == Backend::Nft);
+    match nft_table_owner(runner)? {
+        TableOwner::Unmarked if !recorded => Err(SetupError::ForeignTable {
+            table: plan::NFT_TABLE,
+            marker: plan::NFT_TABLE_COMMENT,
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Undoes what apply did and wraps the cause with the outcome.
@@ -643,16 +690,21 @@ fn remove_leftovers(runner: &dyn Runner, recorded: Option<Backend>, report: &mut
             }
         }
     }
-    if recorded != Some(Backend::Nft) && runner.find_program("nft").is_some() {
-        let listed = runner.run(&nft::list_cmd()).map(|o| o.success());
-        if listed.unwrap_or(false) {
-            match remove_nft(runner) {
+    if recorded != Some(Backend::Nft) {
+        match nft_table_owner(runner) {
+            Ok(TableOwner::Marked) => match remove_nft(runner) {
                 Ok(()) => report.line(format!(
-                    "nft: leftover table inet {} deleted",
+                    "nft: leftover table inet {} deleted (it carries setup's marker)",
                     plan::NFT_TABLE
                 )),
                 Err(e) => report.warn(format!("leftover table inet {}: {e}", plan::NFT_TABLE)),
-            }
+            },
+            Ok(TableOwner::Unmarked) => report.warn(format!(
+                "nft table inet {} left alone: it lacks setup's marker comment, so setup did not create it",
+                plan::NFT_TABLE
+            )),
+            Ok(TableOwner::Absent) => {}
+            Err(e) => report.warn(format!("leftover table inet {}: {e}", plan::NFT_TABLE)),
         }
     }
     if recorded != Some(Backend::Iptables) {

@@ -220,12 +220,22 @@ fn check_firewall(
                 return Ok(());
             }
             let live = nft::fingerprint(&out.stdout);
-            compare(
-                r,
-                &format!("nft table inet {}", plan::NFT_TABLE),
-                recorded,
-                &live,
-            );
+            let what = format!("nft table inet {}", plan::NFT_TABLE);
+            match recorded {
+                None if !nft::has_marker(&out.stdout) => r.push(
+                    Level::Conflict,
+                    format!(
+                        "{what} exists but setup did not create it (no marker comment, no state): `setup apply` refuses to replace it; rename or move that table"
+                    ),
+                ),
+                None => r.push(
+                    Level::Warning,
+                    format!(
+                        "{what} carries setup's marker but no state file records it (state lost, or an apply was interrupted): `setup teardown` removes it, `setup apply` replaces it"
+                    ),
+                ),
+                Some(_) => compare(r, &what, recorded, &live),
+            }
         }
         Backend::Iptables => {
             let mut live_all = Vec::new();
@@ -258,17 +268,23 @@ fn check_firewall(
         }
     }
     // The other backend's objects would intercept too (or instead).
-    if c.backend != Backend::Nft && runner.find_program("nft").is_some() {
-        if let Ok(out) = runner.run(&nft::list_cmd()) {
-            if out.success() {
-                r.push(
-                    Level::Conflict,
-                    format!(
-                        "a leftover nft table inet {} intercepts as well: `setup teardown` removes it",
-                        plan::NFT_TABLE
-                    ),
-                );
-            }
+    if c.backend != Backend::Nft {
+        match crate::ops::nft_table_owner(runner) {
+            Ok(crate::ops::TableOwner::Marked) => r.push(
+                Level::Conflict,
+                format!(
+                    "a leftover nft table inet {} intercepts as well: `setup teardown` removes it",
+                    plan::NFT_TABLE
+                ),
+            ),
+            Ok(crate::ops::TableOwner::Unmarked) => r.push(
+                Level::Conflict,
+                format!(
+                    "an nft table inet {} that setup did not create exists: check that it does not intercept the same traffic",
+                    plan::NFT_TABLE
+                ),
+            ),
+            _ => {}
         }
     }
     if c.backend != Backend::Iptables {

@@ -17,6 +17,8 @@ const RULES_DEFAULT: &str =
     "0:\tfrom all lookup 255\n32766:\tfrom all lookup 254\n32767:\tfrom all lookup 253\n";
 const RULES_OURS: &str = "0:\tfrom all lookup 255\n32765:\tfrom all fwmark 0x1/0x1 lookup 100\n32766:\tfrom all lookup 254\n32767:\tfrom all lookup 253\n";
 const ROUTE_OURS: &str = "local default dev lo scope host \n";
+/// The marker comment of our nft table, as `nft list table` prints it.
+const MARKER: &str = "comment \"ringrelay: managed by setup apply, deleted by setup teardown\"";
 
 /// A router with lo, eth0 and eth1; forwarding off; strict rp_filter on all and eth1.
 fn fake_host() -> RecordingRunner {
@@ -512,7 +514,9 @@ fn status_reports_ready_missing_and_conflicts() {
 
     r.respond(
         "nft list table inet ringrelay",
-        Output::ok("table inet ringrelay {\n\tchain prerouting {\n\t}\n}\n"),
+        Output::ok(&format!(
+            "table inet ringrelay {{\n\t{MARKER}\n\tchain prerouting {{\n\t}}\n}}\n"
+        )),
     );
     ops::apply(&r, &Config::default(), &path, NS).unwrap();
     show_ours(&r);
@@ -524,7 +528,9 @@ fn status_reports_ready_missing_and_conflicts() {
     // Someone edits the table, turns forwarding off, sets src_valid_mark.
     r.respond(
         "nft list table inet ringrelay",
-        Output::ok("table inet ringrelay {\n\tchain prerouting {\n\t\tdrop\n\t}\n}\n"),
+        Output::ok(&format!(
+            "table inet ringrelay {{\n\t{MARKER}\n\tchain prerouting {{\n\t\tdrop\n\t}}\n}}\n"
+        )),
     );
     r.set_file("/proc/sys/net/ipv4/ip_forward", "0");
     r.set_file("/proc/sys/net/ipv4/conf/all/src_valid_mark", "1");
@@ -532,7 +538,7 @@ fn status_reports_ready_missing_and_conflicts() {
     let bad = status::status(&r, &path, NS, &Config::default()).unwrap();
     let text = bad.render();
     assert!(!bad.ready());
-    assert!(text.contains("CONFLICT: nft table inet ringrelay changed since apply (line 3: expected `}`, found `drop`)"), "{text}");
+    assert!(text.contains("CONFLICT: nft table inet ringrelay changed since apply (line 4: expected `}`, found `drop`)"), "{text}");
     assert!(
         text.contains("CONFLICT: net.ipv4.ip_forward is 0, needs 1"),
         "{text}"
@@ -584,7 +590,9 @@ fn status_exit_3_when_traffic_would_not_reach_an_engine() {
     let (_dir, path) = state_path("blocked");
     r.respond(
         "nft list table inet ringrelay",
-        Output::ok("table inet ringrelay {\n\tchain prerouting {\n\t}\n}\n"),
+        Output::ok(&format!(
+            "table inet ringrelay {{\n\t{MARKER}\n\tchain prerouting {{\n\t}}\n}}\n"
+        )),
     );
     ops::apply(&r, &Config::default(), &path, NS).unwrap();
     show_ours(&r);
@@ -708,4 +716,50 @@ fn dry_run_shows_the_input_hook_fix() {
         text.contains("nft -f - <<'EOF'\ninsert rule ip fw in meta mark & 0x1 == 0x1 accept comment \"ringrelay: setup apply --accept-input\"\nEOF\n"),
         "{text}"
     );
+}
+
+/// A `table inet ringrelay` that setup did not create (no marker, no state) is never
+/// replaced: apply refuses naming it, and teardown without a state file leaves it.
+#[test]
+fn foreign_table_is_refused_and_left_alone() {
+    let r = fake_host();
+    r.respond(
+        "nft list table inet ringrelay",
+        Output::ok("table inet ringrelay {\n\tchain mine {\n\t\ttype filter hook input priority 0; policy accept;\n\t}\n}\n"),
+    );
+    assert_refused_untouched(
+        &r,
+        &Config::default(),
+        "nft table inet ringrelay already exists and setup did not create it (it lacks the comment \"ringrelay: managed by setup apply, deleted by setup teardown\" and no state file records it): apply would replace it and its rules would be lost; rename or move that table, or if it is a leftover of an older setup, delete it with `nft delete table inet ringrelay`",
+    );
+    let (_dir, path) = state_path("foreign");
+    let report = ops::teardown(&r, &path, NS).unwrap();
+    assert!(changes(&r).is_empty(), "{:?}", changes(&r));
+    assert!(
+        report
+            .warnings
+            .iter()
+            .any(|w| w
+                .contains("nft table inet ringrelay left alone: it lacks setup's marker comment")),
+        "{report:?}"
+    );
+    let st = status::status(&r, &path, NS, &Config::default()).unwrap();
+    assert!(
+        st.render()
+            .contains("CONFLICT: nft table inet ringrelay exists but setup did not create it"),
+        "{}",
+        st.render()
+    );
+    // A table setup installed before it had the marker is its own by the state file.
+    let (_dir, path) = state_path("recorded");
+    r.respond(
+        "nft list table inet ringrelay",
+        Output::ok("table inet ringrelay {\n\tchain prerouting {\n\t}\n}\n"),
+    );
+    r.respond_once(
+        "nft list table inet ringrelay",
+        Output::fail(1, "Error: No such file or directory\n"),
+    );
+    ops::apply(&r, &Config::default(), &path, NS).unwrap();
+    ops::apply(&r, &Config::default(), &path, NS).unwrap();
 }

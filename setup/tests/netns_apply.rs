@@ -706,3 +706,60 @@ fn input_policy_drop_is_reported_and_accept_input_fixes_it_iptables() {
         filter_before
     );
 }
+
+/// Someone else's `table inet ringrelay`: apply refuses (naming the table) and
+/// changes nothing, status says why, teardown without a state file leaves it. Before,
+/// apply replaced it and the user's rules were gone after teardown.
+#[test]
+fn foreign_ringrelay_table_is_never_replaced() {
+    if !need_root("foreign_ringrelay_table_is_never_replaced") {
+        return;
+    }
+    let ns = Netns::new();
+    ns.sh("nft add table inet ringrelay && nft add chain inet ringrelay mine '{ type filter hook input priority 0; policy accept; }' && nft add rule inet ringrelay mine iifname rrv0 counter");
+    let before = ns.stable_snapshot();
+    let out = ns.setup(&["apply"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("nft table inet ringrelay already exists and setup did not create it"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert_same(&before, &ns.snapshot(), "after a refused apply");
+    assert!(ns.state_files().is_empty());
+
+    let st = ns.setup(&["status"]);
+    assert_eq!(st.status.code(), Some(1));
+    assert!(stdout(&st)
+        .contains("CONFLICT: nft table inet ringrelay exists but setup did not create it"));
+
+    let out = ns.setup(&["teardown"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("left alone: it lacks setup's marker comment"));
+    assert_same(&before, &ns.snapshot(), "after teardown");
+    assert!(ns
+        .sh("nft list table inet ringrelay")
+        .contains("chain mine"));
+}
+
+/// Setup's own table is recognised by its marker even when the state file is gone:
+/// apply replaces it, teardown without state removes it.
+#[test]
+fn own_table_is_recognised_without_state() {
+    if !need_root("own_table_is_recognised_without_state") {
+        return;
+    }
+    let ns = Netns::new();
+    ns.setup_ok(&["apply"]);
+    let _ = std::fs::remove_dir_all(&ns.state_dir);
+    ns.setup_ok(&["apply"]);
+    let _ = std::fs::remove_dir_all(&ns.state_dir);
+    let out = ns.setup_ok(&["teardown"]);
+    assert!(
+        out.contains("leftover table inet ringrelay deleted (it carries setup's marker)"),
+        "{out}"
+    );
+    assert!(ns.sh("nft list tables").trim().is_empty());
+}

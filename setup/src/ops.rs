@@ -125,9 +125,14 @@ pub fn apply(
     state_path: &Path,
     netns: &str,
 ) -> Result<Report, SetupError> {
+    let mut report = Report::default();
+    let (config, ipv6_skipped) = ipv6_fallback(runner, config);
+    let config = &config;
+    if let Some(why) = &ipv6_skipped {
+        report.warn(ipv6_skip_warning(why));
+    }
     let host_ifaces = preflight(runner, config, Mode::Apply)?;
     let plan = plan::build(config, &host_ifaces);
-    let mut report = Report::default();
     let old = match State::load_for(state_path, netns)? {
         Loaded::Stale(_) => {
             report.warn(stale_note(state_path));
@@ -139,10 +144,11 @@ pub fn apply(
         check_nft_owner(runner, old.as_ref())?;
     }
     let mut undo = Vec::new();
-    let state = match apply_steps(runner, &plan, old.as_ref(), netns, &mut undo, &mut report) {
+    let mut state = match apply_steps(runner, &plan, old.as_ref(), netns, &mut undo, &mut report) {
         Ok(state) => state,
         Err(e) => return Err(fail(runner, e, undo)),
     };
+    state.ipv6_skipped = ipv6_skipped;
     if let Err(e) = state.save(state_path) {
         return Err(fail(runner, e, undo));
     }
@@ -164,6 +170,44 @@ pub fn apply(
         Err(e) => report.warn(format!("could not check the data path: {e}")),
     }
     Ok(report)
+}
+
+/// IPv6 is wanted but disabled in this namespace: the IPv4-only config to apply
+/// instead, and why. Checked before anything changes: with `disable_ipv6=1` on `lo`,
+/// `ip -6 route add local ::/0 dev lo` fails ("IPv6 is disabled on nexthop device")
+/// after the firewall and the ip rules are in place.
+pub fn ipv6_fallback(runner: &dyn Runner, config: &Config) -> (Config, Option<String>) {
+    if !config.ipv6 {
+        return (config.clone(), None);
+    }
+    let why = if !host::ipv6_available(runner) {
+        Some("no /proc/sys/net/ipv6: booted with ipv6.disable=1, or no IPv6 module".to_string())
+    } else {
+        let disabled: Vec<String> = ["all", "lo"]
+            .iter()
+            .map(|i| SysctlKey::conf("ipv6", i, "disable_ipv6"))
+            .filter(|k| sysctl::read(runner, k).ok().as_deref() == Some("1"))
+            .map(|k| format!("{k}=1"))
+            .collect();
+        (!disabled.is_empty()).then(|| disabled.join(", "))
+    };
+    match why {
+        Some(why) => (
+            Config {
+                ipv6: false,
+                ..config.clone()
+            },
+            Some(why),
+        ),
+        None => (config.clone(), None),
+    }
+}
+
+/// The warning for [`ipv6_fallback`].
+pub fn ipv6_skip_warning(why: &str) -> String {
+    format!(
+        "IPv6 is disabled here ({why}): setting up IPv4 only; pass --no-ipv6 to say so (and start the engine with --no-ipv6), or enable IPv6 and re-run `setup apply`"
+    )
 }
 
 /// What `nft list table inet ringrelay` shows: nothing, setup's table, or someone
@@ -355,20 +399,35 @@ fn apply_steps(
     // 2. Policy rules, only where missing (`ip rule add` would duplicate them).
     let mut rules = Vec::new();
     for rule in &plan.ip_rules {
-        let found = iproute::find_rule(&list_rules(runner, rule.family)?, rule);
+        let shown = list_rules(runner, rule.family)?;
+        let found = iproute::find_rule(&shown, rule);
         let old_rec = old
             .filter(|o| o.config.fwmark == rule.mark && o.config.table == rule.table)
             .and_then(|o| o.rules.iter().find(|r| r.family == rule.family));
         if !found.is_empty() {
-            let rec = match old_rec {
-                Some(r) if r.added && pref_found(r.pref, &found) => r.clone(),
+            // A rule with setup's tag is setup's own (its state file was lost, or an
+            // apply was interrupted): teardown deletes it.
+            let tagged = shown
+                .iter()
+                .find(|s| found.contains(&s.pref) && iproute::is_tagged(s))
+                .map(|s| s.pref);
+            let rec = match (old_rec, tagged) {
+                (Some(r), _) if r.added && pref_found(r.pref, &found) => r.clone(),
+                (_, Some(pref)) => RuleRecord {
+                    family: rule.family,
+                    added: true,
+                    pref: Some(pref),
+                },
                 _ => RuleRecord {
                     family: rule.family,
                     added: false,
                     pref: None,
                 },
             };
-            report.line(format!("{}: already present", iproute::rule_add_cmd(rule)));
+            report.line(format!(
+                "{}: already present",
+                iproute::untagged(&iproute::rule_add_cmd(rule))
+            ));
             rules.push(rec);
             continue;
         }
@@ -391,14 +450,15 @@ fn apply_steps(
         let old_rec = old
             .filter(|o| o.config.table == route.table)
             .and_then(|o| o.routes.iter().find(|r| r.family == route.family));
-        if show_table(runner, route.family, route.table)?.ours {
+        let table = show_table(runner, route.family, route.table)?;
+        if table.ours {
             report.line(format!(
                 "{}: already present",
-                iproute::route_add_cmd(route)
+                iproute::untagged(&iproute::route_add_cmd(route))
             ));
             routes.push(RouteRecord {
                 family: route.family,
-                added: old_rec.is_some_and(|r| r.added),
+                added: old_rec.is_some_and(|r| r.added) || table.tagged,
             });
             continue;
         }
@@ -476,6 +536,7 @@ fn apply_steps(
         sysctls,
         mangle,
         input_rules,
+        ipv6_skipped: None,
         fingerprint,
     })
 }
@@ -588,13 +649,13 @@ pub fn teardown(runner: &dyn Runner, state_path: &Path, netns: &str) -> Result<R
                 "no state file {}: setup apply has not run in this network namespace; nothing recorded to undo",
                 state_path.display()
             ));
-            remove_leftovers(runner, None, &mut report);
+            stateless_teardown(runner, &mut report);
             return Ok(report);
         }
         Loaded::Stale(_) => {
             // Restoring its sysctls here would undo settings this namespace made itself.
             report.line(stale_note(state_path));
-            remove_leftovers(runner, None, &mut report);
+            stateless_teardown(runner, &mut report);
             State::remove(state_path)?;
             return Ok(report);
         }
@@ -631,7 +692,6 @@ pub fn teardown(runner: &dyn Runner, state_path: &Path, netns: &str) -> Result<R
             Err(e) => failures.push(e.to_string()),
         }
     }
-    remove_leftovers(runner, Some(st.config.backend), &mut report);
 
     for rec in st.rules.iter().filter(|r| r.added) {
         let Some(rule) = plan.ip_rules.iter().find(|r| r.family == rec.family) else {
@@ -651,6 +711,7 @@ pub fn teardown(runner: &dyn Runner, state_path: &Path, netns: &str) -> Result<R
             Err(e) => failures.push(e.to_string()),
         }
     }
+    remove_leftovers(runner, Some(st.config.backend), &mut report);
     // Reverse order: interface values before the globals that reset them.
     for rec in st.sysctls.iter().rev() {
         if let Err(e) = restore_sysctl(runner, rec, &mut report) {
@@ -667,6 +728,17 @@ pub fn teardown(runner: &dyn Runner, state_path: &Path, netns: &str) -> Result<R
     State::remove(state_path)?;
     report.line("teardown complete: the box is as it was before setup apply");
     Ok(report)
+}
+
+/// Teardown without a state file: removes what is setup's by name or tag, says what
+/// it removed, and that sysctls stay as they are.
+fn stateless_teardown(runner: &dyn Runner, report: &mut Report) {
+    let before = report.lines.len();
+    remove_leftovers(runner, None, report);
+    if report.lines.len() == before {
+        report.line("found nothing of setup's: no marked table inet ringrelay, no RINGRELAY chains, no ip rules or routes tagged proto 114, no --accept-input rules");
+    }
+    report.line("sysctls (ip_forward, forwarding, rp_filter) are left as they are: their values before apply were in the state file");
 }
 
 /// The message for a state file that belongs to a namespace that no longer exists.
@@ -707,6 +779,39 @@ fn remove_leftovers(runner: &dyn Runner, recorded: Option<Backend>, report: &mut
             Err(e) => report.warn(format!("leftover table inet {}: {e}", plan::NFT_TABLE)),
         }
     }
+    // Rules and routes carry setup's tag (proto 114) whatever the options were.
+    if runner.find_program("ip").is_some() {
+        for family in [Family::V4, Family::V6] {
+            if family == Family::V6 && !host::ipv6_available(runner) {
+                continue;
+            }
+            if let Ok(shown) = list_rules(runner, family) {
+                for rule in iproute::tagged_rules(&shown) {
+                    let cmd = iproute::tagged_rule_del_cmd(family, &rule);
+                    match run_checked(runner, &cmd) {
+                        Ok(_) => report.line(format!(
+                            "{cmd}   (leftover, tagged proto {})",
+                            iproute::RT_PROTO
+                        )),
+                        Err(e) => report.warn(format!("leftover ip rule: {e}")),
+                    }
+                }
+            }
+            let listed = run_any(runner, &iproute::tagged_routes_cmd(family));
+            if let Ok(out) = listed.as_ref().map(|o| o.stdout.as_str()) {
+                for table in iproute::parse_tagged_routes(out) {
+                    let cmd = iproute::route_del_in_table_cmd(family, table);
+                    match run_checked(runner, &cmd) {
+                        Ok(_) => report.line(format!(
+                            "{cmd}   (leftover, tagged proto {})",
+                            iproute::RT_PROTO
+                        )),
+                        Err(e) => report.warn(format!("leftover route: {e}")),
+                    }
+                }
+            }
+        }
+    }
     if recorded != Some(Backend::Iptables) {
         for family in [Family::V4, Family::V6] {
             if runner.find_program(family.iptables_save()).is_none()
@@ -722,15 +827,45 @@ fn remove_leftovers(runner: &dyn Runner, recorded: Option<Backend>, report: &mut
                 continue;
             }
             match remove_iptables_family(runner, family, None) {
-                Ok(_) => report.line(format!(
-                    "{}: leftover {} chains removed",
-                    family.iptables(),
-                    plan::IPT_CHAIN
-                )),
+                Ok(_) => {
+                    report.line(format!(
+                        "{}: leftover {} chains removed",
+                        family.iptables(),
+                        plan::IPT_CHAIN
+                    ));
+                    if let Some(note) = empty_mangle_note(runner, family) {
+                        report.line(note);
+                    }
+                }
                 Err(e) => report.warn(format!("leftover {} chains: {e}", family.iptables())),
             }
         }
     }
+}
+
+/// Without the state file teardown cannot tell whether apply created iptables-nft's
+/// `mangle` table (the state records it); when it is empty now, say how to remove it.
+fn empty_mangle_note(runner: &dyn Runner, family: Family) -> Option<String> {
+    runner.find_program("nft")?;
+    let fam = family.nft_family();
+    let out = runner
+        .run(&Cmd::new("nft", &["list", "table", fam, "mangle"]))
+        .ok()
+        .filter(|o| o.success())?;
+    let rules = nft::fingerprint(&out.stdout)
+        .into_iter()
+        .filter(|l| {
+            !(l.starts_with("table ")
+                || l.starts_with("chain ")
+                || l.starts_with("type ")
+                || l == "}")
+        })
+        .count();
+    (rules == 0).then(|| {
+        format!(
+            "{fam} mangle: left in place, empty; without the state file setup cannot tell whether apply created it (iptables-nft does on first use): `nft delete table {fam} mangle` removes it"
+        )
+    })
 }
 
 // ---- firewall helpers -------------------------------------------------------------
@@ -997,8 +1132,9 @@ pub fn dry_run(
     config: &Config,
     state_path: &Path,
 ) -> Result<String, SetupError> {
-    let host_ifaces = preflight(runner, config, Mode::DryRun)?;
-    let plan = plan::build(config, &host_ifaces);
+    let (config, ipv6_skipped) = ipv6_fallback(runner, config);
+    let host_ifaces = preflight(runner, &config, Mode::DryRun)?;
+    let plan = plan::build(&config, &host_ifaces);
     let c = &plan.config;
     let mut s = String::new();
     s.push_str(&format!(
@@ -1008,6 +1144,9 @@ pub fn dry_run(
         c.fail_mode.name(),
         state_path.display()
     ));
+    if let Some(why) = &ipv6_skipped {
+        s.push_str(&format!("# NOTE: {}\n", ipv6_skip_warning(why)));
+    }
     for program in required_programs(c) {
         if runner.find_program(program).is_none() {
             s.push_str(&format!("# NOTE: {}\n", host::missing_program(program)));
@@ -1087,7 +1226,9 @@ pub fn dry_run(
             (iproute::route_add_cmd(route), route_present),
         ] {
             match present {
-                Some(true) => s.push_str(&format!("# already present: {cmd}\n")),
+                Some(true) => {
+                    s.push_str(&format!("# already present: {}\n", iproute::untagged(&cmd)))
+                }
                 _ => s.push_str(&format!("{cmd}\n")),
             }
         }

@@ -202,6 +202,8 @@ pub struct State {
     /// Input-hook chains holding the accept rule of `--accept-input` (teardown
     /// removes it from each).
     pub input_rules: Vec<InputTarget>,
+    /// IPv6 was wanted but disabled when apply ran, and why: it applied IPv4 only.
+    pub ipv6_skipped: Option<String>,
     /// The firewall as the kernel listed it right after apply (nft: `nft list table`;
     /// iptables: our `iptables-save` lines prefixed with `v4 ` / `v6 `).
     pub fingerprint: Vec<String>,
@@ -274,6 +276,9 @@ impl State {
         for t in &self.input_rules {
             let _ = writeln!(s, "input-rule {}", t.render());
         }
+        if let Some(why) = &self.ipv6_skipped {
+            let _ = writeln!(s, "ipv6-skipped {why}");
+        }
         for line in &self.fingerprint {
             let _ = writeln!(s, "fw {line}");
         }
@@ -295,6 +300,7 @@ impl State {
             sysctls: Vec::new(),
             mangle: Vec::new(),
             input_rules: Vec::new(),
+            ipv6_skipped: None,
             fingerprint: Vec::new(),
         };
         let mut version = None;
@@ -306,6 +312,10 @@ impl State {
             let (key, rest) = line.split_once(' ').unwrap_or((line, ""));
             if key == "fw" {
                 st.fingerprint.push(rest.to_string());
+                continue;
+            }
+            if key == "ipv6-skipped" {
+                st.ipv6_skipped = Some(rest.to_string());
                 continue;
             }
             let w: Vec<&str> = rest.split_whitespace().collect();
@@ -531,6 +541,7 @@ mod tests {
                     chain: "input".into(),
                 },
             ],
+            ipv6_skipped: Some("net.ipv6.conf.all.disable_ipv6=1".into()),
             fingerprint: vec![
                 "v4 -A PREROUTING -j RINGRELAY".into(),
                 "v4 -A RINGRELAY -i lo -j RETURN".into(),

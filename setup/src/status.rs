@@ -160,6 +160,20 @@ pub fn status(
                     state_path.display()
                 ),
             );
+            if let Some(why) = &st.ipv6_skipped {
+                let (_, still) = crate::ops::ipv6_fallback(runner, &Config::default());
+                if still.is_none() {
+                    r.push(
+                        Level::Warning,
+                        format!("IPv6 was disabled when setup apply ran ({why}) and is enabled now: IPv6 traffic is not intercepted; re-run `setup apply`"),
+                    );
+                } else {
+                    r.push(
+                        Level::Ok,
+                        format!("IPv4 only: IPv6 is disabled here ({why})"),
+                    );
+                }
+            }
             st.plan()
         }
         None => {
@@ -347,8 +361,7 @@ fn check_routing(runner: &dyn Runner, plan: &Plan, r: &mut StatusReport) -> Resu
     for rule in &plan.ip_rules {
         let out = run_checked(runner, &iproute::rule_show_cmd(rule.family))?;
         let prefs = iproute::find_rule(&iproute::parse_rules(&out.stdout), rule);
-        let shown = iproute::rule_add_cmd(rule).to_string();
-        let shown = shown.replacen(" add", "", 1);
+        let shown = iproute::untagged(&iproute::rule_add_cmd(rule)).replacen(" add", "", 1);
         match prefs.len() {
             0 => r.push(Level::Missing, shown),
             1 => r.push(Level::Ok, format!("{shown} (pref {})", prefs[0])),
@@ -357,9 +370,7 @@ fn check_routing(runner: &dyn Runner, plan: &Plan, r: &mut StatusReport) -> Resu
     }
     for route in &plan.routes {
         let table = show_table(runner, route.family, route.table)?;
-        let shown = iproute::route_add_cmd(route)
-            .to_string()
-            .replacen(" add", "", 1);
+        let shown = iproute::untagged(&iproute::route_add_cmd(route)).replacen(" add", "", 1);
         if table.ours {
             r.push(Level::Ok, shown);
         } else {

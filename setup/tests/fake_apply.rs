@@ -122,10 +122,10 @@ fn apply_sends_exactly_the_plan_in_order() {
         changes(&r),
         vec![
             "nft -f -",
-            "ip rule add fwmark 0x1/0x1 lookup 100",
-            "ip -6 rule add fwmark 0x1/0x1 lookup 100",
-            "ip route add local 0.0.0.0/0 dev lo table 100",
-            "ip -6 route add local ::/0 dev lo table 100",
+            "ip rule add fwmark 0x1/0x1 lookup 100 proto 114",
+            "ip -6 rule add fwmark 0x1/0x1 lookup 100 proto 114",
+            "ip route add local 0.0.0.0/0 dev lo table 100 proto 114",
+            "ip -6 route add local ::/0 dev lo table 100 proto 114",
             "write /proc/sys/net/ipv4/ip_forward=1",
             "write /proc/sys/net/ipv6/conf/all/forwarding=1",
             "write /proc/sys/net/ipv4/conf/all/rp_filter=2",
@@ -255,16 +255,16 @@ fn failure_midway_rolls_back_what_was_done() {
     let err = ops::apply(&r, &Config::default(), &path, NS).unwrap_err();
     assert_eq!(
         err.to_string(),
-        "`ip -6 route add local ::/0 dev lo table 100` failed (exit 2): RTNETLINK answers: No such device; everything apply had changed was rolled back"
+        "`ip -6 route add local ::/0 dev lo table 100 proto 114` failed (exit 2): RTNETLINK answers: No such device; everything apply had changed was rolled back"
     );
     assert_eq!(
         changes(&r),
         vec![
             "nft -f -",
-            "ip rule add fwmark 0x1/0x1 lookup 100",
-            "ip -6 rule add fwmark 0x1/0x1 lookup 100",
-            "ip route add local 0.0.0.0/0 dev lo table 100",
-            "ip -6 route add local ::/0 dev lo table 100",
+            "ip rule add fwmark 0x1/0x1 lookup 100 proto 114",
+            "ip -6 rule add fwmark 0x1/0x1 lookup 100 proto 114",
+            "ip route add local 0.0.0.0/0 dev lo table 100 proto 114",
+            "ip -6 route add local ::/0 dev lo table 100 proto 114",
             // rollback, newest first
             "ip route del local 0.0.0.0/0 dev lo table 100",
             "ip -6 rule del pref 32765 fwmark 0x1/0x1 lookup 100",

@@ -763,3 +763,104 @@ fn own_table_is_recognised_without_state() {
     );
     assert!(ns.sh("nft list tables").trim().is_empty());
 }
+
+/// IPv6 disabled by sysctl: apply used to fail half-way (`ip -6 route add` refused,
+/// "IPv6 is disabled on nexthop device") with an unclear message. Now it sees it up
+/// front, warns, and sets up IPv4 only; status and teardown agree.
+#[test]
+fn ipv6_disabled_by_sysctl_is_skipped_up_front() {
+    if !need_root("ipv6_disabled_by_sysctl_is_skipped_up_front") {
+        return;
+    }
+    let ns = Netns::new();
+    ns.sh("echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6");
+    let before = ns.stable_snapshot();
+    let out = ns.setup(&["apply"]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("setup: warning: IPv6 is disabled here (net.ipv6.conf.all.disable_ipv6=1"),
+        "{err}"
+    );
+    assert!(
+        err.contains("setting up IPv4 only; pass --no-ipv6 to say so"),
+        "{err}"
+    );
+    assert_eq!(count(&ns.sh("ip -6 rule"), "lookup 100"), 0);
+    assert!(!ns.sh("nft list table inet ringrelay").contains("ip6 to"));
+    let _engine = StandIn::new(
+        &ns,
+        15001,
+        true,
+        &[true, false],
+        &[Type::STREAM, Type::DGRAM],
+    );
+    let st = ns.setup_ok(&["status"]);
+    assert!(
+        st.contains("ok: IPv4 only: IPv6 is disabled here (net.ipv6.conf.all.disable_ipv6=1"),
+        "{st}"
+    );
+    ns.setup_ok(&["teardown"]);
+    assert_same(&before, &ns.snapshot(), "after teardown");
+    // And the dry run says the same.
+    let dry = ns.setup_ok(&["apply", "--dry-run"]);
+    assert!(dry.contains("# NOTE: IPv6 is disabled here"), "{dry}");
+}
+
+/// Teardown without the state file (lost, or /run wiped) finds setup's own objects by
+/// name and tag and says what it removed: the marked table, the RINGRELAY chains, the
+/// ip rules and routes tagged proto 114, the --accept-input rules. It used to leave
+/// rules and routes behind without a word.
+#[test]
+fn teardown_without_state_removes_what_is_setups() {
+    if !need_root("teardown_without_state_removes_what_is_setups") {
+        return;
+    }
+    let ns = Netns::new();
+    add_foreign(&ns);
+    ns.sh("ip rule add fwmark 0x1/0x1 lookup 100 pref 500");
+    ns.sh("iptables -P INPUT DROP");
+    let before = ns.stable_snapshot();
+    for args in [
+        &["apply", "--table", "123", "--accept-input"][..],
+        &["apply", "--backend", "iptables", "--accept-input"][..],
+    ] {
+        ns.setup_ok(args);
+        let _ = std::fs::remove_dir_all(&ns.state_dir);
+        let out = ns.setup_ok(&["teardown"]);
+        // With table 100 the IPv4 rule was already there (pref 500, not tagged): apply
+        // did not add it, so it is not setup's to remove.
+        let v4_rule = if args.contains(&"123") {
+            "fwmark 0x1/0x1 lookup 123   (leftover"
+        } else {
+            "ip -6 rule del pref"
+        };
+        for removed in [
+            v4_rule,
+            "ip -6 rule del pref",
+            "ip route del local 0.0.0.0/0 dev lo table",
+            "ip -6 route del local ::/0 dev lo table",
+            "iptables filter chain INPUT: leftover accept rule removed",
+            "sysctls (ip_forward, forwarding, rp_filter) are left as they are",
+        ] {
+            assert!(
+                out.contains(removed),
+                "{args:?}: wanted {removed:?} in:\n{out}"
+            );
+        }
+        // Everything but the sysctls (whose old values were in the state) is back;
+        // iptables-nft's empty mangle tables stay, with a note how to remove them.
+        if args.contains(&"iptables") {
+            assert!(out.contains("ip mangle: left in place, empty"), "{out}");
+            ns.sh("nft delete table ip mangle && nft delete table ip6 mangle");
+        }
+        let now = ns.snapshot();
+        assert_same(&before[..5], &now[..5], "after a teardown without state");
+        // The rule that was there before (untagged, same selector) is still there.
+        assert!(ns
+            .sh("ip rule")
+            .contains("500:\tfrom all fwmark 0x1/0x1 lookup 100"));
+        let again = ns.setup_ok(&["teardown"]);
+        assert!(again.contains("found nothing of setup's"), "{again}");
+    }
+}

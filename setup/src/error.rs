@@ -93,6 +93,22 @@ pub enum SetupError {
         /// What is wrong with it.
         reason: String,
     },
+    /// The journal of an interrupted apply cannot be read or parsed.
+    #[error("apply journal {path}: {reason}; it lists the steps an interrupted `setup apply` began: repair it, or remove it and check the box with `setup status`")]
+    BadJournal {
+        /// The journal file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Undoing an interrupted apply failed part-way; the journal is kept.
+    #[error("recovering from an interrupted `setup apply` failed: {failures}; the journal {path} was kept: fix the cause and run `setup teardown` or `setup apply` again")]
+    RecoveryIncomplete {
+        /// The steps that failed, `;`-separated.
+        failures: String,
+        /// The journal.
+        path: PathBuf,
+    },
     /// Writing the state file failed (after a successful apply, which was rolled back).
     #[error("cannot write state file {path}: {source}; set RINGRELAY_STATE_DIR or --state-file to a writable place")]
     StateWrite {

@@ -26,6 +26,7 @@ pub mod host;
 pub mod input;
 pub mod iproute;
 pub mod iptables;
+pub mod journal;
 pub mod nft;
 pub mod ops;
 pub mod plan;

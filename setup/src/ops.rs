@@ -19,6 +19,7 @@ use crate::host::{self, run_any, run_checked};
 use crate::input::{self, InputTarget, Intercepted};
 use crate::iproute::{self, ShownRule, TableRoutes};
 use crate::iptables::{self, SavedMangle};
+use crate::journal::{self, Journal};
 use crate::nft;
 use crate::plan::{self, Family, IpRule, LocalRoute, Plan, SysctlWant};
 use crate::runner::{Cmd, Runner};
@@ -126,6 +127,8 @@ pub fn apply(
     netns: &str,
 ) -> Result<Report, SetupError> {
     let mut report = Report::default();
+    // An apply that was killed half-way: undo it (or finish it) first.
+    report.lines.extend(recover(runner, state_path, netns)?);
     let (config, ipv6_skipped) = ipv6_fallback(runner, config);
     let config = &config;
     if let Some(why) = &ipv6_skipped {
@@ -143,18 +146,32 @@ pub fn apply(
     if config.backend == Backend::Nft {
         check_nft_owner(runner, old.as_ref())?;
     }
-    let mut undo = Vec::new();
-    let mut state = match apply_steps(runner, &plan, old.as_ref(), netns, &mut undo, &mut report) {
+    // Journal first, then act: every step's inverse is on disk before the step runs.
+    let id = journal::new_id();
+    let mut txn = Txn {
+        undo: Vec::new(),
+        journal: Journal::begin(state_path, &id, netns, old.as_ref())?,
+    };
+    let mut state = match apply_steps(runner, &plan, old.as_ref(), netns, &mut txn, &mut report) {
         Ok(state) => state,
-        Err(e) => return Err(fail(runner, e, undo)),
+        Err(e) => return Err(fail(runner, e, txn)),
     };
     state.ipv6_skipped = ipv6_skipped;
+    state.apply_id = Some(id);
+    // The commit point: from here on, the journal only says "finish the cleanup".
     if let Err(e) = state.save(state_path) {
-        return Err(fail(runner, e, undo));
+        return Err(fail(runner, e, txn));
     }
     report.line(format!("state recorded in {}", state_path.display()));
     if let Some(old) = &old {
         cleanup_old(runner, old, &state, &mut report);
+    }
+    let journal_path = txn.journal.path().to_path_buf();
+    if let Err(e) = txn.journal.finish() {
+        report.warn(format!(
+            "{e} (the apply is complete; the next run removes {})",
+            journal_path.display()
+        ));
     }
     // What status would call BLOCKED: printed as warnings (nothing listening is
     // expected until the engine starts).
@@ -254,18 +271,24 @@ fn check_nft_owner(runner: &dyn Runner, old: Option<&State>) -> Result<(), Setup
     }
 }
 
-/// Undoes what apply did and wraps the cause with the outcome.
-fn fail(runner: &dyn Runner, cause: SetupError, undo: Vec<Undo>) -> SetupError {
+/// Undoes what apply did and wraps the cause with the outcome. The journal goes
+/// when the rollback is complete; otherwise it stays, and the next apply or teardown
+/// retries the rest.
+fn fail(runner: &dyn Runner, cause: SetupError, txn: Txn) -> SetupError {
+    let Txn { undo, journal } = txn;
     let rollback = if undo.is_empty() {
+        let _ = journal.finish();
         "nothing was changed".to_string()
     } else {
         let errors = rollback(runner, undo);
         if errors.is_empty() {
+            let _ = journal.finish();
             "everything apply had changed was rolled back".to_string()
         } else {
             format!(
-                "rollback incomplete ({}): check with `setup status`",
-                errors.join("; ")
+                "rollback incomplete ({}): the journal {} keeps what is left; `setup teardown` retries it",
+                errors.join("; "),
+                journal.path().display()
             )
         }
     };
@@ -273,6 +296,121 @@ fn fail(runner: &dyn Runner, cause: SetupError, undo: Vec<Undo>) -> SetupError {
         cause: Box::new(cause),
         rollback,
     }
+}
+
+/// The steps an apply has begun: their inverses, in memory and in the journal.
+struct Txn {
+    undo: Vec<Undo>,
+    journal: Journal,
+}
+
+impl Txn {
+    /// Records `undo` in the journal (synced), then remembers it: call before the
+    /// step runs, so that a kill at any point leaves its inverse on disk.
+    fn begin(&mut self, undo: Undo) -> Result<(), SetupError> {
+        self.journal.record(&undo.journal_line())?;
+        self.undo.push(undo);
+        Ok(())
+    }
+
+    /// [`begin`](Self::begin), then the step. A step that fails changed nothing (nft
+    /// and iptables-restore commit atomically; a refused `ip` or sysctl write leaves
+    /// things as they were), so its inverse is not run by the in-process rollback; it
+    /// stays in the journal, where running it is harmless.
+    fn step<T>(
+        &mut self,
+        undo: Undo,
+        act: impl FnOnce() -> Result<T, SetupError>,
+    ) -> Result<T, SetupError> {
+        self.begin(undo)?;
+        act().inspect_err(|_| {
+            self.undo.pop();
+        })
+    }
+
+    /// The priority the kernel gave the rule just added: journalled too, so that
+    /// recovery deletes exactly that rule.
+    fn rule_pref(&mut self, family: Family, pref: u32) -> Result<(), SetupError> {
+        self.journal
+            .record(&format!("rule-pref {} {pref}", family.name()))?;
+        if let Some(Undo::DelRule { rule, pref: p }) = self.undo.last_mut() {
+            if rule.family == family {
+                *p = Some(pref);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Recovers from an apply that was interrupted (killed) before it finished: its
+/// journal is there. If the apply had recorded its state, only the cleanup of the
+/// apply before it may be unfinished: that runs again. Otherwise every journalled
+/// step is undone, newest first. Returns what was done, for the report.
+pub fn recover(
+    runner: &dyn Runner,
+    state_path: &Path,
+    netns: &str,
+) -> Result<Vec<String>, SetupError> {
+    let Some(j) = journal::load(state_path)? else {
+        return Ok(Vec::new());
+    };
+    let shown = j.path.display().to_string();
+    if j.netns != netns {
+        journal::remove(&j.path)?;
+        return Ok(vec![format!(
+            "apply journal {shown} was written in an earlier network namespace (deleted since) or before a reboot: removed, it describes nothing that exists here"
+        )]);
+    }
+    let current = State::load_for(state_path, netns)?.current();
+    let mut report = Report::default();
+    if j.committed(current.as_ref()) {
+        if let (Some(prev), Some(now)) = (&j.prev, &current) {
+            cleanup_old(runner, prev, now, &mut report);
+        }
+        journal::remove(&j.path)?;
+        let mut lines = vec![format!(
+            "an earlier `setup apply` was interrupted after it had recorded its state (journal {shown}): finished removing what the apply before it had added"
+        )];
+        lines.extend(report.lines);
+        lines.extend(report.warnings.into_iter().map(|w| format!("warning: {w}")));
+        return Ok(lines);
+    }
+    let mut undo = Vec::new();
+    for step in &j.steps {
+        match Undo::parse(step, j.prev.as_ref()) {
+            Some(UndoLine::Step(u)) => undo.push(*u),
+            Some(UndoLine::RulePref(family, p)) => {
+                if let Some(Undo::DelRule { rule, pref }) = undo.last_mut() {
+                    if rule.family == family {
+                        *pref = Some(p);
+                    }
+                }
+            }
+            None => {
+                return Err(SetupError::BadJournal {
+                    path: j.path.clone(),
+                    reason: format!("unknown step {step:?}"),
+                })
+            }
+        }
+    }
+    let n = undo.len();
+    let errors = rollback(runner, undo);
+    if !errors.is_empty() {
+        return Err(SetupError::RecoveryIncomplete {
+            failures: errors.join("; "),
+            path: j.path.clone(),
+        });
+    }
+    journal::remove(&j.path)?;
+    let before = if j.prev.is_some() {
+        "as the apply before it left it"
+    } else {
+        "as it was before"
+    };
+    Ok(vec![format!(
+        "recovered from an interrupted `setup apply` (journal {shown}): undid the {n} steps it had begun; the box is {before}"
+    )])
 }
 
 /// The inverse of one apply step.
@@ -294,6 +432,85 @@ enum Undo {
     Sysctl { key: SysctlKey, value: String },
     /// Take our accept rule out of a chain of the box's own input firewall.
     InputRule(InputTarget),
+}
+
+/// A journal line read back: a step, or the priority of the rule step before it.
+enum UndoLine {
+    Step(Box<Undo>),
+    RulePref(Family, u32),
+}
+
+impl Undo {
+    /// The journal form (the plans of the previous apply come from the copy of its
+    /// state at the top of the journal, so they are not repeated here).
+    fn journal_line(&self) -> String {
+        match self {
+            Undo::Nft(_) => "nft".to_string(),
+            Undo::Iptables { family, origin, .. } => match origin {
+                Some(o) => format!(
+                    "iptables {} {} {}",
+                    family.name(),
+                    u8::from(o.table_existed),
+                    u8::from(o.prerouting_existed)
+                ),
+                None => format!("iptables {} -", family.name()),
+            },
+            Undo::DelRule { rule, .. } => {
+                format!("rule {} {} {}", rule.family.name(), rule.mark, rule.table)
+            }
+            Undo::DelRoute(r) => format!("route {} {}", r.family.name(), r.table),
+            Undo::Sysctl { key, value } => format!("sysctl {} {value}", key.rel()),
+            Undo::InputRule(t) => format!("input {}", t.render()),
+        }
+    }
+
+    fn parse(line: &str, prev: Option<&State>) -> Option<UndoLine> {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        let prev_plan = |backend: Backend| {
+            prev.filter(|p| p.config.backend == backend)
+                .map(State::plan)
+        };
+        let step = match w.as_slice() {
+            ["nft"] => Undo::Nft(prev_plan(Backend::Nft)),
+            ["iptables", f, rest @ ..] => Undo::Iptables {
+                family: Family::from_name(f)?,
+                old: prev_plan(Backend::Iptables),
+                origin: match rest {
+                    [t, p] => Some(MangleOrigin {
+                        family: Family::from_name(f)?,
+                        table_existed: *t == "1",
+                        prerouting_existed: *p == "1",
+                    }),
+                    _ => None,
+                },
+            },
+            ["rule", f, mark, table] => Undo::DelRule {
+                rule: IpRule {
+                    family: Family::from_name(f)?,
+                    mark: crate::config::parse_mark(mark).ok()?,
+                    table: table.parse().ok()?,
+                },
+                pref: None,
+            },
+            ["rule-pref", f, pref] => {
+                return Some(UndoLine::RulePref(
+                    Family::from_name(f)?,
+                    pref.parse().ok()?,
+                ))
+            }
+            ["route", f, table] => Undo::DelRoute(LocalRoute {
+                family: Family::from_name(f)?,
+                table: table.parse().ok()?,
+            }),
+            ["sysctl", key, ..] => Undo::Sysctl {
+                key: SysctlKey::new(key),
+                value: line.splitn(3, ' ').nth(2).unwrap_or("").to_string(),
+            },
+            ["input", rest @ ..] => Undo::InputRule(InputTarget::parse(rest)?),
+            _ => return None,
+        };
+        Some(UndoLine::Step(Box::new(step)))
+    }
 }
 
 fn rollback(runner: &dyn Runner, undo: Vec<Undo>) -> Vec<String> {
@@ -331,7 +548,7 @@ fn apply_steps(
     plan: &Plan,
     old: Option<&State>,
     netns: &str,
-    undo: &mut Vec<Undo>,
+    txn: &mut Txn,
     report: &mut Report,
 ) -> Result<State, SetupError> {
     let c = &plan.config;
@@ -341,8 +558,9 @@ fn apply_steps(
     let mut mangle = Vec::new();
     match c.backend {
         Backend::Nft => {
-            run_checked(runner, &nft::apply_cmd(nft::render_apply(plan)))?;
-            undo.push(Undo::Nft(same_backend.map(State::plan)));
+            txn.step(Undo::Nft(same_backend.map(State::plan)), || {
+                run_checked(runner, &nft::apply_cmd(nft::render_apply(plan)))
+            })?;
             report.line(format!(
                 "nft: table inet {} installed in one transaction",
                 plan::NFT_TABLE
@@ -356,12 +574,12 @@ fn apply_steps(
                         .and_then(|o| o.mangle.iter().find(|m| m.family == family).copied())
                         .unwrap_or_else(|| mangle_origin(runner, family))
                 });
-                apply_iptables_family(runner, plan, family)?;
-                undo.push(Undo::Iptables {
+                let undo = Undo::Iptables {
                     family,
                     old: same_backend.map(State::plan),
                     origin,
-                });
+                };
+                txn.step(undo, || apply_iptables_family(runner, plan, family))?;
                 mangle.extend(origin);
                 report.line(format!(
                     "{}: chains {} and {} installed in one commit",
@@ -384,8 +602,9 @@ fn apply_steps(
             if input_rules.contains(&b.target) {
                 continue;
             }
-            undo.push(Undo::InputRule(b.target.clone()));
-            input::insert(runner, &b.target, c.fwmark)?;
+            txn.step(Undo::InputRule(b.target.clone()), || {
+                input::insert(runner, &b.target, c.fwmark)
+            })?;
             report.line(format!(
                 "{}: inserted `{}` at the top (it dropped intercepted packets at `{}`)",
                 b.target,
@@ -431,11 +650,17 @@ fn apply_steps(
             rules.push(rec);
             continue;
         }
-        run_checked(runner, &iproute::rule_add_cmd(rule))?;
+        let undo = Undo::DelRule {
+            rule: *rule,
+            pref: None,
+        };
+        txn.step(undo, || run_checked(runner, &iproute::rule_add_cmd(rule)))?;
         let pref = iproute::find_rule(&list_rules(runner, rule.family)?, rule)
             .into_iter()
             .next();
-        undo.push(Undo::DelRule { rule: *rule, pref });
+        if let Some(p) = pref {
+            txn.rule_pref(rule.family, p)?;
+        }
         report.line(iproute::rule_add_cmd(rule).to_string());
         rules.push(RuleRecord {
             family: rule.family,
@@ -462,8 +687,9 @@ fn apply_steps(
             });
             continue;
         }
-        run_checked(runner, &iproute::route_add_cmd(route))?;
-        undo.push(Undo::DelRoute(*route));
+        txn.step(Undo::DelRoute(*route), || {
+            run_checked(runner, &iproute::route_add_cmd(route))
+        })?;
         report.line(iproute::route_add_cmd(route).to_string());
         routes.push(RouteRecord {
             family: route.family,
@@ -491,16 +717,16 @@ fn apply_steps(
         // Undo runs backwards: the global is restored first (which resets every
         // interface), then each interface's own value.
         for (k, v) in &side {
-            undo.push(Undo::Sysctl {
+            txn.begin(Undo::Sysctl {
                 key: k.clone(),
                 value: v.clone(),
-            });
+            })?;
         }
-        sysctl::write(runner, &item.key, &value)?;
-        undo.push(Undo::Sysctl {
+        let undo = Undo::Sysctl {
             key: item.key.clone(),
             value: current.clone(),
-        });
+        };
+        txn.step(undo, || sysctl::write(runner, &item.key, &value))?;
         report.line(format!(
             "sysctl -w {}={}   (was {current}; {})",
             item.key, value, item.why
@@ -537,6 +763,7 @@ fn apply_steps(
         mangle,
         input_rules,
         ipv6_skipped: None,
+        apply_id: None,
         fingerprint,
     })
 }
@@ -642,8 +869,16 @@ fn cleanup_old(runner: &dyn Runner, old: &State, new: &State, report: &mut Repor
 /// ours by name (the `inet ringrelay` table, the `RINGRELAY*` chains).
 pub fn teardown(runner: &dyn Runner, state_path: &Path, netns: &str) -> Result<Report, SetupError> {
     let mut report = Report::default();
+    // An apply that was killed half-way: undo it (or finish it) first.
+    let recovered = recover(runner, state_path, netns)?;
+    let after_recovery = !recovered.is_empty();
+    report.lines.extend(recovered);
     let st = match State::load_for(state_path, netns)? {
         Loaded::Current(st) => st,
+        Loaded::None if after_recovery => {
+            report.line("no state file: nothing else to undo; teardown complete");
+            return Ok(report);
+        }
         Loaded::None => {
             report.line(format!(
                 "no state file {}: setup apply has not run in this network namespace; nothing recorded to undo",
@@ -1020,7 +1255,16 @@ pub fn show_table(
 
 /// Deletes an ip rule apply added, if it is still there.
 fn delete_rule(runner: &dyn Runner, rule: &IpRule, pref: Option<u32>) -> Result<(), SetupError> {
-    let found = iproute::find_rule(&list_rules(runner, rule.family)?, rule);
+    let shown = list_rules(runner, rule.family)?;
+    let found = iproute::find_rule(&shown, rule);
+    // No priority recorded (an apply killed right after `ip rule add`): the rule with
+    // setup's tag is the one it added.
+    let pref = pref.or_else(|| {
+        shown
+            .iter()
+            .find(|s| found.contains(&s.pref) && iproute::is_tagged(s))
+            .map(|s| s.pref)
+    });
     let present = match pref {
         Some(p) => found.contains(&p),
         None => !found.is_empty(),
@@ -1146,6 +1390,13 @@ pub fn dry_run(
     ));
     if let Some(why) = &ipv6_skipped {
         s.push_str(&format!("# NOTE: {}\n", ipv6_skip_warning(why)));
+    }
+    if let Ok(Some(j)) = journal::load(state_path) {
+        s.push_str(&format!(
+            "# NOTE: an earlier apply was interrupted (journal {}): apply first undoes the {} steps it began\n",
+            j.path.display(),
+            j.begun()
+        ));
     }
     for program in required_programs(c) {
         if runner.find_program(program).is_none() {

@@ -204,6 +204,9 @@ pub struct State {
     pub input_rules: Vec<InputTarget>,
     /// IPv6 was wanted but disabled when apply ran, and why: it applied IPv4 only.
     pub ipv6_skipped: Option<String>,
+    /// The id of the apply that wrote this state; its journal carries the same id
+    /// ([`crate::journal`]), which tells a finished apply from an interrupted one.
+    pub apply_id: Option<String>,
     /// The firewall as the kernel listed it right after apply (nft: `nft list table`;
     /// iptables: our `iptables-save` lines prefixed with `v4 ` / `v6 `).
     pub fingerprint: Vec<String>,
@@ -233,6 +236,9 @@ impl State {
         );
         let _ = writeln!(s, "version {VERSION}");
         let _ = writeln!(s, "netns {}", self.netns);
+        if let Some(id) = &self.apply_id {
+            let _ = writeln!(s, "apply-id {id}");
+        }
         let _ = writeln!(s, "backend {}", c.backend.name());
         let _ = writeln!(s, "port {}", c.port);
         let _ = writeln!(s, "tcp {}", sel(&c.tcp));
@@ -301,6 +307,7 @@ impl State {
             mangle: Vec::new(),
             input_rules: Vec::new(),
             ipv6_skipped: None,
+            apply_id: None,
             fingerprint: Vec::new(),
         };
         let mut version = None;
@@ -346,6 +353,7 @@ impl State {
             match key {
                 "version" => version = Some(one()?.to_string()),
                 "netns" => st.netns = one()?.to_string(),
+                "apply-id" => st.apply_id = Some(one()?.to_string()),
                 "backend" => config.backend = one()?.parse::<Backend>().map_err(|e| bad(&e))?,
                 "port" => config.port = one()?.parse().map_err(|_| bad("bad port"))?,
                 "tcp" => config.tcp = sel(one()?)?,
@@ -542,6 +550,7 @@ mod tests {
                 },
             ],
             ipv6_skipped: Some("net.ipv6.conf.all.disable_ipv6=1".into()),
+            apply_id: Some("18f2a-4242".into()),
             fingerprint: vec![
                 "v4 -A PREROUTING -j RINGRELAY".into(),
                 "v4 -A RINGRELAY -i lo -j RETURN".into(),

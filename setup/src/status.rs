@@ -141,6 +141,7 @@ pub fn status(
     fallback: &Config,
 ) -> Result<StatusReport, SetupError> {
     let mut r = StatusReport::default();
+    check_journal(state_path, netns, &mut r)?;
     let state = match State::load_for(state_path, netns)? {
         Loaded::Stale(_) => {
             r.push(Level::Warning, crate::ops::stale_note(state_path));
@@ -204,6 +205,43 @@ pub fn status(
     check_sysctls(runner, &plan, &mut r);
     r.lines.extend(data_path(runner, &plan)?);
     Ok(r)
+}
+
+/// An apply that was killed half-way left its journal ([`crate::journal`]). Status
+/// only reads; apply and teardown recover.
+fn check_journal(state_path: &Path, netns: &str, r: &mut StatusReport) -> Result<(), SetupError> {
+    let j = match crate::journal::load(state_path) {
+        Ok(Some(j)) => j,
+        Ok(None) => return Ok(()),
+        Err(e) => {
+            r.push(Level::Conflict, e.to_string());
+            return Ok(());
+        }
+    };
+    let shown = j.path.display();
+    if j.netns != netns {
+        r.push(
+            Level::Warning,
+            format!("apply journal {shown} is from an earlier network namespace: the next apply or teardown removes it"),
+        );
+        return Ok(());
+    }
+    let current = State::load_for(state_path, netns)?.current();
+    if j.committed(current.as_ref()) {
+        r.push(
+            Level::Conflict,
+            format!("an earlier `setup apply` was interrupted after it had recorded its state (journal {shown}): what the apply before it had added may still be in place; `setup apply` or `setup teardown` finishes the cleanup"),
+        );
+    } else {
+        r.push(
+            Level::Conflict,
+            format!(
+                "an earlier `setup apply` was interrupted (killed?) after beginning {} steps (journal {shown}): what it changed is not in the state file; `setup apply` undoes it and applies again, `setup teardown` undoes it",
+                j.begun()
+            ),
+        );
+    }
+    Ok(())
 }
 
 fn check_firewall(

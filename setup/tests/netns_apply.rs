@@ -864,3 +864,140 @@ fn teardown_without_state_removes_what_is_setups() {
         assert!(again.contains("found nothing of setup's"), "{again}");
     }
 }
+
+/// Wrappers for `ip` and `nft` in a directory put first in setup's PATH: when their
+/// arguments contain `$RR_KILL_AT`, they `kill -9` their parent (setup) before running
+/// the real command (`RR_KILL_MODE=before`) or right after it (`after`).
+fn kill_wrappers(dir: &std::path::Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    for prog in ["ip", "nft"] {
+        let real = ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
+            .iter()
+            .map(|d| format!("{d}/{prog}"))
+            .find(|p| std::path::Path::new(p).exists())
+            .unwrap_or_else(|| panic!("{prog} not found"));
+        let script = format!(
+            "#!/bin/sh\ncase \" $* \" in\n  *\" $RR_KILL_AT \"*)\n    if [ \"$RR_KILL_MODE\" = after ]; then {real} \"$@\"; fi\n    kill -9 $PPID\n    exit 1;;\nesac\nexec {real} \"$@\"\n"
+        );
+        let path = dir.join(prog);
+        std::fs::write(&path, script).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+}
+
+impl Netns {
+    /// `setup apply` killed with SIGKILL at the command matching `at`.
+    fn killed_apply(&self, wrappers: &std::path::Path, args: &[&str], at: &str, mode: &str) {
+        let path = format!(
+            "{}:{}",
+            wrappers.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let out = Command::new("/usr/sbin/ip")
+            .args(["netns", "exec", &self.name, SETUP, "apply"])
+            .args(args)
+            .env("RINGRELAY_STATE_DIR", &self.state_dir)
+            .env("PATH", path)
+            .env("RR_KILL_AT", at)
+            .env("RR_KILL_MODE", mode)
+            .output()
+            .expect("run setup");
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            out.status.signal(),
+            Some(9),
+            "setup apply was not killed at {at:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// `kill -9` of a real `setup apply` in a namespace, during `ip rule add` (before the
+/// rule is in) and during `ip -6 route add` (after the route is in), and during the
+/// nft transaction: the next status says so (exit 1), the next teardown leaves the
+/// namespace as it was, and the next apply recovers and applies. Before the journal,
+/// the nft table (and the rules and routes done so far) stayed behind with no state.
+#[test]
+fn kill_9_during_apply_is_recovered_in_a_real_namespace() {
+    if !need_root("kill_9_during_apply_is_recovered_in_a_real_namespace") {
+        return;
+    }
+    let ns = Netns::new();
+    let wrappers = std::env::temp_dir().join(format!("{}-wrappers", ns.name));
+    kill_wrappers(&wrappers);
+    let before = ns.stable_snapshot();
+    for (at, mode) in [
+        ("rule add", "before"),
+        ("-6 route add", "after"),
+        ("-f -", "after"),
+    ] {
+        ns.killed_apply(&wrappers, &[], at, mode);
+        let st = ns.setup(&["status"]);
+        let text = stdout(&st);
+        assert_eq!(st.status.code(), Some(1), "{at}: {text}");
+        assert!(
+            text.contains("an earlier `setup apply` was interrupted"),
+            "{at}: {text}"
+        );
+        let out = ns.setup_ok(&["teardown"]);
+        assert!(
+            out.contains("recovered from an interrupted `setup apply`"),
+            "{at}: {out}"
+        );
+        assert_same(
+            &before,
+            &ns.snapshot(),
+            &format!("after a kill at {at:?} and teardown"),
+        );
+        assert!(ns.state_files().is_empty(), "{at}: {:?}", ns.state_files());
+
+        ns.killed_apply(&wrappers, &[], at, mode);
+        let out = ns.setup_ok(&["apply"]);
+        assert!(
+            out.contains("recovered from an interrupted `setup apply`"),
+            "{at}: {out}"
+        );
+        assert_eq!(
+            count(&ns.sh("ip rule"), "fwmark 0x1/0x1 lookup 100"),
+            1,
+            "{at}"
+        );
+        assert_eq!(
+            count(&ns.sh("ip -6 rule"), "fwmark 0x1/0x1 lookup 100"),
+            1,
+            "{at}"
+        );
+        {
+            let _engine = StandIn::engine(&ns, 15001);
+            ns.setup_ok(&["status"]);
+        }
+        ns.setup_ok(&["teardown"]);
+        assert_same(
+            &before,
+            &ns.snapshot(),
+            &format!("after a kill at {at:?}, apply, teardown"),
+        );
+    }
+    // A kill during a re-apply with other options (the previous apply's state is in
+    // place): recovery puts the previous apply's table back and removes the new rules.
+    ns.setup_ok(&["apply"]);
+    let applied = ns.snapshot();
+    ns.killed_apply(
+        &wrappers,
+        &["--table", "123", "--fail-closed"],
+        "-6 route add",
+        "before",
+    );
+    assert_eq!(ns.setup(&["status"]).status.code(), Some(1));
+    ns.setup_ok(&["apply"]);
+    assert_same(
+        &applied,
+        &ns.snapshot(),
+        "after a killed re-apply and apply",
+    );
+    ns.setup_ok(&["teardown"]);
+    assert_same(&before, &ns.snapshot(), "after the final teardown");
+    let _ = std::fs::remove_dir_all(&wrappers);
+}

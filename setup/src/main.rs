@@ -34,8 +34,14 @@ or restart does not cut the network. Use --fail-closed when bypassing the engine
 worse than an outage. The iptables TPROXY target always drops when nothing listens,
 so --backend iptables is fail-closed (and refuses --fail-mode open).
 
+The box's own firewall: TPROXY-delivered packets traverse the INPUT hook. apply and
+status name every input chain that would drop them, with the rule that fixes it;
+apply --accept-input inserts that rule (teardown removes it).
+
 State: /run/ringrelay/setup-netns-<inode>.state (directory from $RINGRELAY_STATE_DIR),
-one per network namespace; --state-file overrides it.";
+one per network namespace; --state-file overrides it. apply journals each step in
+<state>.journal before it runs it: after a killed apply, the next apply or teardown
+recovers (undoes the half-done apply), and status says so.";
 
 const STATUS_ABOUT: &str = "\
 Check the rules and the data path, one line per finding with its fix.
@@ -74,8 +80,8 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Check the rules and the data path; exit 0 ready, 1 rules missing or wrong,
-    /// 2 could not check, 3 rules in place but traffic would not reach an engine
+    /// Check the rules and the data path (exit 0 ready, 1 rules missing or wrong,
+    /// 2 could not check, 3 no engine would get the traffic)
     #[command(long_about = STATUS_ABOUT)]
     Status,
     /// Remove exactly what apply added and restore sysctls; safe to run twice

@@ -923,6 +923,9 @@ pub fn teardown(runner: &dyn Runner, state_path: &Path, netns: &str) -> Result<R
     }
     for target in &st.input_rules {
         match input::remove(runner, target) {
+            Ok(0) => report.line(format!(
+                "{target}: accept rule already gone (the chain was changed or removed since)"
+            )),
             Ok(_) => report.line(format!("{target}: accept rule removed")),
             Err(e) => failures.push(e.to_string()),
         }

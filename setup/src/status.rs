@@ -118,17 +118,29 @@ impl StatusReport {
         match self.exit_code() {
             EXIT_READY => s.push_str("ringrelay: ready\n"),
             EXIT_NOT_READY => {
-                let _ = writeln!(s, "ringrelay: NOT READY ({} problems)", self.problems());
+                let _ = writeln!(
+                    s,
+                    "ringrelay: NOT READY ({})",
+                    plural(self.problems(), "problem")
+                );
             }
             _ => {
                 let _ = writeln!(
                     s,
-                    "ringrelay: NOT DELIVERING ({} findings): the rules are in place, but intercepted traffic would not reach an engine",
-                    self.blocked()
+                    "ringrelay: NOT DELIVERING ({}): the rules are in place, but intercepted traffic would not reach an engine",
+                    plural(self.blocked(), "finding")
                 );
             }
         }
         s
+    }
+}
+
+fn plural(n: usize, word: &str) -> String {
+    if n == 1 {
+        format!("1 {word}")
+    } else {
+        format!("{n} {word}s")
     }
 }
 

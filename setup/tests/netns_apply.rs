@@ -12,7 +12,11 @@ use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-const SETUP: &str = env!("CARGO_BIN_EXE_setup");
+/// The setup binary under test: this build's, or `$RINGRELAY_SETUP` (e.g. an older
+/// build, to see which tests it fails).
+fn setup_bin() -> String {
+    std::env::var("RINGRELAY_SETUP").unwrap_or_else(|_| env!("CARGO_BIN_EXE_setup").to_string())
+}
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
 /// Effective uid from /proc/self/status (no unsafe `geteuid()` needed).
@@ -88,7 +92,7 @@ impl Netns {
     /// Runs the built `setup` binary in the namespace.
     fn setup(&self, args: &[&str]) -> Output {
         let out = Command::new("ip")
-            .args(["netns", "exec", &self.name, SETUP])
+            .args(["netns", "exec", &self.name, &setup_bin()])
             .args(args)
             .env("RINGRELAY_STATE_DIR", &self.state_dir)
             .output()
@@ -540,7 +544,7 @@ fn status_exit_3_unless_an_engine_would_get_the_traffic() {
 /// `setup status --help` lists what status uses, not apply's options.
 #[test]
 fn status_help_lists_no_apply_options() {
-    let out = Command::new(SETUP)
+    let out = Command::new(setup_bin())
         .args(["status", "--help"])
         .output()
         .unwrap();
@@ -566,7 +570,7 @@ fn status_help_lists_no_apply_options() {
         "{help}"
     );
     let apply = stdout(
-        &Command::new(SETUP)
+        &Command::new(setup_bin())
             .args(["apply", "--help"])
             .output()
             .unwrap(),
@@ -895,7 +899,7 @@ impl Netns {
             std::env::var("PATH").unwrap_or_default()
         );
         let out = Command::new("/usr/sbin/ip")
-            .args(["netns", "exec", &self.name, SETUP, "apply"])
+            .args(["netns", "exec", &self.name, &setup_bin(), "apply"])
             .args(args)
             .env("RINGRELAY_STATE_DIR", &self.state_dir)
             .env("PATH", path)

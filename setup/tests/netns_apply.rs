@@ -937,6 +937,13 @@ fn kill_9_during_apply_is_recovered_in_a_real_namespace() {
     let ns = Netns::new();
     let wrappers = std::env::temp_dir().join(format!("{}-wrappers", ns.name));
     kill_wrappers(&wrappers);
+    struct Remove(std::path::PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Remove(wrappers.clone());
     let before = ns.stable_snapshot();
     for (at, mode) in [
         ("rule add", "before"),
@@ -1009,5 +1016,4 @@ fn kill_9_during_apply_is_recovered_in_a_real_namespace() {
     );
     ns.setup_ok(&["teardown"]);
     assert_same(&before, &ns.snapshot(), "after the final teardown");
-    let _ = std::fs::remove_dir_all(&wrappers);
 }

@@ -159,6 +159,9 @@ pub struct Config {
     pub bypass_mark: u32,
     /// Behaviour while nothing listens on `port`.
     pub fail_mode: FailMode,
+    /// Insert `meta mark & MASK == VALUE accept` into input-hook chains that would
+    /// drop intercepted packets (`--accept-input`).
+    pub accept_input: bool,
 }
 
 impl Default for Config {
@@ -177,6 +180,7 @@ impl Default for Config {
             table: DEFAULT_TABLE,
             bypass_mark: DEFAULT_BYPASS_MARK,
             fail_mode: FailMode::Open,
+            accept_input: false,
         }
     }
 }

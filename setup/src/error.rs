@@ -54,6 +54,15 @@ pub enum SetupError {
         /// The foreign routes, `;`-separated.
         routes: String,
     },
+    /// `table inet ringrelay` exists, and neither carries setup's marker nor is
+    /// recorded in the state file: someone else's table, which apply would replace.
+    #[error("nft table inet {table} already exists and setup did not create it (it lacks the comment \"{marker}\" and no state file records it): apply would replace it and its rules would be lost; rename or move that table, or if it is a leftover of an older setup, delete it with `nft delete table inet {table}`")]
+    ForeignTable {
+        /// The table's name.
+        table: &'static str,
+        /// The marker comment looked for.
+        marker: &'static str,
+    },
     /// A command ran and exited non-zero.
     #[error("`{cmd}` failed ({code}): {stderr}")]
     CommandFailed {
@@ -83,6 +92,22 @@ pub enum SetupError {
         path: PathBuf,
         /// What is wrong with it.
         reason: String,
+    },
+    /// The journal of an interrupted apply cannot be read or parsed.
+    #[error("apply journal {path}: {reason}; it lists the steps an interrupted `setup apply` began: repair it, or remove it and check the box with `setup status`")]
+    BadJournal {
+        /// The journal file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Undoing an interrupted apply failed part-way; the journal is kept.
+    #[error("recovering from an interrupted `setup apply` failed: {failures}; the journal {path} was kept: fix the cause and run `setup teardown` or `setup apply` again")]
+    RecoveryIncomplete {
+        /// The steps that failed, `;`-separated.
+        failures: String,
+        /// The journal.
+        path: PathBuf,
     },
     /// Writing the state file failed (after a successful apply, which was rolled back).
     #[error("cannot write state file {path}: {source}; set RINGRELAY_STATE_DIR or --state-file to a writable place")]

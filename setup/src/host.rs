@@ -2,7 +2,10 @@
 //! that turns a failed command into an actionable [`SetupError`].
 
 use crate::error::SetupError;
+use crate::plan::{Family, L4};
 use crate::runner::{Cmd, Output, RunError, Runner};
+use crate::sockdiag::{self, DiagSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
 /// Interfaces of this network namespace (`/sys/class/net`), sorted.
@@ -42,29 +45,60 @@ pub fn ipv6_available(runner: &dyn Runner) -> bool {
     runner.exists(Path::new("/proc/sys/net/ipv6/conf/all"))
 }
 
-/// Which protocols have a socket on the engine's port in this namespace.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Listeners {
-    /// A TCP socket in LISTEN on the port (IPv4 or IPv6 table).
-    pub tcp: bool,
-    /// A UDP socket bound to the port (IPv4 or IPv6 table).
-    pub udp: bool,
+/// The sockets of this namespace from `/proc/net/{tcp,tcp6,udp,udp6}`: the fallback
+/// when `sock_diag` cannot be asked. These tables show neither `IP_TRANSPARENT` nor
+/// `IPV6_V6ONLY` (both come back `None`); TCP sockets other than listeners are left out.
+pub fn proc_sockets(runner: &dyn Runner) -> Vec<DiagSocket> {
+    let mut out = Vec::new();
+    for (file, family, l4) in [
+        ("tcp", Family::V4, L4::Tcp),
+        ("tcp6", Family::V6, L4::Tcp),
+        ("udp", Family::V4, L4::Udp),
+        ("udp6", Family::V6, L4::Udp),
+    ] {
+        let Ok(text) = runner.read_file(&PathBuf::from(format!("/proc/net/{file}"))) else {
+            continue;
+        };
+        out.extend(parse_proc_net(&text, family, l4));
+    }
+    out
 }
 
-/// Looks for the engine's sockets in `/proc/net/{tcp,tcp6,udp,udp6}` (per namespace).
-pub fn listeners(runner: &dyn Runner, port: u16) -> Listeners {
-    let scan = |file: &str, state: Option<&str>| {
-        runner
-            .read_file(&PathBuf::from(format!("/proc/net/{file}")))
-            .map(|t| proc_net_has_port(&t, port, state))
-            .unwrap_or(false)
-    };
-    // TCP_LISTEN is 0x0A; an unconnected UDP socket shows TCP_CLOSE (0x07), a
-    // connected one TCP_ESTABLISHED: any UDP socket on the port counts.
-    Listeners {
-        tcp: scan("tcp", Some("0A")) || scan("tcp6", Some("0A")),
-        udp: scan("udp", None) || scan("udp6", None),
-    }
+/// Parses one `/proc/net/{tcp,udp}[6]` table (`sl local_address rem_address st ...`,
+/// addresses as hex words in host order, the port as big-endian hex).
+pub fn parse_proc_net(table: &str, family: Family, l4: L4) -> Vec<DiagSocket> {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (addr_hex, port_hex) = f.get(1)?.rsplit_once(':')?;
+            let port = u16::from_str_radix(port_hex, 16).ok()?;
+            let state = u8::from_str_radix(f.get(3)?, 16).ok()?;
+            if l4 == L4::Tcp && state != sockdiag::STATE_LISTEN {
+                return None;
+            }
+            // Only "is it the wildcard" matters here; other addresses are kept as
+            // a non-wildcard placeholder of the right family.
+            let zero = addr_hex.bytes().all(|b| b == b'0');
+            let addr = match (family, zero) {
+                (Family::V4, true) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                (Family::V4, false) => IpAddr::V4(Ipv4Addr::BROADCAST),
+                (Family::V6, true) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+                (Family::V6, false) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            };
+            Some(DiagSocket {
+                family,
+                l4,
+                state,
+                addr,
+                port,
+                v6only: None,
+                transparent: None,
+                inode: f.get(9).and_then(|i| i.parse().ok()).unwrap_or(0),
+            })
+        })
+        .collect()
 }
 
 /// Whether a `/proc/net/{tcp,udp}[6]` table has a socket whose local port is `port`
@@ -223,6 +257,18 @@ mod tests {
         assert!(proc_net_has_port(TCP, 80, None));
         let tcp6 = "  sl  local_address                         remote_address                        st\n   0: 00000000000000000000000000000000:3A99 00000000000000000000000000000000:0000 0A\n";
         assert!(proc_net_has_port(tcp6, 15001, Some("0A")));
+        let socks = parse_proc_net(TCP, Family::V4, L4::Tcp);
+        assert_eq!(socks.len(), 1, "listeners only");
+        assert!(socks[0].is_wildcard() && socks[0].port == 15001 && socks[0].transparent.is_none());
+        let udp = parse_proc_net(
+            "  sl  local_address rem_address   st\n  1: 0100007F:0035 00000000:0000 07 0 0 0 0 0 123\n",
+            Family::V4,
+            L4::Udp,
+        );
+        assert_eq!(
+            (udp[0].port, udp[0].is_wildcard(), udp[0].inode),
+            (53, false, 123)
+        );
     }
 
     #[test]

@@ -12,7 +12,11 @@
 //! 4. [`ops`] applies the plan as a transaction (validate everything, firewall in one
 //!    atomic call, then ip rules, routes and sysctls, rolling back on failure), records
 //!    what it changed in a [`state::State`] file, and tears exactly that down again.
-//!    [`status`] checks a live box against the recorded plan.
+//!    Each step's inverse goes to a [`journal`] before the step runs, so an apply that
+//!    is killed half-way is undone by the next apply or teardown.
+//! 5. [`status`] checks a live box against the recorded plan, and the data path: a
+//!    transparent listener on the port ([`sockdiag`]), sysctls that drop marked
+//!    packets, and the box's own input firewall ([`input`]).
 //!
 //! Every command and every `/proc` or `/sys` access goes through the
 //! [`runner::Runner`] trait, so tests replay the whole flow against a recording fake
@@ -23,13 +27,16 @@
 pub mod config;
 pub mod error;
 pub mod host;
+pub mod input;
 pub mod iproute;
 pub mod iptables;
+pub mod journal;
 pub mod nft;
 pub mod ops;
 pub mod plan;
 pub mod ports;
 pub mod runner;
+pub mod sockdiag;
 pub mod state;
 pub mod status;
 pub mod sysctl;

@@ -20,8 +20,9 @@ Hand forwarded TCP and UDP to the ringrelay engine through TPROXY (IPv4 and IPv6
 
   setup apply      install the firewall rules (one transaction), the policy routing
                    for the interception mark, and the sysctls; --dry-run prints them
-  setup status     exit 0 only when everything is in place; otherwise list what is
-                   missing or conflicting; also warns about known traps
+  setup status     exit 0 only when everything is in place and an engine would get
+                   the traffic; otherwise one line per finding with its fix (exit 1:
+                   rules missing or wrong, 3: traffic would not reach an engine)
   setup teardown   remove exactly what apply added and restore the sysctls
 
 Traffic addressed to the box itself, loopback, and packets carrying the engine's
@@ -33,8 +34,29 @@ or restart does not cut the network. Use --fail-closed when bypassing the engine
 worse than an outage. The iptables TPROXY target always drops when nothing listens,
 so --backend iptables is fail-closed (and refuses --fail-mode open).
 
+The box's own firewall: TPROXY-delivered packets traverse the INPUT hook. apply and
+status name every input chain that would drop them, with the rule that fixes it;
+apply --accept-input inserts that rule (teardown removes it).
+
 State: /run/ringrelay/setup-netns-<inode>.state (directory from $RINGRELAY_STATE_DIR),
-one per network namespace; --state-file overrides it.";
+one per network namespace; --state-file overrides it. apply journals each step in
+<state>.journal before it runs it: after a killed apply, the next apply or teardown
+recovers (undoes the half-done apply), and status says so.";
+
+const STATUS_ABOUT: &str = "\
+Check the rules and the data path, one line per finding with its fix.
+
+It compares the live firewall rules, ip rules, routes and sysctls with what the last
+`setup apply` recorded, and checks that intercepted traffic would reach an engine:
+a transparent socket on the rules' port for every intercepted protocol and family,
+no sysctl that drops marked packets (src_valid_mark), and no input-hook firewall
+chain that drops them.
+
+Exit codes:
+  0  ready
+  1  rules missing or wrong (MISSING / CONFLICT lines), or apply has not run
+  2  could not check (e.g. not root: listing rules needs CAP_NET_ADMIN)
+  3  rules in place, but intercepted traffic would not reach an engine (BLOCKED lines)";
 
 #[derive(Parser, Debug)]
 #[command(name = "setup", version, about = ABOUT, long_about = LONG_ABOUT)]
@@ -58,12 +80,10 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Check that everything is in place; exit 0 ready, 1 not ready, 2 could not check
-    Status {
-        /// Options only used when no state file exists (to list what is missing)
-        #[command(flatten)]
-        plan: PlanArgs,
-    },
+    /// Check the rules and the data path (exit 0 ready, 1 rules missing or wrong,
+    /// 2 could not check, 3 no engine would get the traffic)
+    #[command(long_about = STATUS_ABOUT)]
+    Status,
     /// Remove exactly what apply added and restore sysctls; safe to run twice
     Teardown,
 }
@@ -121,6 +141,15 @@ struct PlanArgs {
     /// Same as --fail-mode closed
     #[arg(long, conflicts_with = "fail_mode")]
     fail_closed: bool,
+    /// Insert `meta mark & 0x1 == 0x1 accept` (iptables: `-m mark --mark 0x1/0x1 -j
+    /// ACCEPT`) at the top of every input-hook chain of this box's own firewall that
+    /// would drop intercepted packets; teardown removes it
+    ///
+    /// TPROXY-delivered packets traverse the INPUT hook: a firewall with `policy drop`
+    /// on input drops every intercepted flow unless it accepts the interception mark.
+    /// Without this option apply and status only report such chains, with the rule.
+    #[arg(long)]
+    accept_input: bool,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -168,6 +197,7 @@ impl PlanArgs {
             table: self.table,
             bypass_mark: self.bypass_mark,
             fail_mode,
+            accept_input: self.accept_input,
         };
         c.normalize();
         let defaulted_closed = explicit.is_none() && fail_mode == FailMode::Closed;
@@ -192,12 +222,16 @@ fn netns_identity() -> Result<String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let is_status = matches!(cli.command, Command::Status { .. });
+    let is_status = matches!(cli.command, Command::Status);
     match run(&cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("setup: error: {e:#}");
-            ExitCode::from(if is_status { 2 } else { 1 })
+            ExitCode::from(if is_status {
+                status::EXIT_CANNOT_CHECK
+            } else {
+                1
+            })
         }
     }
 }
@@ -234,16 +268,12 @@ fn run(cli: &Cli) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status { plan } => {
-            let (config, _) = plan.to_config();
+        Command::Status => {
             let _lock = StateLock::acquire(&path, LockFor::Status, state::LOCK_WAIT)?;
-            let report = status::status(&runner, &path, &netns_identity()?, &config)?;
+            // Without a state file, what is missing is listed against the defaults.
+            let report = status::status(&runner, &path, &netns_identity()?, &Config::default())?;
             print!("{}", report.render());
-            Ok(if report.ready() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            })
+            Ok(ExitCode::from(report.exit_code()))
         }
         Command::Teardown => {
             let _lock = StateLock::acquire(&path, LockFor::Teardown, state::LOCK_WAIT)?;

@@ -8,6 +8,7 @@
 use crate::config::{FailMode, Mark};
 use crate::plan::{
     AddrType, FirewallPlan, IfaceSel, Match, Plan, Rule, Verdict, NFT_CHAIN, NFT_TABLE,
+    NFT_TABLE_COMMENT,
 };
 use crate::ports::PortRange;
 use crate::runner::Cmd;
@@ -75,6 +76,11 @@ pub fn render_apply(plan: &Plan) -> String {
     let _ = writeln!(s, "delete table inet {NFT_TABLE}");
     let _ = writeln!(s);
     let _ = writeln!(s, "table inet {NFT_TABLE} {{");
+    let _ = writeln!(
+        s,
+        "\t# The marker that tells setup this table is its own (it refuses to replace a\n\t# table of the same name that lacks it)."
+    );
+    let _ = writeln!(s, "\tcomment \"{NFT_TABLE_COMMENT}\"");
     let _ = writeln!(s, "\tchain {NFT_CHAIN} {{");
     let _ = writeln!(
         s,
@@ -198,6 +204,13 @@ fn set_of_names(names: &[String]) -> String {
 /// Interface names are validated (no quotes, no whitespace), so plain quoting is safe.
 fn quote(name: &str) -> String {
     format!("\"{name}\"")
+}
+
+/// Whether an `nft list table` listing carries setup's marker comment.
+pub fn has_marker(listing: &str) -> bool {
+    listing
+        .lines()
+        .any(|l| l.trim() == format!("comment \"{NFT_TABLE_COMMENT}\""))
 }
 
 /// The comparable form of an `nft list table` listing: trimmed, non-empty lines.

@@ -16,8 +16,10 @@
 use crate::config::{Backend, Config};
 use crate::error::SetupError;
 use crate::host::{self, run_any, run_checked};
+use crate::input::{self, InputTarget, Intercepted};
 use crate::iproute::{self, ShownRule, TableRoutes};
 use crate::iptables::{self, SavedMangle};
+use crate::journal::{self, Journal};
 use crate::nft;
 use crate::plan::{self, Family, IpRule, LocalRoute, Plan, SysctlWant};
 use crate::runner::{Cmd, Runner};
@@ -124,9 +126,16 @@ pub fn apply(
     state_path: &Path,
     netns: &str,
 ) -> Result<Report, SetupError> {
+    let mut report = Report::default();
+    // An apply that was killed half-way: undo it (or finish it) first.
+    report.lines.extend(recover(runner, state_path, netns)?);
+    let (config, ipv6_skipped) = ipv6_fallback(runner, config);
+    let config = &config;
+    if let Some(why) = &ipv6_skipped {
+        report.warn(ipv6_skip_warning(why));
+    }
     let host_ifaces = preflight(runner, config, Mode::Apply)?;
     let plan = plan::build(config, &host_ifaces);
-    let mut report = Report::default();
     let old = match State::load_for(state_path, netns)? {
         Loaded::Stale(_) => {
             report.warn(stale_note(state_path));
@@ -134,34 +143,152 @@ pub fn apply(
         }
         loaded => loaded.current(),
     };
-    let mut undo = Vec::new();
-    let state = match apply_steps(runner, &plan, old.as_ref(), netns, &mut undo, &mut report) {
-        Ok(state) => state,
-        Err(e) => return Err(fail(runner, e, undo)),
+    if config.backend == Backend::Nft {
+        check_nft_owner(runner, old.as_ref())?;
+    }
+    // Journal first, then act: every step's inverse is on disk before the step runs.
+    let id = journal::new_id();
+    let mut txn = Txn {
+        undo: Vec::new(),
+        journal: Journal::begin(state_path, &id, netns, old.as_ref())?,
     };
+    let mut state = match apply_steps(runner, &plan, old.as_ref(), netns, &mut txn, &mut report) {
+        Ok(state) => state,
+        Err(e) => return Err(fail(runner, e, txn)),
+    };
+    state.ipv6_skipped = ipv6_skipped;
+    state.apply_id = Some(id);
+    // The commit point: from here on, the journal only says "finish the cleanup".
     if let Err(e) = state.save(state_path) {
-        return Err(fail(runner, e, undo));
+        return Err(fail(runner, e, txn));
     }
     report.line(format!("state recorded in {}", state_path.display()));
     if let Some(old) = &old {
         cleanup_old(runner, old, &state, &mut report);
     }
-    report.warnings.extend(status::trap_warnings(runner, &plan));
+    let journal_path = txn.journal.path().to_path_buf();
+    if let Err(e) = txn.journal.finish() {
+        report.warn(format!(
+            "{e} (the apply is complete; the next run removes {})",
+            journal_path.display()
+        ));
+    }
+    // What status would call BLOCKED: printed as warnings (nothing listening is
+    // expected until the engine starts).
+    match status::data_path(runner, &plan) {
+        Ok(findings) => report.warnings.extend(
+            findings
+                .into_iter()
+                .filter(|(level, _)| {
+                    matches!(level, status::Level::Blocked | status::Level::Warning)
+                })
+                .map(|(_, text)| text),
+        ),
+        Err(e) => report.warn(format!("could not check the data path: {e}")),
+    }
     Ok(report)
 }
 
-/// Undoes what apply did and wraps the cause with the outcome.
-fn fail(runner: &dyn Runner, cause: SetupError, undo: Vec<Undo>) -> SetupError {
+/// IPv6 is wanted but disabled in this namespace: the IPv4-only config to apply
+/// instead, and why. Checked before anything changes: with `disable_ipv6=1` on `lo`,
+/// `ip -6 route add local ::/0 dev lo` fails ("IPv6 is disabled on nexthop device")
+/// after the firewall and the ip rules are in place.
+pub fn ipv6_fallback(runner: &dyn Runner, config: &Config) -> (Config, Option<String>) {
+    if !config.ipv6 {
+        return (config.clone(), None);
+    }
+    let why = if !host::ipv6_available(runner) {
+        Some("no /proc/sys/net/ipv6: booted with ipv6.disable=1, or no IPv6 module".to_string())
+    } else {
+        let disabled: Vec<String> = ["all", "lo"]
+            .iter()
+            .map(|i| SysctlKey::conf("ipv6", i, "disable_ipv6"))
+            .filter(|k| sysctl::read(runner, k).ok().as_deref() == Some("1"))
+            .map(|k| format!("{k}=1"))
+            .collect();
+        (!disabled.is_empty()).then(|| disabled.join(", "))
+    };
+    match why {
+        Some(why) => (
+            Config {
+                ipv6: false,
+                ..config.clone()
+            },
+            Some(why),
+        ),
+        None => (config.clone(), None),
+    }
+}
+
+/// The warning for [`ipv6_fallback`].
+pub fn ipv6_skip_warning(why: &str) -> String {
+    format!(
+        "IPv6 is disabled here ({why}): setting up IPv4 only; pass --no-ipv6 to say so (and start the engine with --no-ipv6), or enable IPv6 and re-run `setup apply`"
+    )
+}
+
+/// What `nft list table inet ringrelay` shows: nothing, setup's table, or someone
+/// else's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TableOwner {
+    /// No such table (or nft is not installed).
+    Absent,
+    /// It carries setup's marker comment.
+    Marked,
+    /// It exists without the marker.
+    Unmarked,
+}
+
+/// Who owns `table inet ringrelay`, by its marker comment.
+pub fn nft_table_owner(runner: &dyn Runner) -> Result<TableOwner, SetupError> {
+    if runner.find_program("nft").is_none() {
+        return Ok(TableOwner::Absent);
+    }
+    let out = run_any(runner, &nft::list_cmd())?;
+    // A table that does not exist is an error ("No such file or directory"); so is
+    // one we may not read, and then the apply itself reports EPERM.
+    if !out.success() || out.stdout.trim().is_empty() {
+        return Ok(TableOwner::Absent);
+    }
+    Ok(if nft::has_marker(&out.stdout) {
+        TableOwner::Marked
+    } else {
+        TableOwner::Unmarked
+    })
+}
+
+/// Refuses to replace a `table inet ringrelay` that setup did not create: it must
+/// carry the marker, or the state file must record that setup installed it (a table
+/// of an older setup, from before the marker).
+fn check_nft_owner(runner: &dyn Runner, old: Option<&State>) -> Result<(), SetupError> {
+    let recorded = old.is_some_and(|o| o.config.backend == Backend::Nft);
+    match nft_table_owner(runner)? {
+        TableOwner::Unmarked if !recorded => Err(SetupError::ForeignTable {
+            table: plan::NFT_TABLE,
+            marker: plan::NFT_TABLE_COMMENT,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Undoes what apply did and wraps the cause with the outcome. The journal goes
+/// when the rollback is complete; otherwise it stays, and the next apply or teardown
+/// retries the rest.
+fn fail(runner: &dyn Runner, cause: SetupError, txn: Txn) -> SetupError {
+    let Txn { undo, journal } = txn;
     let rollback = if undo.is_empty() {
+        let _ = journal.finish();
         "nothing was changed".to_string()
     } else {
         let errors = rollback(runner, undo);
         if errors.is_empty() {
+            let _ = journal.finish();
             "everything apply had changed was rolled back".to_string()
         } else {
             format!(
-                "rollback incomplete ({}): check with `setup status`",
-                errors.join("; ")
+                "rollback incomplete ({}): the journal {} keeps what is left; `setup teardown` retries it",
+                errors.join("; "),
+                journal.path().display()
             )
         }
     };
@@ -169,6 +296,121 @@ fn fail(runner: &dyn Runner, cause: SetupError, undo: Vec<Undo>) -> SetupError {
         cause: Box::new(cause),
         rollback,
     }
+}
+
+/// The steps an apply has begun: their inverses, in memory and in the journal.
+struct Txn {
+    undo: Vec<Undo>,
+    journal: Journal,
+}
+
+impl Txn {
+    /// Records `undo` in the journal (synced), then remembers it: call before the
+    /// step runs, so that a kill at any point leaves its inverse on disk.
+    fn begin(&mut self, undo: Undo) -> Result<(), SetupError> {
+        self.journal.record(&undo.journal_line())?;
+        self.undo.push(undo);
+        Ok(())
+    }
+
+    /// [`begin`](Self::begin), then the step. A step that fails changed nothing (nft
+    /// and iptables-restore commit atomically; a refused `ip` or sysctl write leaves
+    /// things as they were), so its inverse is not run by the in-process rollback; it
+    /// stays in the journal, where running it is harmless.
+    fn step<T>(
+        &mut self,
+        undo: Undo,
+        act: impl FnOnce() -> Result<T, SetupError>,
+    ) -> Result<T, SetupError> {
+        self.begin(undo)?;
+        act().inspect_err(|_| {
+            self.undo.pop();
+        })
+    }
+
+    /// The priority the kernel gave the rule just added: journalled too, so that
+    /// recovery deletes exactly that rule.
+    fn rule_pref(&mut self, family: Family, pref: u32) -> Result<(), SetupError> {
+        self.journal
+            .record(&format!("rule-pref {} {pref}", family.name()))?;
+        if let Some(Undo::DelRule { rule, pref: p }) = self.undo.last_mut() {
+            if rule.family == family {
+                *p = Some(pref);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Recovers from an apply that was interrupted (killed) before it finished: its
+/// journal is there. If the apply had recorded its state, only the cleanup of the
+/// apply before it may be unfinished: that runs again. Otherwise every journalled
+/// step is undone, newest first. Returns what was done, for the report.
+pub fn recover(
+    runner: &dyn Runner,
+    state_path: &Path,
+    netns: &str,
+) -> Result<Vec<String>, SetupError> {
+    let Some(j) = journal::load(state_path)? else {
+        return Ok(Vec::new());
+    };
+    let shown = j.path.display().to_string();
+    if j.netns != netns {
+        journal::remove(&j.path)?;
+        return Ok(vec![format!(
+            "apply journal {shown} was written in an earlier network namespace (deleted since) or before a reboot: removed, it describes nothing that exists here"
+        )]);
+    }
+    let current = State::load_for(state_path, netns)?.current();
+    let mut report = Report::default();
+    if j.committed(current.as_ref()) {
+        if let (Some(prev), Some(now)) = (&j.prev, &current) {
+            cleanup_old(runner, prev, now, &mut report);
+        }
+        journal::remove(&j.path)?;
+        let mut lines = vec![format!(
+            "an earlier `setup apply` was interrupted after it had recorded its state (journal {shown}): finished removing what the apply before it had added"
+        )];
+        lines.extend(report.lines);
+        lines.extend(report.warnings.into_iter().map(|w| format!("warning: {w}")));
+        return Ok(lines);
+    }
+    let mut undo = Vec::new();
+    for step in &j.steps {
+        match Undo::parse(step, j.prev.as_ref()) {
+            Some(UndoLine::Step(u)) => undo.push(*u),
+            Some(UndoLine::RulePref(family, p)) => {
+                if let Some(Undo::DelRule { rule, pref }) = undo.last_mut() {
+                    if rule.family == family {
+                        *pref = Some(p);
+                    }
+                }
+            }
+            None => {
+                return Err(SetupError::BadJournal {
+                    path: j.path.clone(),
+                    reason: format!("unknown step {step:?}"),
+                })
+            }
+        }
+    }
+    let n = undo.len();
+    let errors = rollback(runner, undo);
+    if !errors.is_empty() {
+        return Err(SetupError::RecoveryIncomplete {
+            failures: errors.join("; "),
+            path: j.path.clone(),
+        });
+    }
+    journal::remove(&j.path)?;
+    let before = if j.prev.is_some() {
+        "as the apply before it left it"
+    } else {
+        "as it was before"
+    };
+    Ok(vec![format!(
+        "recovered from an interrupted `setup apply` (journal {shown}): undid the {n} steps it had begun; the box is {before}"
+    )])
 }
 
 /// The inverse of one apply step.
@@ -188,6 +430,87 @@ enum Undo {
     DelRoute(LocalRoute),
     /// Write a sysctl back.
     Sysctl { key: SysctlKey, value: String },
+    /// Take our accept rule out of a chain of the box's own input firewall.
+    InputRule(InputTarget),
+}
+
+/// A journal line read back: a step, or the priority of the rule step before it.
+enum UndoLine {
+    Step(Box<Undo>),
+    RulePref(Family, u32),
+}
+
+impl Undo {
+    /// The journal form (the plans of the previous apply come from the copy of its
+    /// state at the top of the journal, so they are not repeated here).
+    fn journal_line(&self) -> String {
+        match self {
+            Undo::Nft(_) => "nft".to_string(),
+            Undo::Iptables { family, origin, .. } => match origin {
+                Some(o) => format!(
+                    "iptables {} {} {}",
+                    family.name(),
+                    u8::from(o.table_existed),
+                    u8::from(o.prerouting_existed)
+                ),
+                None => format!("iptables {} -", family.name()),
+            },
+            Undo::DelRule { rule, .. } => {
+                format!("rule {} {} {}", rule.family.name(), rule.mark, rule.table)
+            }
+            Undo::DelRoute(r) => format!("route {} {}", r.family.name(), r.table),
+            Undo::Sysctl { key, value } => format!("sysctl {} {value}", key.rel()),
+            Undo::InputRule(t) => format!("input {}", t.render()),
+        }
+    }
+
+    fn parse(line: &str, prev: Option<&State>) -> Option<UndoLine> {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        let prev_plan = |backend: Backend| {
+            prev.filter(|p| p.config.backend == backend)
+                .map(State::plan)
+        };
+        let step = match w.as_slice() {
+            ["nft"] => Undo::Nft(prev_plan(Backend::Nft)),
+            ["iptables", f, rest @ ..] => Undo::Iptables {
+                family: Family::from_name(f)?,
+                old: prev_plan(Backend::Iptables),
+                origin: match rest {
+                    [t, p] => Some(MangleOrigin {
+                        family: Family::from_name(f)?,
+                        table_existed: *t == "1",
+                        prerouting_existed: *p == "1",
+                    }),
+                    _ => None,
+                },
+            },
+            ["rule", f, mark, table] => Undo::DelRule {
+                rule: IpRule {
+                    family: Family::from_name(f)?,
+                    mark: crate::config::parse_mark(mark).ok()?,
+                    table: table.parse().ok()?,
+                },
+                pref: None,
+            },
+            ["rule-pref", f, pref] => {
+                return Some(UndoLine::RulePref(
+                    Family::from_name(f)?,
+                    pref.parse().ok()?,
+                ))
+            }
+            ["route", f, table] => Undo::DelRoute(LocalRoute {
+                family: Family::from_name(f)?,
+                table: table.parse().ok()?,
+            }),
+            ["sysctl", key, ..] => Undo::Sysctl {
+                key: SysctlKey::new(key),
+                value: line.splitn(3, ' ').nth(2).unwrap_or("").to_string(),
+            },
+            ["input", rest @ ..] => Undo::InputRule(InputTarget::parse(rest)?),
+            _ => return None,
+        };
+        Some(UndoLine::Step(Box::new(step)))
+    }
 }
 
 fn rollback(runner: &dyn Runner, undo: Vec<Undo>) -> Vec<String> {
@@ -211,6 +534,7 @@ fn rollback(runner: &dyn Runner, undo: Vec<Undo>) -> Vec<String> {
             Undo::DelRule { rule, pref } => delete_rule(runner, rule, *pref),
             Undo::DelRoute(route) => delete_route(runner, route),
             Undo::Sysctl { key, value } => restore_value(runner, key, value),
+            Undo::InputRule(target) => input::remove(runner, target).map(drop),
         };
         if let Err(e) = result {
             errors.push(e.to_string());
@@ -224,7 +548,7 @@ fn apply_steps(
     plan: &Plan,
     old: Option<&State>,
     netns: &str,
-    undo: &mut Vec<Undo>,
+    txn: &mut Txn,
     report: &mut Report,
 ) -> Result<State, SetupError> {
     let c = &plan.config;
@@ -234,8 +558,9 @@ fn apply_steps(
     let mut mangle = Vec::new();
     match c.backend {
         Backend::Nft => {
-            run_checked(runner, &nft::apply_cmd(nft::render_apply(plan)))?;
-            undo.push(Undo::Nft(same_backend.map(State::plan)));
+            txn.step(Undo::Nft(same_backend.map(State::plan)), || {
+                run_checked(runner, &nft::apply_cmd(nft::render_apply(plan)))
+            })?;
             report.line(format!(
                 "nft: table inet {} installed in one transaction",
                 plan::NFT_TABLE
@@ -249,12 +574,12 @@ fn apply_steps(
                         .and_then(|o| o.mangle.iter().find(|m| m.family == family).copied())
                         .unwrap_or_else(|| mangle_origin(runner, family))
                 });
-                apply_iptables_family(runner, plan, family)?;
-                undo.push(Undo::Iptables {
+                let undo = Undo::Iptables {
                     family,
                     old: same_backend.map(State::plan),
                     origin,
-                });
+                };
+                txn.step(undo, || apply_iptables_family(runner, plan, family))?;
                 mangle.extend(origin);
                 report.line(format!(
                     "{}: chains {} and {} installed in one commit",
@@ -266,31 +591,76 @@ fn apply_steps(
         }
     }
 
+    // 1b. The box's own input firewall: accept the interception mark where a chain
+    // would drop intercepted packets (`--accept-input`).
+    let mut input_rules = Vec::new();
+    if c.accept_input {
+        let hook = input::read(runner)?;
+        // Ours by their comment: kept (teardown removes them), never added twice.
+        input_rules = hook.with_accept_rule();
+        for b in hook.blocking(&intercepted(runner, plan)) {
+            if input_rules.contains(&b.target) {
+                continue;
+            }
+            txn.step(Undo::InputRule(b.target.clone()), || {
+                input::insert(runner, &b.target, c.fwmark)
+            })?;
+            report.line(format!(
+                "{}: inserted `{}` at the top (it dropped intercepted packets at `{}`)",
+                b.target,
+                b.target.rule_text(c.fwmark),
+                b.by
+            ));
+            input_rules.push(b.target);
+        }
+    }
+
     // 2. Policy rules, only where missing (`ip rule add` would duplicate them).
     let mut rules = Vec::new();
     for rule in &plan.ip_rules {
-        let found = iproute::find_rule(&list_rules(runner, rule.family)?, rule);
+        let shown = list_rules(runner, rule.family)?;
+        let found = iproute::find_rule(&shown, rule);
         let old_rec = old
             .filter(|o| o.config.fwmark == rule.mark && o.config.table == rule.table)
             .and_then(|o| o.rules.iter().find(|r| r.family == rule.family));
         if !found.is_empty() {
-            let rec = match old_rec {
-                Some(r) if r.added && pref_found(r.pref, &found) => r.clone(),
+            // A rule with setup's tag is setup's own (its state file was lost, or an
+            // apply was interrupted): teardown deletes it.
+            let tagged = shown
+                .iter()
+                .find(|s| found.contains(&s.pref) && iproute::is_tagged(s))
+                .map(|s| s.pref);
+            let rec = match (old_rec, tagged) {
+                (Some(r), _) if r.added && pref_found(r.pref, &found) => r.clone(),
+                (_, Some(pref)) => RuleRecord {
+                    family: rule.family,
+                    added: true,
+                    pref: Some(pref),
+                },
                 _ => RuleRecord {
                     family: rule.family,
                     added: false,
                     pref: None,
                 },
             };
-            report.line(format!("{}: already present", iproute::rule_add_cmd(rule)));
+            report.line(format!(
+                "{}: already present",
+                iproute::untagged(&iproute::rule_add_cmd(rule))
+            ));
             rules.push(rec);
             continue;
         }
-        run_checked(runner, &iproute::rule_add_cmd(rule))?;
+        let undo = Undo::DelRule {
+            rule: *rule,
+            pref: None,
+        };
+        txn.step(undo, || run_checked(runner, &iproute::rule_add_cmd(rule)))?;
         let pref = iproute::find_rule(&list_rules(runner, rule.family)?, rule)
             .into_iter()
             .next();
-        undo.push(Undo::DelRule { rule: *rule, pref });
+        if let Some(p) = pref {
+            txn.rule_pref(rule.family, p)?;
+        }
         report.line(iproute::rule_add_cmd(rule).to_string());
         rules.push(RuleRecord {
             family: rule.family,
@@ -305,19 +675,21 @@ fn apply_steps(
         let old_rec = old
             .filter(|o| o.config.table == route.table)
             .and_then(|o| o.routes.iter().find(|r| r.family == route.family));
-        if show_table(runner, route.family, route.table)?.ours {
+        let table = show_table(runner, route.family, route.table)?;
+        if table.ours {
             report.line(format!(
                 "{}: already present",
-                iproute::route_add_cmd(route)
+                iproute::untagged(&iproute::route_add_cmd(route))
             ));
             routes.push(RouteRecord {
                 family: route.family,
-                added: old_rec.is_some_and(|r| r.added),
+                added: old_rec.is_some_and(|r| r.added) || table.tagged,
             });
             continue;
         }
-        run_checked(runner, &iproute::route_add_cmd(route))?;
-        undo.push(Undo::DelRoute(*route));
+        txn.step(Undo::DelRoute(*route), || {
+            run_checked(runner, &iproute::route_add_cmd(route))
+        })?;
         report.line(iproute::route_add_cmd(route).to_string());
         routes.push(RouteRecord {
             family: route.family,
@@ -345,16 +717,16 @@ fn apply_steps(
         // Undo runs backwards: the global is restored first (which resets every
         // interface), then each interface's own value.
         for (k, v) in &side {
-            undo.push(Undo::Sysctl {
+            txn.begin(Undo::Sysctl {
                 key: k.clone(),
                 value: v.clone(),
-            });
+            })?;
         }
-        sysctl::write(runner, &item.key, &value)?;
-        undo.push(Undo::Sysctl {
+        let undo = Undo::Sysctl {
             key: item.key.clone(),
             value: current.clone(),
-        });
+        };
+        txn.step(undo, || sysctl::write(runner, &item.key, &value))?;
         report.line(format!(
             "sysctl -w {}={}   (was {current}; {})",
             item.key, value, item.why
@@ -389,8 +761,28 @@ fn apply_steps(
         routes,
         sysctls,
         mangle,
+        input_rules,
+        ipv6_skipped: None,
+        apply_id: None,
         fingerprint,
     })
+}
+
+/// What intercepted packets look like to the input hook under `plan`.
+pub fn intercepted<'a>(runner: &dyn Runner, plan: &'a Plan) -> Intercepted<'a> {
+    let c = &plan.config;
+    Intercepted {
+        families: plan.families(),
+        l4: [
+            (plan::L4::Tcp, c.tcp.is_some()),
+            (plan::L4::Udp, c.udp.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(p, on)| on.then_some(p))
+        .collect(),
+        ifaces: status::intercepted_ifaces(runner, plan),
+        mark: c.fwmark,
+    }
 }
 
 /// Whether a recorded rule priority is among the ones found (no priority recorded:
@@ -450,6 +842,16 @@ fn cleanup_old(runner: &dyn Runner, old: &State, new: &State, report: &mut Repor
             }
         }
     }
+    for target in &old.input_rules {
+        if !new.input_rules.contains(target) {
+            match input::remove(runner, target) {
+                Ok(_) => report.line(format!(
+                    "{target}: removed the accept rule of the previous apply (--accept-input not given)"
+                )),
+                Err(e) => notes.push(e.to_string()),
+            }
+        }
+    }
     for rec in &old.sysctls {
         if !new.sysctls.iter().any(|n| n.key == rec.key) {
             if let Err(e) = restore_sysctl(runner, rec, report) {
@@ -467,20 +869,28 @@ fn cleanup_old(runner: &dyn Runner, old: &State, new: &State, report: &mut Repor
 /// ours by name (the `inet ringrelay` table, the `RINGRELAY*` chains).
 pub fn teardown(runner: &dyn Runner, state_path: &Path, netns: &str) -> Result<Report, SetupError> {
     let mut report = Report::default();
+    // An apply that was killed half-way: undo it (or finish it) first.
+    let recovered = recover(runner, state_path, netns)?;
+    let after_recovery = !recovered.is_empty();
+    report.lines.extend(recovered);
     let st = match State::load_for(state_path, netns)? {
         Loaded::Current(st) => st,
+        Loaded::None if after_recovery => {
+            report.line("no state file: nothing else to undo; teardown complete");
+            return Ok(report);
+        }
         Loaded::None => {
             report.line(format!(
                 "no state file {}: setup apply has not run in this network namespace; nothing recorded to undo",
                 state_path.display()
             ));
-            remove_leftovers(runner, None, &mut report);
+            stateless_teardown(runner, &mut report);
             return Ok(report);
         }
         Loaded::Stale(_) => {
             // Restoring its sysctls here would undo settings this namespace made itself.
             report.line(stale_note(state_path));
-            remove_leftovers(runner, None, &mut report);
+            stateless_teardown(runner, &mut report);
             State::remove(state_path)?;
             return Ok(report);
         }
@@ -511,7 +921,15 @@ pub fn teardown(runner: &dyn Runner, state_path: &Path, netns: &str) -> Result<R
             }
         }
     }
-    remove_leftovers(runner, Some(st.config.backend), &mut report);
+    for target in &st.input_rules {
+        match input::remove(runner, target) {
+            Ok(0) => report.line(format!(
+                "{target}: accept rule already gone (the chain was changed or removed since)"
+            )),
+            Ok(_) => report.line(format!("{target}: accept rule removed")),
+            Err(e) => failures.push(e.to_string()),
+        }
+    }
 
     for rec in st.rules.iter().filter(|r| r.added) {
         let Some(rule) = plan.ip_rules.iter().find(|r| r.family == rec.family) else {
@@ -531,6 +949,7 @@ pub fn teardown(runner: &dyn Runner, state_path: &Path, netns: &str) -> Result<R
             Err(e) => failures.push(e.to_string()),
         }
     }
+    remove_leftovers(runner, Some(st.config.backend), &mut report);
     // Reverse order: interface values before the globals that reset them.
     for rec in st.sysctls.iter().rev() {
         if let Err(e) = restore_sysctl(runner, rec, &mut report) {
@@ -549,6 +968,17 @@ pub fn teardown(runner: &dyn Runner, state_path: &Path, netns: &str) -> Result<R
     Ok(report)
 }
 
+/// Teardown without a state file: removes what is setup's by name or tag, says what
+/// it removed, and that sysctls stay as they are.
+fn stateless_teardown(runner: &dyn Runner, report: &mut Report) {
+    let before = report.lines.len();
+    remove_leftovers(runner, None, report);
+    if report.lines.len() == before {
+        report.line("found nothing of setup's: no marked table inet ringrelay, no RINGRELAY chains, no ip rules or routes tagged proto 114, no --accept-input rules");
+    }
+    report.line("sysctls (ip_forward, forwarding, rp_filter) are left as they are: their values before apply were in the state file");
+}
+
 /// The message for a state file that belongs to a namespace that no longer exists.
 pub fn stale_note(path: &Path) -> String {
     format!(
@@ -560,15 +990,63 @@ pub fn stale_note(path: &Path) -> String {
 /// Removes objects that are ours by name but not recorded for `recorded` backend
 /// (a state file lost, or a backend switch interrupted). Best effort: only reports.
 fn remove_leftovers(runner: &dyn Runner, recorded: Option<Backend>, report: &mut Report) {
-    if recorded != Some(Backend::Nft) && runner.find_program("nft").is_some() {
-        let listed = runner.run(&nft::list_cmd()).map(|o| o.success());
-        if listed.unwrap_or(false) {
-            match remove_nft(runner) {
+    // Accept rules of --accept-input carry our comment wherever they are.
+    if let Ok(hook) = input::read(runner) {
+        for target in hook.with_accept_rule() {
+            match input::remove(runner, &target) {
+                Ok(n) if n > 0 => report.line(format!("{target}: leftover accept rule removed")),
+                Ok(_) => {}
+                Err(e) => report.warn(format!("leftover accept rule in {target}: {e}")),
+            }
+        }
+    }
+    if recorded != Some(Backend::Nft) {
+        match nft_table_owner(runner) {
+            Ok(TableOwner::Marked) => match remove_nft(runner) {
                 Ok(()) => report.line(format!(
-                    "nft: leftover table inet {} deleted",
+                    "nft: leftover table inet {} deleted (it carries setup's marker)",
                     plan::NFT_TABLE
                 )),
                 Err(e) => report.warn(format!("leftover table inet {}: {e}", plan::NFT_TABLE)),
+            },
+            Ok(TableOwner::Unmarked) => report.warn(format!(
+                "nft table inet {} left alone: it lacks setup's marker comment, so setup did not create it",
+                plan::NFT_TABLE
+            )),
+            Ok(TableOwner::Absent) => {}
+            Err(e) => report.warn(format!("leftover table inet {}: {e}", plan::NFT_TABLE)),
+        }
+    }
+    // Rules and routes carry setup's tag (proto 114) whatever the options were.
+    if runner.find_program("ip").is_some() {
+        for family in [Family::V4, Family::V6] {
+            if family == Family::V6 && !host::ipv6_available(runner) {
+                continue;
+            }
+            if let Ok(shown) = list_rules(runner, family) {
+                for rule in iproute::tagged_rules(&shown) {
+                    let cmd = iproute::tagged_rule_del_cmd(family, &rule);
+                    match run_checked(runner, &cmd) {
+                        Ok(_) => report.line(format!(
+                            "{cmd}   (leftover, tagged proto {})",
+                            iproute::RT_PROTO
+                        )),
+                        Err(e) => report.warn(format!("leftover ip rule: {e}")),
+                    }
+                }
+            }
+            let listed = run_any(runner, &iproute::tagged_routes_cmd(family));
+            if let Ok(out) = listed.as_ref().map(|o| o.stdout.as_str()) {
+                for table in iproute::parse_tagged_routes(out) {
+                    let cmd = iproute::route_del_in_table_cmd(family, table);
+                    match run_checked(runner, &cmd) {
+                        Ok(_) => report.line(format!(
+                            "{cmd}   (leftover, tagged proto {})",
+                            iproute::RT_PROTO
+                        )),
+                        Err(e) => report.warn(format!("leftover route: {e}")),
+                    }
+                }
             }
         }
     }
@@ -587,15 +1065,45 @@ fn remove_leftovers(runner: &dyn Runner, recorded: Option<Backend>, report: &mut
                 continue;
             }
             match remove_iptables_family(runner, family, None) {
-                Ok(_) => report.line(format!(
-                    "{}: leftover {} chains removed",
-                    family.iptables(),
-                    plan::IPT_CHAIN
-                )),
+                Ok(_) => {
+                    report.line(format!(
+                        "{}: leftover {} chains removed",
+                        family.iptables(),
+                        plan::IPT_CHAIN
+                    ));
+                    if let Some(note) = empty_mangle_note(runner, family) {
+                        report.line(note);
+                    }
+                }
                 Err(e) => report.warn(format!("leftover {} chains: {e}", family.iptables())),
             }
         }
     }
+}
+
+/// Without the state file teardown cannot tell whether apply created iptables-nft's
+/// `mangle` table (the state records it); when it is empty now, say how to remove it.
+fn empty_mangle_note(runner: &dyn Runner, family: Family) -> Option<String> {
+    runner.find_program("nft")?;
+    let fam = family.nft_family();
+    let out = runner
+        .run(&Cmd::new("nft", &["list", "table", fam, "mangle"]))
+        .ok()
+        .filter(|o| o.success())?;
+    let rules = nft::fingerprint(&out.stdout)
+        .into_iter()
+        .filter(|l| {
+            !(l.starts_with("table ")
+                || l.starts_with("chain ")
+                || l.starts_with("type ")
+                || l == "}")
+        })
+        .count();
+    (rules == 0).then(|| {
+        format!(
+            "{fam} mangle: left in place, empty; without the state file setup cannot tell whether apply created it (iptables-nft does on first use): `nft delete table {fam} mangle` removes it"
+        )
+    })
 }
 
 // ---- firewall helpers -------------------------------------------------------------
@@ -750,7 +1258,16 @@ pub fn show_table(
 
 /// Deletes an ip rule apply added, if it is still there.
 fn delete_rule(runner: &dyn Runner, rule: &IpRule, pref: Option<u32>) -> Result<(), SetupError> {
-    let found = iproute::find_rule(&list_rules(runner, rule.family)?, rule);
+    let shown = list_rules(runner, rule.family)?;
+    let found = iproute::find_rule(&shown, rule);
+    // No priority recorded (an apply killed right after `ip rule add`): the rule with
+    // setup's tag is the one it added.
+    let pref = pref.or_else(|| {
+        shown
+            .iter()
+            .find(|s| found.contains(&s.pref) && iproute::is_tagged(s))
+            .map(|s| s.pref)
+    });
     let present = match pref {
         Some(p) => found.contains(&p),
         None => !found.is_empty(),
@@ -862,8 +1379,9 @@ pub fn dry_run(
     config: &Config,
     state_path: &Path,
 ) -> Result<String, SetupError> {
-    let host_ifaces = preflight(runner, config, Mode::DryRun)?;
-    let plan = plan::build(config, &host_ifaces);
+    let (config, ipv6_skipped) = ipv6_fallback(runner, config);
+    let host_ifaces = preflight(runner, &config, Mode::DryRun)?;
+    let plan = plan::build(&config, &host_ifaces);
     let c = &plan.config;
     let mut s = String::new();
     s.push_str(&format!(
@@ -873,6 +1391,16 @@ pub fn dry_run(
         c.fail_mode.name(),
         state_path.display()
     ));
+    if let Some(why) = &ipv6_skipped {
+        s.push_str(&format!("# NOTE: {}\n", ipv6_skip_warning(why)));
+    }
+    if let Ok(Some(j)) = journal::load(state_path) {
+        s.push_str(&format!(
+            "# NOTE: an earlier apply was interrupted (journal {}): apply first undoes the {} steps it began\n",
+            j.path.display(),
+            j.begun()
+        ));
+    }
     for program in required_programs(c) {
         if runner.find_program(program).is_none() {
             s.push_str(&format!("# NOTE: {}\n", host::missing_program(program)));
@@ -913,6 +1441,30 @@ pub fn dry_run(
         }
     }
 
+    if let Ok(hook) = input::read(runner) {
+        let present = hook.with_accept_rule();
+        let blocking: Vec<_> = hook
+            .blocking(&intercepted(runner, &plan))
+            .into_iter()
+            .filter(|b| !present.contains(&b.target))
+            .collect();
+        if !blocking.is_empty() {
+            s.push_str("\n# Step 1b: the box's own input firewall drops intercepted packets (TPROXY\n# delivers them through the input hook).\n");
+        }
+        let n = status::intercepted_ifaces(runner, &plan).len();
+        for b in blocking {
+            if c.accept_input {
+                let cmd = input::insert_cmd(&b.target, c.fwmark);
+                match &cmd.stdin {
+                    Some(script) => s.push_str(&format!("nft -f - <<'EOF'\n{script}EOF\n")),
+                    None => s.push_str(&format!("{cmd}\n")),
+                }
+            } else {
+                s.push_str(&format!("# NOTE: {}\n", b.message(c.fwmark, n)));
+            }
+        }
+    }
+
     s.push_str("\n# Step 2: policy routing for the interception mark (added only where missing;\n# teardown deletes only what apply added).\n");
     for (rule, route) in plan.ip_rules.iter().zip(&plan.routes) {
         let rule_present = runner
@@ -928,7 +1480,9 @@ pub fn dry_run(
             (iproute::route_add_cmd(route), route_present),
         ] {
             match present {
-                Some(true) => s.push_str(&format!("# already present: {cmd}\n")),
+                Some(true) => {
+                    s.push_str(&format!("# already present: {}\n", iproute::untagged(&cmd)))
+                }
                 _ => s.push_str(&format!("{cmd}\n")),
             }
         }

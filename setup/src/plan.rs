@@ -9,6 +9,10 @@ use crate::sysctl::SysctlKey;
 /// Name of the dedicated nft table (`table inet ringrelay`). Nothing else on the box
 /// should use it: `setup apply` replaces it and `setup teardown` deletes it.
 pub const NFT_TABLE: &str = "ringrelay";
+/// The comment on our nft table: setup's marker of ownership. apply replaces (and
+/// teardown without a state file deletes) a `table inet ringrelay` only when it
+/// carries it, or when the state file records that setup installed the table.
+pub const NFT_TABLE_COMMENT: &str = "ringrelay: managed by setup apply, deleted by setup teardown";
 /// Name of the base chain in the nft table.
 pub const NFT_CHAIN: &str = "prerouting";
 /// The iptables mangle chain jumped to from `PREROUTING`: exclusions and the

@@ -5,6 +5,8 @@
 //! and answers reads from canned data, so tests can check the exact text `apply`
 //! would send without root.
 
+use crate::plan::{Family, L4};
+use crate::sockdiag::{self, DiagSocket};
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -138,6 +140,9 @@ pub trait Runner {
     fn list_dir(&self, path: &Path) -> io::Result<Vec<String>>;
     /// Whether a path exists.
     fn exists(&self, path: &Path) -> bool;
+    /// The listening TCP / every UDP socket of one family in this network namespace,
+    /// from the kernel's `sock_diag` (equivalent to `ss -lnte` / `ss -anue`).
+    fn sockets(&self, family: Family, l4: L4) -> io::Result<Vec<DiagSocket>>;
 }
 
 /// Directories searched after `PATH`: the firewall tools live in sbin, which an
@@ -225,6 +230,10 @@ impl Runner for RealRunner {
     fn exists(&self, path: &Path) -> bool {
         path.exists()
     }
+
+    fn sockets(&self, family: Family, l4: L4) -> io::Result<Vec<DiagSocket>> {
+        sockdiag::dump(family, l4)
+    }
 }
 
 fn is_executable(p: &Path) -> bool {
@@ -262,6 +271,7 @@ struct Fake {
     files: BTreeMap<PathBuf, String>,
     missing: Vec<String>,
     denied: Vec<PathBuf>,
+    sockets: Option<Vec<DiagSocket>>,
 }
 
 /// An in-memory runner for tests: records commands and writes, answers from canned
@@ -305,6 +315,12 @@ impl RecordingRunner {
     /// Makes writes to `path` fail with EACCES (as /proc/sys does without privileges).
     pub fn deny_write(&self, path: &str) {
         self.fake.borrow_mut().denied.push(PathBuf::from(path));
+    }
+
+    /// Answers [`Runner::sockets`] from this list (filtered by family and protocol).
+    /// Without it the fake has no `sock_diag`, and callers fall back to `/proc/net`.
+    pub fn set_sockets(&self, sockets: Vec<DiagSocket>) {
+        self.fake.borrow_mut().sockets = Some(sockets);
     }
 
     /// Creates or replaces a file.
@@ -423,6 +439,20 @@ impl Runner for RecordingRunner {
 
     fn exists(&self, path: &Path) -> bool {
         self.fake.borrow().files.keys().any(|p| p.starts_with(path))
+    }
+
+    fn sockets(&self, family: Family, l4: L4) -> io::Result<Vec<DiagSocket>> {
+        match &self.fake.borrow().sockets {
+            Some(all) => Ok(all
+                .iter()
+                .filter(|s| s.family == family && s.l4 == l4)
+                .cloned()
+                .collect()),
+            None => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "no sock_diag in the fake runner",
+            )),
+        }
     }
 }
 

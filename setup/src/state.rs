@@ -12,6 +12,7 @@
 
 use crate::config::{parse_mark, parse_u32, Backend, Config, FailMode};
 use crate::error::SetupError;
+use crate::input::InputTarget;
 use crate::plan::{self, Family, Plan};
 use crate::ports::{parse_port_list, PortSel};
 use crate::sysctl::SysctlKey;
@@ -198,6 +199,14 @@ pub struct State {
     pub sysctls: Vec<SysctlRecord>,
     /// iptables-nft only: what existed of the mangle tables before.
     pub mangle: Vec<MangleOrigin>,
+    /// Input-hook chains holding the accept rule of `--accept-input` (teardown
+    /// removes it from each).
+    pub input_rules: Vec<InputTarget>,
+    /// IPv6 was wanted but disabled when apply ran, and why: it applied IPv4 only.
+    pub ipv6_skipped: Option<String>,
+    /// The id of the apply that wrote this state; its journal carries the same id
+    /// ([`crate::journal`]), which tells a finished apply from an interrupted one.
+    pub apply_id: Option<String>,
     /// The firewall as the kernel listed it right after apply (nft: `nft list table`;
     /// iptables: our `iptables-save` lines prefixed with `v4 ` / `v6 `).
     pub fingerprint: Vec<String>,
@@ -227,6 +236,9 @@ impl State {
         );
         let _ = writeln!(s, "version {VERSION}");
         let _ = writeln!(s, "netns {}", self.netns);
+        if let Some(id) = &self.apply_id {
+            let _ = writeln!(s, "apply-id {id}");
+        }
         let _ = writeln!(s, "backend {}", c.backend.name());
         let _ = writeln!(s, "port {}", c.port);
         let _ = writeln!(s, "tcp {}", sel(&c.tcp));
@@ -237,6 +249,11 @@ impl State {
         let _ = writeln!(s, "table {}", c.table);
         let _ = writeln!(s, "bypass-mark {:#x}", c.bypass_mark);
         let _ = writeln!(s, "fail-mode {}", c.fail_mode.name());
+        let _ = writeln!(
+            s,
+            "accept-input {}",
+            if c.accept_input { "on" } else { "off" }
+        );
         let _ = writeln!(s, "rp-ifaces {}", list(&self.rp_ifaces));
         for r in &self.rules {
             let pref = r.pref.map_or("-".to_string(), |p| p.to_string());
@@ -262,6 +279,12 @@ impl State {
                 u8::from(m.prerouting_existed)
             );
         }
+        for t in &self.input_rules {
+            let _ = writeln!(s, "input-rule {}", t.render());
+        }
+        if let Some(why) = &self.ipv6_skipped {
+            let _ = writeln!(s, "ipv6-skipped {why}");
+        }
         for line in &self.fingerprint {
             let _ = writeln!(s, "fw {line}");
         }
@@ -282,6 +305,9 @@ impl State {
             routes: Vec::new(),
             sysctls: Vec::new(),
             mangle: Vec::new(),
+            input_rules: Vec::new(),
+            ipv6_skipped: None,
+            apply_id: None,
             fingerprint: Vec::new(),
         };
         let mut version = None;
@@ -293,6 +319,10 @@ impl State {
             let (key, rest) = line.split_once(' ').unwrap_or((line, ""));
             if key == "fw" {
                 st.fingerprint.push(rest.to_string());
+                continue;
+            }
+            if key == "ipv6-skipped" {
+                st.ipv6_skipped = Some(rest.to_string());
                 continue;
             }
             let w: Vec<&str> = rest.split_whitespace().collect();
@@ -323,6 +353,7 @@ impl State {
             match key {
                 "version" => version = Some(one()?.to_string()),
                 "netns" => st.netns = one()?.to_string(),
+                "apply-id" => st.apply_id = Some(one()?.to_string()),
                 "backend" => config.backend = one()?.parse::<Backend>().map_err(|e| bad(&e))?,
                 "port" => config.port = one()?.parse().map_err(|_| bad("bad port"))?,
                 "tcp" => config.tcp = sel(one()?)?,
@@ -338,6 +369,10 @@ impl State {
                     config.fail_mode = one()?.parse::<FailMode>().map_err(|e| bad(&e))?
                 }
                 "rp-ifaces" => st.rp_ifaces = list(one()?),
+                "accept-input" => config.accept_input = one()? == "on",
+                "input-rule" => st.input_rules.push(InputTarget::parse(&w).ok_or_else(|| {
+                    bad("expected: input-rule nft FAMILY TABLE CHAIN | iptables FAMILY")
+                })?),
                 "rule" => match w.as_slice() {
                     [f, how, pref] => st.rules.push(RuleRecord {
                         family: family(f)?,
@@ -475,6 +510,7 @@ mod tests {
                 table: 123,
                 bypass_mark: 0x200,
                 fail_mode: FailMode::Closed,
+                accept_input: true,
             },
             rp_ifaces: vec!["eth1".into(), "eth2.100".into()],
             rules: vec![RuleRecord {
@@ -505,6 +541,16 @@ mod tests {
                 table_existed: false,
                 prerouting_existed: false,
             }],
+            input_rules: vec![
+                InputTarget::Iptables(Family::V4),
+                InputTarget::Nft {
+                    family: "inet".into(),
+                    table: "filter".into(),
+                    chain: "input".into(),
+                },
+            ],
+            ipv6_skipped: Some("net.ipv6.conf.all.disable_ipv6=1".into()),
+            apply_id: Some("18f2a-4242".into()),
             fingerprint: vec![
                 "v4 -A PREROUTING -j RINGRELAY".into(),
                 "v4 -A RINGRELAY -i lo -j RETURN".into(),

@@ -3,9 +3,12 @@
 //! bad input that must change nothing. No root needed.
 
 use ringrelay_setup::config::{Backend, Config, FailMode};
+use ringrelay_setup::plan::{Family, L4};
 use ringrelay_setup::runner::{Event, Output, RecordingRunner};
+use ringrelay_setup::sockdiag::{DiagSocket, STATE_CLOSE, STATE_LISTEN};
 use ringrelay_setup::state::State;
 use ringrelay_setup::{ops, status};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
 /// The namespace identity the fake runs in.
@@ -14,6 +17,8 @@ const RULES_DEFAULT: &str =
     "0:\tfrom all lookup 255\n32766:\tfrom all lookup 254\n32767:\tfrom all lookup 253\n";
 const RULES_OURS: &str = "0:\tfrom all lookup 255\n32765:\tfrom all fwmark 0x1/0x1 lookup 100\n32766:\tfrom all lookup 254\n32767:\tfrom all lookup 253\n";
 const ROUTE_OURS: &str = "local default dev lo scope host \n";
+/// The marker comment of our nft table, as `nft list table` prints it.
+const MARKER: &str = "comment \"ringrelay: managed by setup apply, deleted by setup teardown\"";
 
 /// A router with lo, eth0 and eth1; forwarding off; strict rp_filter on all and eth1.
 fn fake_host() -> RecordingRunner {
@@ -117,10 +122,10 @@ fn apply_sends_exactly_the_plan_in_order() {
         changes(&r),
         vec![
             "nft -f -",
-            "ip rule add fwmark 0x1/0x1 lookup 100",
-            "ip -6 rule add fwmark 0x1/0x1 lookup 100",
-            "ip route add local 0.0.0.0/0 dev lo table 100",
-            "ip -6 route add local ::/0 dev lo table 100",
+            "ip rule add fwmark 0x1/0x1 lookup 100 proto 114",
+            "ip -6 rule add fwmark 0x1/0x1 lookup 100 proto 114",
+            "ip route add local 0.0.0.0/0 dev lo table 100 proto 114",
+            "ip -6 route add local ::/0 dev lo table 100 proto 114",
             "write /proc/sys/net/ipv4/ip_forward=1",
             "write /proc/sys/net/ipv6/conf/all/forwarding=1",
             "write /proc/sys/net/ipv4/conf/all/rp_filter=2",
@@ -250,16 +255,16 @@ fn failure_midway_rolls_back_what_was_done() {
     let err = ops::apply(&r, &Config::default(), &path, NS).unwrap_err();
     assert_eq!(
         err.to_string(),
-        "`ip -6 route add local ::/0 dev lo table 100` failed (exit 2): RTNETLINK answers: No such device; everything apply had changed was rolled back"
+        "`ip -6 route add local ::/0 dev lo table 100 proto 114` failed (exit 2): RTNETLINK answers: No such device; everything apply had changed was rolled back"
     );
     assert_eq!(
         changes(&r),
         vec![
             "nft -f -",
-            "ip rule add fwmark 0x1/0x1 lookup 100",
-            "ip -6 rule add fwmark 0x1/0x1 lookup 100",
-            "ip route add local 0.0.0.0/0 dev lo table 100",
-            "ip -6 route add local ::/0 dev lo table 100",
+            "ip rule add fwmark 0x1/0x1 lookup 100 proto 114",
+            "ip -6 rule add fwmark 0x1/0x1 lookup 100 proto 114",
+            "ip route add local 0.0.0.0/0 dev lo table 100 proto 114",
+            "ip -6 route add local ::/0 dev lo table 100 proto 114",
             // rollback, newest first
             "ip route del local 0.0.0.0/0 dev lo table 100",
             "ip -6 rule del pref 32765 fwmark 0x1/0x1 lookup 100",
@@ -509,18 +514,13 @@ fn status_reports_ready_missing_and_conflicts() {
 
     r.respond(
         "nft list table inet ringrelay",
-        Output::ok("table inet ringrelay {\n\tchain prerouting {\n\t}\n}\n"),
+        Output::ok(&format!(
+            "table inet ringrelay {{\n\t{MARKER}\n\tchain prerouting {{\n\t}}\n}}\n"
+        )),
     );
     ops::apply(&r, &Config::default(), &path, NS).unwrap();
     show_ours(&r);
-    r.set_file(
-        "/proc/net/tcp",
-        "  sl  local_address rem_address   st\n   0: 00000000:3A99 00000000:0000 0A\n",
-    );
-    r.set_file(
-        "/proc/net/udp",
-        "  sl  local_address rem_address   st\n   0: 00000000:3A99 00000000:0000 07\n",
-    );
+    r.set_sockets(engine_sockets(15001));
     let ok = status::status(&r, &path, NS, &Config::default()).unwrap();
     assert!(ok.ready(), "{}", ok.render());
     assert!(ok.render().ends_with("ringrelay: ready\n"));
@@ -528,7 +528,9 @@ fn status_reports_ready_missing_and_conflicts() {
     // Someone edits the table, turns forwarding off, sets src_valid_mark.
     r.respond(
         "nft list table inet ringrelay",
-        Output::ok("table inet ringrelay {\n\tchain prerouting {\n\t\tdrop\n\t}\n}\n"),
+        Output::ok(&format!(
+            "table inet ringrelay {{\n\t{MARKER}\n\tchain prerouting {{\n\t\tdrop\n\t}}\n}}\n"
+        )),
     );
     r.set_file("/proc/sys/net/ipv4/ip_forward", "0");
     r.set_file("/proc/sys/net/ipv4/conf/all/src_valid_mark", "1");
@@ -536,7 +538,7 @@ fn status_reports_ready_missing_and_conflicts() {
     let bad = status::status(&r, &path, NS, &Config::default()).unwrap();
     let text = bad.render();
     assert!(!bad.ready());
-    assert!(text.contains("CONFLICT: nft table inet ringrelay changed since apply (line 3: expected `}`, found `drop`)"), "{text}");
+    assert!(text.contains("CONFLICT: nft table inet ringrelay changed since apply (line 4: expected `}`, found `drop`)"), "{text}");
     assert!(
         text.contains("CONFLICT: net.ipv4.ip_forward is 0, needs 1"),
         "{text}"
@@ -545,9 +547,219 @@ fn status_reports_ready_missing_and_conflicts() {
         text.contains("MISSING: ip -6 rule fwmark 0x1/0x1 lookup 100"),
         "{text}"
     );
-    assert!(text.contains("warning: src_valid_mark=1 on all"), "{text}");
+    assert!(
+        text.contains("BLOCKED: src_valid_mark=1 (net.ipv4.conf.all.src_valid_mark)"),
+        "{text}"
+    );
     assert!(
         text.ends_with("ringrelay: NOT READY (3 problems)\n"),
         "{text}"
     );
+    assert_eq!(bad.exit_code(), status::EXIT_NOT_READY);
+}
+
+/// The sockets a running engine has: TCP listeners and UDP sockets on the wildcard
+/// address, v4 and v6-only v6, all transparent.
+fn engine_sockets(port: u16) -> Vec<DiagSocket> {
+    let mut v = Vec::new();
+    for (family, addr) in [
+        (Family::V4, IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+        (Family::V6, IpAddr::V6(Ipv6Addr::UNSPECIFIED)),
+    ] {
+        for (l4, state) in [(L4::Tcp, STATE_LISTEN), (L4::Udp, STATE_CLOSE)] {
+            v.push(DiagSocket {
+                family,
+                l4,
+                state,
+                addr,
+                port,
+                v6only: (family == Family::V6).then_some(true),
+                transparent: Some(true),
+                inode: 1000 + v.len() as u32,
+            });
+        }
+    }
+    v
+}
+
+/// Rules in place, but the data path does not end in an engine: exit 3, one BLOCKED
+/// line per finding with its fix. Before this check status said "ready" in every case.
+#[test]
+fn status_exit_3_when_traffic_would_not_reach_an_engine() {
+    let r = fake_host();
+    let (_dir, path) = state_path("blocked");
+    r.respond(
+        "nft list table inet ringrelay",
+        Output::ok(&format!(
+            "table inet ringrelay {{\n\t{MARKER}\n\tchain prerouting {{\n\t}}\n}}\n"
+        )),
+    );
+    ops::apply(&r, &Config::default(), &path, NS).unwrap();
+    show_ours(&r);
+    let check = |want: u8| {
+        let rep = status::status(&r, &path, NS, &Config::default()).unwrap();
+        let text = rep.render();
+        assert_eq!(rep.exit_code(), want, "{text}");
+        text
+    };
+
+    // No engine at all.
+    r.set_sockets(Vec::new());
+    let text = check(status::EXIT_NOT_DELIVERING);
+    assert!(text.contains("BLOCKED: nothing listens on TCP port 15001 (IPv4 and IPv6) in this network namespace: intercepted traffic is forwarded untouched (fail-open), not relayed; fix: start the engine in this network namespace: `engine --port 15001`"), "{text}");
+    assert!(
+        text.contains("BLOCKED: nothing listens on UDP port 15001 (IPv4 and IPv6)"),
+        "{text}"
+    );
+    assert!(text.ends_with("ringrelay: NOT DELIVERING (2 findings): the rules are in place, but intercepted traffic would not reach an engine\n"), "{text}");
+
+    // The engine runs, on another port.
+    r.set_sockets(engine_sockets(15002));
+    let text = check(status::EXIT_NOT_DELIVERING);
+    assert!(text.contains("a transparent TCP socket listens on port 15002 instead: an engine with `--port 15002`? then re-apply with `setup apply --port 15002` or restart it with `--port 15001`"), "{text}");
+
+    // Something else holds the port, without IP_TRANSPARENT.
+    let mut plain = engine_sockets(15001);
+    plain[0].transparent = Some(false);
+    r.set_sockets(plain);
+    let text = check(status::EXIT_NOT_DELIVERING);
+    assert!(text.contains("BLOCKED: TCP port 15001 (IPv4) is held by a socket without IP_TRANSPARENT (inode 1000)"), "{text}");
+
+    // An engine started with --no-ipv6 (or --no-udp).
+    let v4only: Vec<DiagSocket> = engine_sockets(15001)
+        .into_iter()
+        .filter(|s| s.family == Family::V4)
+        .collect();
+    r.set_sockets(v4only);
+    let text = check(status::EXIT_NOT_DELIVERING);
+    assert!(text.contains("nothing listens on TCP port 15001 (IPv6) in this network namespace: intercepted traffic is forwarded untouched (fail-open), not relayed; fix: the engine seems to run with --no-ipv6"), "{text}");
+    let tcponly: Vec<DiagSocket> = engine_sockets(15001)
+        .into_iter()
+        .filter(|s| s.l4 == L4::Tcp)
+        .collect();
+    r.set_sockets(tcponly);
+    let text = check(status::EXIT_NOT_DELIVERING);
+    assert!(text.contains("fix: the engine seems to run with --no-udp: restart it without, or stop intercepting UDP with `setup apply --no-udp`"), "{text}");
+
+    // A dual-stack [::] listener serves IPv4 as well.
+    let mut dual = engine_sockets(15001);
+    dual.retain(|s| s.family == Family::V6);
+    for s in &mut dual {
+        s.v6only = Some(false);
+    }
+    r.set_sockets(dual);
+    let text = check(status::EXIT_READY);
+    assert!(
+        text.contains(
+            "ok: transparent listeners on port 15001: IPv4 TCP, IPv6 TCP, IPv4 UDP, IPv6 UDP"
+        ),
+        "{text}"
+    );
+
+    // src_valid_mark on an intercepted interface; accept_local lets it through.
+    r.set_sockets(engine_sockets(15001));
+    r.set_file("/proc/sys/net/ipv4/conf/eth1/src_valid_mark", "1");
+    r.set_file("/proc/sys/net/ipv4/conf/all/accept_local", "0");
+    r.set_file("/proc/sys/net/ipv4/conf/eth1/accept_local", "0");
+    let text = check(status::EXIT_NOT_DELIVERING);
+    assert!(text.contains("BLOCKED: src_valid_mark=1 (net.ipv4.conf.eth1.src_valid_mark) on intercepted interfaces eth1: the reverse-path check routes the client's address with the interception mark, finds `local default dev lo` in table 100 and drops intercepted IPv4 packets as martians"), "{text}");
+    assert!(
+        text.contains("fix: `sysctl -w net.ipv4.conf.eth1.src_valid_mark=0`"),
+        "{text}"
+    );
+    r.set_file("/proc/sys/net/ipv4/conf/eth1/accept_local", "1");
+    check(status::EXIT_READY);
+}
+
+/// Fail-closed with no engine: status says the traffic is dropped (it used to say ready).
+#[test]
+fn status_fail_closed_without_engine_says_dropped() {
+    let r = fake_host();
+    let (_dir, path) = state_path("closed");
+    let config = Config {
+        fail_mode: FailMode::Closed,
+        ..Config::default()
+    };
+    ops::apply(&r, &config, &path, NS).unwrap();
+    show_ours(&r);
+    r.set_sockets(Vec::new());
+    let rep = status::status(&r, &path, NS, &Config::default()).unwrap();
+    assert!(
+        rep.render()
+            .contains("in this network namespace: intercepted traffic is DROPPED (fail-closed); fix: start the engine"),
+        "{}",
+        rep.render()
+    );
+}
+
+/// `--dry-run` shows the input-hook problem, and with `--accept-input` the exact rule
+/// it would insert.
+#[test]
+fn dry_run_shows_the_input_hook_fix() {
+    let r = fake_host();
+    r.respond(
+        "nft list ruleset",
+        Output::ok("table ip fw {\n\tchain in {\n\t\ttype filter hook input priority filter; policy drop;\n\t\tiifname \"lo\" accept\n\t}\n}\n"),
+    );
+    let path = Path::new("/run/ringrelay/x.state");
+    let text = ops::dry_run(&r, &Config::default(), path).unwrap();
+    assert!(
+        text.contains("# NOTE: nft chain ip fw in (input hook) drops intercepted packets (IPv4 TCP, IPv4 UDP on every intercepted interface) at `policy drop`"),
+        "{text}"
+    );
+    let config = Config {
+        accept_input: true,
+        ..Config::default()
+    };
+    let text = ops::dry_run(&r, &config, path).unwrap();
+    assert!(
+        text.contains("nft -f - <<'EOF'\ninsert rule ip fw in meta mark & 0x1 == 0x1 accept comment \"ringrelay: setup apply --accept-input\"\nEOF\n"),
+        "{text}"
+    );
+}
+
+/// A `table inet ringrelay` that setup did not create (no marker, no state) is never
+/// replaced: apply refuses naming it, and teardown without a state file leaves it.
+#[test]
+fn foreign_table_is_refused_and_left_alone() {
+    let r = fake_host();
+    r.respond(
+        "nft list table inet ringrelay",
+        Output::ok("table inet ringrelay {\n\tchain mine {\n\t\ttype filter hook input priority 0; policy accept;\n\t}\n}\n"),
+    );
+    assert_refused_untouched(
+        &r,
+        &Config::default(),
+        "nft table inet ringrelay already exists and setup did not create it (it lacks the comment \"ringrelay: managed by setup apply, deleted by setup teardown\" and no state file records it): apply would replace it and its rules would be lost; rename or move that table, or if it is a leftover of an older setup, delete it with `nft delete table inet ringrelay`",
+    );
+    let (_dir, path) = state_path("foreign");
+    let report = ops::teardown(&r, &path, NS).unwrap();
+    assert!(changes(&r).is_empty(), "{:?}", changes(&r));
+    assert!(
+        report
+            .warnings
+            .iter()
+            .any(|w| w
+                .contains("nft table inet ringrelay left alone: it lacks setup's marker comment")),
+        "{report:?}"
+    );
+    let st = status::status(&r, &path, NS, &Config::default()).unwrap();
+    assert!(
+        st.render()
+            .contains("CONFLICT: nft table inet ringrelay exists but setup did not create it"),
+        "{}",
+        st.render()
+    );
+    // A table setup installed before it had the marker is its own by the state file.
+    let (_dir, path) = state_path("recorded");
+    r.respond(
+        "nft list table inet ringrelay",
+        Output::ok("table inet ringrelay {\n\tchain prerouting {\n\t}\n}\n"),
+    );
+    r.respond_once(
+        "nft list table inet ringrelay",
+        Output::fail(1, "Error: No such file or directory\n"),
+    );
+    ops::apply(&r, &Config::default(), &path, NS).unwrap();
+    ops::apply(&r, &Config::default(), &path, NS).unwrap();
 }

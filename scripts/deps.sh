@@ -20,6 +20,7 @@ declare -A PKG=(
     [dig]=bind9-dnsutils
     [cc]=gcc
     [pkill]=procps
+    [systemd-analyze]=systemd
 )
 
 install_missing() {

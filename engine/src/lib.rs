@@ -204,7 +204,11 @@ impl Engine {
     /// A liveness probe for a watchdog: fails once a worker has not run its 1 s tick
     /// for `stall` (its loop is stuck), or has ended while not asked to stop.
     pub fn liveness(&self, stall: Duration) -> impl FnMut() -> Result<(), String> + Send {
-        let stats: Vec<_> = self.workers.iter().map(|w| (w.cpu, w.stats.clone())).collect();
+        let stats: Vec<_> = self
+            .workers
+            .iter()
+            .map(|w| (w.cpu, w.stats.clone()))
+            .collect();
         let mut seen: Vec<(u64, Instant)> = stats.iter().map(|_| (0, Instant::now())).collect();
         move || {
             for (i, (cpu, s)) in stats.iter().enumerate() {

@@ -316,8 +316,9 @@ fn run(args: Args) -> Result<()> {
     }
     check_pipe_size(&cfg)?;
 
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGUSR1, SIGUSR2, SIGHUP])
-        .context("installing signal handlers")?;
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGUSR1, SIGUSR2, SIGHUP])
+            .context("installing signal handlers")?;
     let fds_at_start = sys::open_fd_count();
     let sockets = inherited
         .as_mut()
@@ -403,10 +404,7 @@ fn run(args: Args) -> Result<()> {
                 SIGUSR2 if stopping => eprintln!("engine: SIGUSR2 while stopping: ignored"),
                 SIGUSR2 => match restart_in_place(&args) {
                     Ok(child) => {
-                        eprintln!(
-                            "engine: SIGUSR2: started pid {} to take over",
-                            child.id()
-                        );
+                        eprintln!("engine: SIGUSR2: started pid {} to take over", child.id());
                         successor = Some(child);
                     }
                     Err(e) => eprintln!("engine: SIGUSR2: cannot restart in place: {e:#}"),

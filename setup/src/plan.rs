@@ -335,8 +335,8 @@ impl Plan {
 }
 
 const WHY_LOOPBACK: &str = "Loopback is never intercepted: local traffic, and anything the engine\nsends to itself, re-enters prerouting on lo.";
-const WHY_TCP: &str = "TCP: no `socket transparent 1` pre-match on purpose. tproxy itself first finds an\nestablished socket, then handles a SYN that hits a TIME_WAIT socket\n(nf_tproxy_handle_time_wait), then the listener. A blanket socket pre-match would\nhand a SYN that reuses a client port to the engine's TIME_WAIT socket, which\nanswers with a reset (kernel.md pitfall 1).";
-const WHY_UDP: &str = "UDP: no socket pre-match either: it would divert client datagrams to the\nengine's reply sockets bound to original destinations (kernel.md pitfall 6).";
+const WHY_TCP: &str = "TCP: no `socket transparent 1` pre-match on purpose. tproxy itself first finds an\nestablished socket, then handles a SYN that hits a TIME_WAIT socket\n(nf_tproxy_handle_time_wait), then the listener. A blanket socket pre-match would\nhand a SYN that reuses a client port to the engine's TIME_WAIT socket, which\nanswers with a reset (docs/deployment.md, port reuse).";
+const WHY_UDP: &str = "UDP: no socket pre-match either: it would divert client datagrams to the\nengine's reply sockets bound to original destinations.";
 
 /// Builds the plan. `host_ifaces` are the interfaces present now; with the default
 /// "every interface but lo" they are the ones whose `rp_filter` is managed.

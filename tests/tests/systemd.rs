@@ -24,7 +24,8 @@ impl NotifySocket {
     fn bind(path: &Path) -> NotifySocket {
         let _ = std::fs::remove_file(path);
         let sock = UnixDatagram::bind(path).unwrap();
-        sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
         NotifySocket { sock }
     }
 
@@ -45,7 +46,8 @@ impl NotifySocket {
 }
 
 fn field<'a>(msg: &'a str, key: &str) -> Option<&'a str> {
-    msg.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+    msg.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
 }
 
 fn args(extra: &[&str]) -> Vec<String> {
@@ -73,8 +75,15 @@ fn engine_speaks_sd_notify_and_pings_the_watchdog() {
     let ready = notify
         .wait(Duration::from_secs(5), |m| m.contains("READY=1"))
         .expect("READY=1");
-    assert_eq!(field(&ready, "MAINPID"), Some(pid.to_string().as_str()), "{ready}");
-    assert!(field(&ready, "STATUS").is_some_and(|s| s.contains("connections")), "{ready}");
+    assert_eq!(
+        field(&ready, "MAINPID"),
+        Some(pid.to_string().as_str()),
+        "{ready}"
+    );
+    assert!(
+        field(&ready, "STATUS").is_some_and(|s| s.contains("connections")),
+        "{ready}"
+    );
     let t = Instant::now();
     let mut pings = 0;
     while pings < 4 {
@@ -84,11 +93,12 @@ fn engine_speaks_sd_notify_and_pings_the_watchdog() {
         pings += 1;
     }
     // Half the 400 ms interval between pings: 4 pings take about 0.8 s.
-    assert!(t.elapsed() < Duration::from_secs(2), "pings too slow: {:?}", t.elapsed());
-    rig.engine_mut()
-        .child
-        .signal(Signal::SIGTERM)
-        .unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "pings too slow: {:?}",
+        t.elapsed()
+    );
+    rig.engine_mut().child.signal(Signal::SIGTERM).unwrap();
     notify
         .wait(Duration::from_secs(5), |m| m.contains("STOPPING=1"))
         .expect("STOPPING=1");
@@ -148,4 +158,43 @@ fn engine_restarts_in_place_on_sigusr2() {
         kill(Pid::from_raw(new_pid), None).is_err(),
         "the successor did not exit on SIGTERM"
     );
+}
+
+/// The shipped units pass `systemd-analyze verify` (with the binaries this build
+/// made standing in for the installed ones). Needs no root.
+#[test]
+fn unit_files_verify() {
+    let test = "unit_files_verify";
+    if std::process::Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        panic!("{test}: systemd-analyze is missing (scripts/deps.sh installs systemd)");
+    }
+    let dir = std::env::temp_dir().join(format!("ringrelay-units-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dist/systemd");
+    let mut units = Vec::new();
+    for name in ["ringrelay-setup.service", "ringrelay-engine.service"] {
+        let text = std::fs::read_to_string(src.join(name)).unwrap();
+        let text = text
+            .replace("/usr/bin/ringrelay-engine", engine_bin().to_str().unwrap())
+            .replace("/usr/bin/ringrelay-setup", setup_bin().to_str().unwrap());
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        units.push(path);
+    }
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg("--man=no")
+        .args(&units)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "systemd-analyze verify: {stderr}");
+    // verify exits 0 on some warnings; a unit it could not parse is still an error.
+    assert!(!stderr.contains("Unknown key"), "{stderr}");
+    assert!(!stderr.contains("Invalid"), "{stderr}");
 }

@@ -74,7 +74,7 @@ pub const CONTROL_LEN: usize = max(
     cmsg_space(size_of::<libc::sockaddr_in6>()),
     cmsg_space(size_of::<libc::sockaddr_in>()),
 );
-const _: () = assert!(CONTROL_LEN >= 48, "kernel.md: reserve at least 48 bytes");
+const _: () = assert!(CONTROL_LEN >= 48, "an IPV6_ORIGDSTADDR cmsg needs 48 bytes");
 
 const fn max(a: usize, b: usize) -> usize {
     if a > b {

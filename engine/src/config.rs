@@ -56,6 +56,12 @@ fn parse_mark(s: &str) -> Result<u32, String> {
                   sockets over and this one drains."
 )]
 pub struct Args {
+    /// Write one JSON line per finished TCP connection and ended UDP flow to this
+    /// file (`-`: standard output); reopened on SIGHUP (logrotate). Schema:
+    /// docs/deployment.md.
+    #[arg(long, value_name = "PATH")]
+    pub flow_log: Option<String>,
+
     /// Restart without dropping anything: if an engine serves this Unix socket,
     /// take its listening sockets over and let it drain; either way, serve it for
     /// the next engine (e.g. /run/ringrelay/takeover.sock).
@@ -185,6 +191,8 @@ pub struct Config {
     pub udp_max_flows_per_core: usize,
     /// Optional io_uring features this kernel has (probed at startup).
     pub features: crate::core::ring::Features,
+    /// Where flow log lines go, if anywhere.
+    pub flow_log: Option<crate::flowlog::Target>,
 }
 
 impl Config {

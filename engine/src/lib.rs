@@ -29,6 +29,7 @@ pub mod config;
 #[allow(unsafe_code)]
 pub mod core;
 pub mod cpus;
+pub mod flowlog;
 pub mod notify;
 pub mod policy;
 pub mod sockets;
@@ -86,6 +87,7 @@ pub struct Engine {
     /// Duplicates of the listening sockets, for a successor engine (takeover);
     /// dropped when stopping, so that the sockets close once the workers close theirs.
     handover: Arc<std::sync::Mutex<Option<Vec<sockets::Listen>>>>,
+    flowlog: Option<flowlog::FlowLog>,
 }
 
 impl Engine {
@@ -107,6 +109,15 @@ impl Engine {
             what: "duplicating the listening sockets",
             source,
         })?;
+        let flowlog = match &cfg.flow_log {
+            Some(t) => Some(flowlog::FlowLog::start(t.clone(), cfg.cores.len()).map_err(
+                |source| StartError::Os {
+                    what: "opening the flow log",
+                    source,
+                },
+            )?),
+            None => None,
+        };
         let cfg = Arc::new(cfg);
         let (tx, rx) = mpsc::channel();
         let mut engine = Engine {
@@ -115,16 +126,26 @@ impl Engine {
             ring_flags: String::new(),
             started: Instant::now(),
             handover: Arc::new(std::sync::Mutex::new(Some(handover))),
+            flowlog: None,
         };
-        for (&cpu, sockets) in cfg.cores.iter().zip(listen.per_worker) {
+        for (i, (&cpu, sockets)) in cfg.cores.iter().zip(listen.per_worker).enumerate() {
             let stats = Arc::new(CoreStats::default());
             let os = |what| move |source| StartError::Os { what, source };
             let control = sys::eventfd().map_err(os("eventfd"))?;
             let worker_control = control.try_clone().map_err(os("dup eventfd"))?;
             let (c, s, t, p) = (cfg.clone(), stats.clone(), tx.clone(), policy(cpu));
+            let w = worker::Spawn {
+                cfg: c,
+                cpu,
+                stats: s,
+                control: worker_control,
+                policy: p,
+                sockets,
+                flowlog: flowlog.as_ref().map(|f| f.sender(i)),
+            };
             let thread = std::thread::Builder::new()
                 .name(format!("ringrelay-cpu{cpu}"))
-                .spawn(move || worker::thread_main(c, cpu, s, worker_control, p, sockets, t))
+                .spawn(move || worker::thread_main(w, t))
                 .map_err(os("spawning a worker thread"))?;
             engine.workers.push(WorkerHandle {
                 cpu,
@@ -134,6 +155,7 @@ impl Engine {
             });
         }
         drop(tx);
+        engine.flowlog = flowlog;
         let mut failure = None;
         for _ in 0..engine.workers.len() {
             match rx.recv_timeout(Duration::from_secs(10)) {
@@ -229,6 +251,13 @@ impl Engine {
         }
     }
 
+    /// Reopens the flow log file (SIGHUP, after logrotate moved it).
+    pub fn reopen_logs(&self) {
+        if let Some(f) = &self.flowlog {
+            f.reopen();
+        }
+    }
+
     /// Every worker has ended.
     pub fn is_finished(&self) -> bool {
         self.workers.iter().all(|w| w.thread.is_finished())
@@ -246,6 +275,9 @@ impl Engine {
         for w in self.workers {
             panicked |= w.thread.join().is_err();
             stats.push((w.cpu, w.stats));
+        }
+        if let Some(f) = self.flowlog {
+            f.finish(); // every worker's queue is closed now: write what is left
         }
         // Read after the joins: these are final.
         let rows = stats.iter().map(|(cpu, s)| (*cpu, s.snapshot())).collect();

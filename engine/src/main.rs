@@ -18,7 +18,7 @@ use socket2::{Domain, Socket, Type};
 
 use ringrelay_engine::config::{self, Args, Config, RelayMode};
 use ringrelay_engine::notify::{self, Notifier};
-use ringrelay_engine::{core::ring, cpus, policy, stats, sys, takeover, Engine};
+use ringrelay_engine::{core::ring, cpus, flowlog, policy, stats, sys, takeover, Engine};
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -203,6 +203,7 @@ fn resolve(args: &Args, features: ring::Features) -> Result<(Config, u64)> {
                 .clamp(1, args.udp_idle_timeout_s.max(1)),
             udp_max_flows_per_core: max_flows.div_ceil(n).max(1),
             features,
+            flow_log: args.flow_log.as_deref().map(flowlog::Target::parse),
         },
         nofile,
     ))
@@ -397,10 +398,13 @@ fn run(args: Args) -> Result<()> {
         for sig in signals.pending() {
             match sig {
                 SIGUSR1 => print_counters(&engine.counters()),
-                SIGHUP => eprintln!(
-                    "engine: SIGHUP: nothing to reload (no rules file is configured); \
-                     still running"
-                ),
+                SIGHUP => {
+                    engine.reopen_logs();
+                    eprintln!(
+                        "engine: SIGHUP: flow log reopened; no rules file to reload; still \
+                         running"
+                    )
+                }
                 SIGUSR2 if stopping => eprintln!("engine: SIGUSR2 while stopping: ignored"),
                 SIGUSR2 => match restart_in_place(&args) {
                     Ok(child) => {

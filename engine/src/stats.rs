@@ -430,6 +430,8 @@ counters! {
     ring_cq_overflow,
     /// SQEs waiting for room in the SQ (a gauge; normally 0).
     ring_backlog,
+    /// Flow log records dropped because the writer fell behind (queue full).
+    flowlog_dropped,
     /// Idle pipes in the splice relay's pool (a gauge, updated every second).
     pipes_idle,
     /// Pipes held by relay directions with bytes in flight (a gauge, every second).

@@ -67,17 +67,20 @@ pub struct Worker {
 
 impl Worker {
     /// Builds the worker on the current (already pinned) thread.
-    pub fn new(
-        cfg: Arc<Config>,
-        cpu: usize,
-        stats: Arc<CoreStats>,
-        control: OwnedFd,
-        policy: Box<dyn Policy>,
-        sockets: Vec<Listen>,
-    ) -> Result<Worker, String> {
+    pub fn new(s: Spawn) -> Result<Worker, String> {
+        let Spawn {
+            cfg,
+            cpu,
+            stats,
+            control,
+            policy,
+            sockets,
+            flowlog,
+        } = s;
         let ring = Ring::new(SQ_ENTRIES, cq_entries(&cfg), &cfg.features)
             .map_err(|e| format!("cpu {cpu}: io_uring_setup: {e}"))?;
         let mut core = Core::new(ring, cfg.clone(), cpu, stats, policy);
+        core.flowlog = flowlog;
         let (tcp_fds, udp_fds): (Vec<_>, Vec<_>) =
             sockets.into_iter().partition(|l| l.proto == Proto::Tcp);
         let tcp = if cfg.tcp {
@@ -261,21 +264,28 @@ impl Worker {
     }
 }
 
+/// Everything a worker thread starts from.
+pub struct Spawn {
+    pub cfg: Arc<Config>,
+    pub cpu: usize,
+    pub stats: Arc<CoreStats>,
+    /// Stop requests from the main thread.
+    pub control: OwnedFd,
+    pub policy: Box<dyn Policy>,
+    /// Its listening sockets.
+    pub sockets: Vec<Listen>,
+    /// Its queue to the flow log writer.
+    pub flowlog: Option<std::sync::mpsc::SyncSender<crate::flowlog::FlowRecord>>,
+}
+
 /// Body of a worker thread: pin, build, report readiness, run.
-pub fn thread_main(
-    cfg: Arc<Config>,
-    cpu: usize,
-    stats: Arc<CoreStats>,
-    control: OwnedFd,
-    policy: Box<dyn Policy>,
-    sockets: Vec<Listen>,
-    ready: mpsc::Sender<Ready>,
-) {
+pub fn thread_main(s: Spawn, ready: mpsc::Sender<Ready>) {
+    let cpu = s.cpu;
     if !core_affinity::set_for_current(core_affinity::CoreId { id: cpu }) {
         let _ = ready.send(Err(format!("cannot pin the worker thread to CPU {cpu}")));
         return;
     }
-    match Worker::new(cfg, cpu, stats, control, policy, sockets) {
+    match Worker::new(s) {
         Ok(w) => w.run(ready),
         Err(e) => {
             let _ = ready.send(Err(e));

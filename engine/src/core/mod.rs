@@ -8,12 +8,14 @@
 pub mod ring;
 pub mod token;
 
+use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use io_uring::{opcode, squeue, types};
 
 use crate::config::Config;
+use crate::flowlog::FlowRecord;
 use crate::policy::Policy;
 use crate::stats::CoreStats;
 use ring::{Completion, DeadRing, Ring};
@@ -34,6 +36,8 @@ pub struct Core {
     /// The connect timeout every connect's `LINK_TIMEOUT` points at. Boxed so its
     /// address is stable; it lives as long as the core, which outlives every op.
     pub connect_ts: Box<types::Timespec>,
+    /// This core's queue to the flow log writer, if flow logs are on.
+    pub flowlog: Option<SyncSender<FlowRecord>>,
     /// Ops submitted whose final completion has not been seen yet.
     in_flight: usize,
     started: Instant,
@@ -64,6 +68,7 @@ impl Core {
             tick: 0,
             stopping: false,
             connect_ts,
+            flowlog: None,
             in_flight: 0,
             started: Instant::now(),
             last_log_tick: u64::MAX,
@@ -133,6 +138,21 @@ impl Core {
             self.cpu, self.in_flight
         );
         std::process::abort();
+    }
+
+    /// Hands a flow log record to the writer, if flow logs are on; `make` gets the
+    /// wall clock and this core's clock (µs). Never blocks: a full queue drops the
+    /// record and counts it (`flowlog_dropped`).
+    pub fn log_flow(&self, make: impl FnOnce(SystemTime, u64) -> FlowRecord) {
+        let Some(tx) = &self.flowlog else {
+            return;
+        };
+        let rec = make(SystemTime::now(), self.now_us());
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = tx.try_send(rec) {
+            self.stats
+                .flowlog_dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     /// Logs at most one line per core per second: bad input or a failing upstream

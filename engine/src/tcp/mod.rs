@@ -34,6 +34,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, SystemTime};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -42,6 +43,7 @@ use crate::config::RelayMode;
 use crate::core::ring::Completion;
 use crate::core::token::{Op, Token};
 use crate::core::Core;
+use crate::flowlog::{FlowProto, FlowRecord};
 use crate::policy::{ConnMeta, TcpVerdict};
 use crate::stats::CloseReason;
 use crate::sys;
@@ -236,6 +238,32 @@ impl Tcp {
         core.stats.active.fetch_sub(1, Relaxed);
     }
 
+    /// Flow log record of a connection refused once its addresses were known.
+    fn log_refused(
+        core: &Core,
+        meta: &ConnMeta,
+        upstream: SocketAddr,
+        verdict: &'static str,
+        reason: CloseReason,
+    ) {
+        core.log_flow(|ended, _| FlowRecord {
+            proto: FlowProto::Tcp,
+            ended,
+            duration: Duration::ZERO,
+            client: meta.client.0,
+            orig_dst: meta.orig_dst.0,
+            upstream,
+            name: None,
+            rule: None,
+            verdict,
+            bytes_c2s: 0,
+            bytes_s2c: 0,
+            dgrams: None,
+            reason: reason.name(),
+            errno: None,
+        });
+    }
+
     /// Takes a newly accepted client: limit, addresses, policy, upstream connect.
     fn start_conn(&mut self, core: &mut Core, client: OwnedFd) {
         if core.stopping {
@@ -266,17 +294,22 @@ impl Tcp {
                 core.stats.policy_redirected.fetch_add(1, Relaxed);
                 to
             }
-            TcpVerdict::Reject => return Self::refuse(core, client, CloseReason::Rejected),
+            TcpVerdict::Reject => {
+                Self::log_refused(core, &meta, orig, "reject", CloseReason::Rejected);
+                return Self::refuse(core, client, CloseReason::Rejected);
+            }
         };
         if target.port() == core.cfg.port && sys::is_local_address(target.ip()) {
             // Someone connected to the engine's own port directly (or was redirected
             // there): relaying would connect the engine to itself, forever.
+            Self::log_refused(core, &meta, target, "relay", CloseReason::Loop);
             return Self::refuse(core, client, CloseReason::Loop);
         }
         let upstream = match upstream_socket(&target, core.cfg.mark, core.cfg.keepalive_s) {
             Ok(s) => s,
             Err(e) => {
                 core.log_limited(format_args!("tcp: upstream socket to {target}: {e}"));
+                Self::log_refused(core, &meta, target, "relay", CloseReason::ConnectError);
                 return Self::refuse(core, client, CloseReason::ConnectError);
             }
         };
@@ -333,6 +366,7 @@ impl Tcp {
         core.stats.active.fetch_sub(1, Relaxed);
         let lived_us = core.now_us().saturating_sub(conn.io.started_us);
         core.stats.conn_duration.observe_us(lived_us);
+        core.log_flow(|ended, _| tcp_record(&conn, reason, ended, lived_us));
         drop(conn);
         // A parked client may have gone meanwhile (start_conn then takes no slot):
         // keep going until a slot is taken again or nobody is parked.
@@ -397,6 +431,31 @@ impl Tcp {
     /// Relay directions wait in the run queue for another turn.
     pub fn has_queued(&self) -> bool {
         !self.runq.is_empty()
+    }
+}
+
+/// The flow log record of a finished connection.
+fn tcp_record(conn: &Conn, reason: CloseReason, ended: SystemTime, lived_us: u64) -> FlowRecord {
+    let io = &conn.io;
+    FlowRecord {
+        proto: FlowProto::Tcp,
+        ended,
+        duration: Duration::from_micros(lived_us),
+        client: io.client_addr.0,
+        orig_dst: io.orig_dst.0,
+        upstream: io.upstream_addr.0,
+        name: None,
+        rule: None,
+        verdict: if io.upstream_addr.0 == io.orig_dst.0 {
+            "relay"
+        } else {
+            "redirect"
+        },
+        bytes_c2s: conn.machine.delivered(0),
+        bytes_s2c: conn.machine.delivered(1),
+        dgrams: None,
+        reason: reason.name(),
+        errno: conn.machine.errno(),
     }
 }
 

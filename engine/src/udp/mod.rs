@@ -31,6 +31,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
 
 use io_uring::{opcode, types};
 use socket2::{Domain, Protocol, Socket, Type};
@@ -38,6 +39,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::core::ring::Completion;
 use crate::core::token::{Op, Token, GENERATION_MASK};
 use crate::core::Core;
+use crate::flowlog::{FlowProto, FlowRecord};
 use crate::policy::{FlowMeta, UdpVerdict};
 use crate::stats::FlowEnd;
 use crate::sys::{self, cmsg};
@@ -70,6 +72,13 @@ struct Flow {
     /// `user_data` of the multishot recv armed on `upstream`.
     recv_ud: u64,
     armed: bool,
+    /// Where the upstream socket sends (the original destination, or the policy's
+    /// target), and when the flow started (core clock, µs), for the flow log.
+    target: SocketAddr,
+    started_us: u64,
+    /// Payload bytes and datagrams relayed: client to server, server to client.
+    bytes: [u64; 2],
+    dgrams: [u64; 2],
 }
 
 /// The UDP part of a worker.
@@ -276,6 +285,10 @@ impl Udp {
             Ok(_) => {
                 stats.udp_dgrams_c2s.fetch_add(1, Relaxed);
                 stats.udp_bytes_c2s.fetch_add(payload_len as u64, Relaxed);
+                if let Some(f) = self.flows.get_mut(id) {
+                    f.bytes[0] += payload_len as u64;
+                    f.dgrams[0] += 1;
+                }
                 self.flows.touch(id, now, Dir::ToServer);
             }
             Err(e) => {
@@ -333,6 +346,10 @@ impl Udp {
             upstream,
             recv_ud: 0,
             armed: false,
+            target,
+            started_us: core.now_us(),
+            bytes: [0; 2],
+            dgrams: [0; 2],
         };
         let id = match self.flows.insert(key, flow, now) {
             InsertOutcome::Inserted(id) => id,
@@ -360,6 +377,27 @@ impl Udp {
     fn retire(&mut self, core: &mut Core, (key, flow): (FlowKey, Flow), why: FlowEnd) {
         core.stats.udp_flows_active.fetch_sub(1, Relaxed);
         core.stats.count_flow_end(why, 1);
+        let verdict = if flow.target == key.orig_dst.0 {
+            "relay"
+        } else {
+            "redirect"
+        };
+        core.log_flow(|ended, now_us| FlowRecord {
+            proto: FlowProto::Udp,
+            ended,
+            duration: Duration::from_micros(now_us.saturating_sub(flow.started_us)),
+            client: key.client.0,
+            orig_dst: key.orig_dst.0,
+            upstream: flow.target,
+            name: None,
+            rule: None,
+            verdict,
+            bytes_c2s: flow.bytes[0],
+            bytes_s2c: flow.bytes[1],
+            dgrams: Some((flow.dgrams[0], flow.dgrams[1])),
+            reason: why.name(),
+            errno: None,
+        });
         self.replies.release(&core.stats, key.orig_dst);
         if flow.armed {
             core.cancel(flow.recv_ud);
@@ -405,6 +443,10 @@ impl Udp {
             Ok(_) => {
                 stats.udp_dgrams_s2c.fetch_add(1, Relaxed);
                 stats.udp_bytes_s2c.fetch_add(len, Relaxed);
+                if let Some(f) = self.flows.get_mut(id) {
+                    f.bytes[1] += len;
+                    f.dgrams[1] += 1;
+                }
             }
             Err(e) => {
                 stats.udp_drop_send_client.fetch_add(1, Relaxed);

@@ -21,6 +21,29 @@ impl std::fmt::Display for RelayMode {
     }
 }
 
+/// Which source address upstream connections and datagrams carry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SourceMode {
+    /// The router's own address (no return path needed).
+    Router,
+    /// The client's address, a port picked per destination (needs
+    /// `setup apply --source client-ip`).
+    ClientIp,
+    /// The client's address and port (same; see the conntrack caveat in
+    /// docs/deployment.md).
+    Client,
+}
+
+impl std::fmt::Display for SourceMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SourceMode::Router => "router",
+            SourceMode::ClientIp => "client-ip",
+            SourceMode::Client => "client",
+        })
+    }
+}
+
 fn parse_mark(s: &str) -> Result<u32, String> {
     let v = if let Some(hex) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
         u32::from_str_radix(hex, 16)
@@ -90,6 +113,13 @@ pub struct Args {
     /// engine's own traffic (must match `setup --bypass-mark`; must not contain 0x1).
     #[arg(long, default_value = "0x2", value_parser = parse_mark)]
     pub mark: u32,
+
+    /// Source of upstream connections and datagrams: `router` (the router's own
+    /// address), `client-ip` (the client's address: servers see the client; needs
+    /// `setup apply --source client-ip` for the return path) or `client` (its
+    /// address and port).
+    #[arg(long, value_enum, default_value_t = SourceMode::Router)]
+    pub source: SourceMode,
 
     /// Upstream TCP connect timeout; on expiry the client is reset.
     #[arg(long, default_value_t = 5000, value_name = "MS")]
@@ -168,6 +198,7 @@ pub struct Config {
     pub port: u16,
     pub relay: RelayMode,
     pub mark: u32,
+    pub source: SourceMode,
     pub connect_timeout_ms: u64,
     /// `None`: never time out idle connections.
     pub idle_timeout_s: Option<u64>,

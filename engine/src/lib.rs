@@ -39,6 +39,7 @@ pub mod sys;
 pub mod takeover;
 pub mod tcp;
 pub mod udp;
+pub mod upstream;
 pub mod worker;
 
 use std::os::fd::{AsFd, OwnedFd};

@@ -184,6 +184,7 @@ fn resolve(args: &Args, features: ring::Features) -> Result<(Config, u64)> {
             port: args.port,
             relay: args.relay,
             mark: args.mark,
+            source: args.source,
             connect_timeout_ms: args.connect_timeout_ms.max(1),
             idle_timeout_s: (args.idle_timeout_s != 0).then_some(args.idle_timeout_s),
             half_closed_timeout_s: (args.half_closed_timeout_s != 0)

@@ -43,6 +43,9 @@ pub enum CloseReason {
     Loop,
     /// A local resource failed (no pipe could be made, an fd limit).
     LocalError,
+    /// `--source client-ip|client`: the client's address (and port) could not be
+    /// bound or had no free port towards the server (EADDRINUSE, EADDRNOTAVAIL).
+    SourceUnavailable,
     /// The client was gone before the engine looked at it (reset right after
     /// connecting): nothing to relay.
     ClientGone,
@@ -50,7 +53,7 @@ pub enum CloseReason {
 
 impl CloseReason {
     /// Every reason, in counter order.
-    pub const ALL: [CloseReason; 17] = [
+    pub const ALL: [CloseReason; 18] = [
         CloseReason::ClientFin,
         CloseReason::ServerFin,
         CloseReason::ClientReset,
@@ -67,6 +70,7 @@ impl CloseReason {
         CloseReason::Limit,
         CloseReason::Loop,
         CloseReason::LocalError,
+        CloseReason::SourceUnavailable,
         CloseReason::ClientGone,
     ];
 
@@ -94,6 +98,7 @@ impl CloseReason {
             CloseReason::Limit => "close_limit",
             CloseReason::Loop => "close_loop",
             CloseReason::LocalError => "close_local_error",
+            CloseReason::SourceUnavailable => "close_source_unavailable",
             CloseReason::ClientGone => "close_client_gone",
         }
     }
@@ -110,6 +115,8 @@ impl CloseReason {
             // ECANCELED: the linked timeout fired and cancelled the connect.
             libc::ECANCELED | libc::ETIMEDOUT => CloseReason::ConnectTimeout,
             libc::EHOSTUNREACH | libc::ENETUNREACH => CloseReason::Unreachable,
+            // Only with a bound source: no free port from the client's address.
+            libc::EADDRNOTAVAIL | libc::EADDRINUSE => CloseReason::SourceUnavailable,
             _ => CloseReason::ConnectError,
         }
     }
@@ -424,6 +431,11 @@ counters! {
     udp_drop_policy,
     /// TCP connections the policy redirected to another address.
     policy_redirected,
+    /// Upstream sockets bound from the router although `--source` asked for the
+    /// client's address: the client and the target are of different families.
+    source_fallback,
+    /// UDP datagrams dropped: the client's address could not be bound.
+    udp_drop_source,
     /// Ops in flight on this core's ring (a gauge, updated every second).
     ring_in_flight,
     /// CQEs the kernel had to hold back because the CQ was full (cumulative).

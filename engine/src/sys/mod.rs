@@ -463,3 +463,22 @@ pub fn peer_pid(sock: BorrowedFd<'_>) -> io::Result<u32> {
     })?;
     Ok(cred.pid as u32)
 }
+
+/// `IP_BIND_ADDRESS_NO_PORT`: a `bind()` to an address with port 0 picks no port;
+/// `connect()` picks it, per destination, so one client address can have as many
+/// upstream connections as the ephemeral range allows towards each server (4.2+).
+/// Applies to IPv6 sockets too (it is an `IPPROTO_IP` option on both).
+pub fn set_bind_address_no_port(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt with a pointer to a local c_int and its exact size.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&one as *const libc::c_int).cast(),
+            mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    })
+    .map(drop)
+}

@@ -1782,11 +1782,11 @@ impl Sim {
                 }
             }
         } else {
-            if k.allowed == 0 || k.resets != 1 {
-                k.fail(&format!(
-                    "closed with {r:?} ({} resets), but nothing went wrong",
-                    k.resets
-                ));
+            if k.allowed == 0 {
+                k.fail(&format!("closed with {r:?}, but nothing went wrong"));
+            }
+            if k.resets != 1 {
+                k.fail(&format!("closed with {r:?} after {} resets", k.resets));
             }
             if k.allowed & reason_bit(r) == 0 {
                 let names: Vec<_> = CloseReason::ALL
@@ -1805,6 +1805,19 @@ impl Sim {
         let k = &self.k;
         let m = &self.m;
         for d in 0..2 {
+            if m.phase() == Phase::Relaying {
+                // A failure closes at once, even with an op in flight.
+                if m.state(d) == State::Failed {
+                    k.fail(&format!(
+                        "direction {d} failed and the connection relays on"
+                    ));
+                }
+                // Only a direction waiting for its turn may hold an empty pipe (the
+                // budget ran out right after taking it).
+                if m.held(d) == Held::Pipe && m.buffered(d) == 0 && !k.queued[d] {
+                    k.fail(&format!("direction {d} sits on an empty pipe"));
+                }
+            }
             match (k.p.mode, m.held(d)) {
                 (RelayMode::Splice, Held::Pipe) => match k.pipes[d] {
                     Some(p) if p.len() == m.buffered(d) => {}
@@ -2129,6 +2142,30 @@ fn enobufs_then_buffer_returned() {
 
 #[test]
 fn error_while_send_in_flight_resets_without_waiting() {
+    // The server reads nothing, so Send(0) stays in flight. A first recv that
+    // found nothing (EAGAIN) left a multishot POLLIN on the client, which sees the
+    // client's reset: direction 0 fails with its own send in flight.
+    let mut s = directed(RelayMode::Copy, |p| {
+        p.len = [1000, 0];
+        p.tx_cap[SERVER] = 10;
+        p.stall_at[SERVER] = Some(0);
+        p.eagain = true;
+    });
+    s.connect();
+    assert!(s.m.is_armed(ConnOp::PollIn(0)));
+    s.k.p.eagain = false;
+    s.ev(Ev::PeerSend(CLIENT));
+    s.settle();
+    assert!(s.m.is_armed(ConnOp::Send(0)), "send blocked on the server");
+    assert_eq!(s.k.socks[SERVER].tx.end, 10);
+    s.k.peer_reset(CLIENT, libc::ECONNRESET);
+    s.settle();
+    s.assert_freed(CloseReason::ClientReset);
+    assert_eq!(s.k.socks[SERVER].tx.start, 0, "the server never read");
+}
+
+#[test]
+fn error_in_the_other_direction_does_not_wait_for_a_send() {
     // The server reads nothing, so Send(0) stays in flight; the client's reset,
     // seen by Send(1), must not wait for it.
     let mut s = directed(RelayMode::Copy, |p| {

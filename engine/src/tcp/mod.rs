@@ -36,10 +36,10 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, SystemTime};
 
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::Type;
 
 use crate::addrs::{ClientAddr, OrigDst, UpstreamAddr};
-use crate::config::RelayMode;
+use crate::config::{RelayMode, SourceMode};
 use crate::core::ring::Completion;
 use crate::core::token::{Op, Token};
 use crate::core::Core;
@@ -47,6 +47,7 @@ use crate::flowlog::{FlowProto, FlowRecord};
 use crate::policy::{ConnMeta, TcpVerdict};
 use crate::stats::CloseReason;
 use crate::sys;
+use crate::upstream::{self, Bound, UpstreamError};
 use accept::Acceptor;
 use conns::{Conn, ConnIo, ConnTable};
 use copy::{BufWaiters, COPY_BUFFERS, GROUP_TCP_COPY};
@@ -305,14 +306,30 @@ impl Tcp {
             Self::log_refused(core, &meta, target, "relay", CloseReason::Loop);
             return Self::refuse(core, client, CloseReason::Loop);
         }
-        let upstream = match upstream_socket(&target, core.cfg.mark, core.cfg.keepalive_s) {
+        let (upstream, bound) = match upstream::socket(
+            Type::STREAM,
+            target,
+            meta.client.0,
+            core.cfg.source,
+            core.cfg.mark,
+        ) {
             Ok(s) => s,
             Err(e) => {
                 core.log_limited(format_args!("tcp: upstream socket to {target}: {e}"));
-                Self::log_refused(core, &meta, target, "relay", CloseReason::ConnectError);
-                return Self::refuse(core, client, CloseReason::ConnectError);
+                let reason = match e {
+                    UpstreamError::Source(_) => CloseReason::SourceUnavailable,
+                    UpstreamError::Socket(_) => CloseReason::ConnectError,
+                };
+                Self::log_refused(core, &meta, target, "relay", reason);
+                return Self::refuse(core, client, reason);
             }
         };
+        if bound == Bound::Router && core.cfg.source != SourceMode::Router {
+            core.stats.source_fallback.fetch_add(1, Relaxed);
+        }
+        if core.cfg.keepalive_s.is_some() {
+            let _ = crate::sockets::set_keepalive(upstream.as_fd(), core.cfg.keepalive_s);
+        }
         let conn = Box::new(Conn {
             generation: 0,
             machine: ConnMachine::new(core.cfg.relay, self.capacity, core.tick),
@@ -457,21 +474,4 @@ fn tcp_record(conn: &Conn, reason: CloseReason, ended: SystemTime, lived_us: u64
         reason: reason.name(),
         errno: conn.machine.errno(),
     }
-}
-
-/// An upstream socket towards `target`, marked so interception rules skip it.
-fn upstream_socket(target: &SocketAddr, mark: u32, keepalive: Option<u64>) -> io::Result<OwnedFd> {
-    let domain = if target.is_ipv6() {
-        Domain::IPV6
-    } else {
-        Domain::IPV4
-    };
-    let s = Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
-    if mark != 0 {
-        s.set_mark(mark)?;
-    }
-    if keepalive.is_some() {
-        crate::sockets::set_keepalive(s.as_fd(), keepalive)?;
-    }
-    Ok(s.into())
 }

@@ -34,15 +34,17 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use io_uring::{opcode, types};
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::{SockRef, Type};
 
 use crate::core::ring::Completion;
 use crate::core::token::{Op, Token, GENERATION_MASK};
+use crate::config::SourceMode;
 use crate::core::Core;
 use crate::flowlog::{FlowProto, FlowRecord};
 use crate::policy::{FlowMeta, UdpVerdict};
 use crate::stats::FlowEnd;
 use crate::sys::{self, cmsg};
+use crate::upstream::{self, Bound, UpstreamError};
 use flows::{ClientAddr, Dir, FlowId, FlowKey, FlowTable, InsertOutcome, OrigDst};
 use replies::Replies;
 
@@ -97,21 +99,6 @@ pub struct Udp {
     single_ms: u64,
     /// Tick at which a stop ends every flow.
     stop_deadline: Option<u64>,
-}
-
-/// A marked socket connected to `target`.
-fn upstream_socket(target: &SocketAddr, mark: u32) -> io::Result<OwnedFd> {
-    let domain = if target.is_ipv6() {
-        Domain::IPV6
-    } else {
-        Domain::IPV4
-    };
-    let s = Socket::new(domain, Type::DGRAM.nonblocking(), Some(Protocol::UDP))?;
-    if mark != 0 {
-        s.set_mark(mark)?;
-    }
-    s.connect(&(*target).into())?;
-    Ok(s.into())
 }
 
 impl Udp {
@@ -326,14 +313,34 @@ impl Udp {
             core.stats.udp_drop_loop.fetch_add(1, Relaxed);
             return None;
         }
-        let upstream = match upstream_socket(&target, core.cfg.mark) {
-            Ok(s) => s,
+        let upstream = match upstream::socket(
+            Type::DGRAM,
+            target,
+            key.client.0,
+            core.cfg.source,
+            core.cfg.mark,
+        ) {
+            Ok((s, bound)) => {
+                if bound == Bound::Router && core.cfg.source != SourceMode::Router {
+                    core.stats.source_fallback.fetch_add(1, Relaxed);
+                }
+                s
+            }
             Err(e) => {
-                core.stats.udp_drop_no_socket.fetch_add(1, Relaxed);
+                let counter = match e {
+                    UpstreamError::Source(_) => &core.stats.udp_drop_source,
+                    UpstreamError::Socket(_) => &core.stats.udp_drop_no_socket,
+                };
+                counter.fetch_add(1, Relaxed);
                 core.log_limited(format_args!("udp: upstream socket to {target}: {e}"));
                 return None;
             }
         };
+        if let Err(e) = SockRef::from(&upstream).connect(&target.into()) {
+            core.stats.udp_drop_no_socket.fetch_add(1, Relaxed);
+            core.log_limited(format_args!("udp: connecting to {target}: {e}"));
+            return None;
+        }
         if let Err(e) = self
             .replies
             .acquire(&core.stats, key.orig_dst, core.cfg.mark)

@@ -19,6 +19,7 @@
 //!             ring (io_uring + owned buffer rings), token (user_data codec)
 //! sys/        thin checked syscalls, cmsg and sockaddr codec (the unsafe lives here
 //!             and in core/ring)
+//! metrics     Prometheus text format on --metrics ADDR, from its own thread
 //! stats, config, addrs, cpus
 //! ```
 
@@ -29,6 +30,7 @@ pub mod config;
 #[allow(unsafe_code)]
 pub mod core;
 pub mod cpus;
+pub mod metrics;
 pub mod policy;
 pub mod stats;
 #[allow(unsafe_code)]

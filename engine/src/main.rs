@@ -3,13 +3,15 @@
 //! `main` resolves the configuration, checks the machine (privileges, io_uring
 //! features, the port, the fd limit) with actionable errors, starts one pinned worker
 //! per core and then only handles signals: SIGUSR1 prints the per-core counters,
-//! SIGINT/SIGTERM drain and stop the workers and print a summary.
+//! SIGINT/SIGTERM drain and stop the workers and print a summary. With `--metrics`
+//! a thread of its own serves the same counters to Prometheus.
 
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
@@ -17,7 +19,7 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use socket2::{Domain, Socket, Type};
 
 use ringrelay_engine::config::{self, Args, Config, RelayMode};
-use ringrelay_engine::{core::ring, cpus, policy, stats, sys, Engine};
+use ringrelay_engine::{core::ring, cpus, metrics, policy, stats, sys, Engine};
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -202,6 +204,7 @@ fn resolve(args: &Args, features: ring::Features) -> Result<(Config, u64)> {
                 .clamp(1, args.udp_idle_timeout_s.max(1)),
             udp_max_flows_per_core: max_flows.div_ceil(n).max(1),
             features,
+            metrics: args.metrics,
         },
         nofile,
     ))
@@ -237,6 +240,39 @@ fn print_version() {
     }
 }
 
+/// Starts the metrics thread on the engine's counters. It holds the engine only
+/// weakly, and strongly only while it copies a snapshot, so [`unshare`] gets the
+/// engine back for the final join.
+fn start_metrics(server: metrics::Server, engine: &Arc<Engine>) -> Result<()> {
+    let cfg = engine.config();
+    let started = SystemTime::now()
+        .checked_sub(engine.uptime())
+        .unwrap_or_else(SystemTime::now);
+    let info = metrics::EngineInfo::new(cfg, started);
+    let spare = metrics::spare_cpus(&cpus::allowed(), &cfg.cores);
+    let addr = server.local_addr();
+    let weak = Arc::downgrade(engine);
+    server
+        .spawn(info, spare, move || weak.upgrade().map(|e| e.counters()))
+        .context("starting the metrics thread")?;
+    println!("metrics: http://{addr}/metrics");
+    Ok(())
+}
+
+/// The engine back from the metrics thread, which holds a strong reference only for
+/// the microseconds of a counter snapshot.
+fn unshare(mut engine: Arc<Engine>) -> Engine {
+    loop {
+        match Arc::try_unwrap(engine) {
+            Ok(e) => return e,
+            Err(shared) => {
+                engine = shared;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+}
+
 fn run(args: Args) -> Result<()> {
     if args.version {
         print_version();
@@ -250,11 +286,22 @@ fn run(args: Args) -> Result<()> {
     check_privileges(cfg.mark)?;
     check_port_free(&cfg)?;
     check_pipe_size(&cfg)?;
+    // Bound before the workers start: a taken address is a startup error.
+    let metrics_server = match cfg.metrics {
+        Some(addr) => Some(metrics::Server::bind(addr).map_err(|e| anyhow::anyhow!(e))?),
+        None => None,
+    };
 
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGUSR1, SIGHUP])
         .context("installing signal handlers")?;
     let fds_at_start = sys::open_fd_count();
-    let engine = Engine::start(cfg, policy::relay_all())?;
+    let engine = Arc::new(Engine::start(cfg, policy::relay_all())?);
+    if let Some(server) = metrics_server {
+        if let Err(e) = start_metrics(server, &engine) {
+            engine.stop();
+            return Err(e);
+        }
+    }
     let cfg = engine.config();
 
     let protos = match (cfg.tcp, cfg.udp) {
@@ -318,7 +365,7 @@ fn run(args: Args) -> Result<()> {
         cpus::format(&engine.config().cores),
         engine.config().relay,
     );
-    let result = engine.join();
+    let result = unshare(engine).join();
     let rows = match &result {
         Ok(rows) | Err(rows) => rows,
     };

@@ -21,6 +21,9 @@ declare -A PKG=(
     [cc]=gcc
     [pkill]=procps
     [systemd-analyze]=systemd
+    # promtool validates the engine's /metrics output; the tests also run the
+    # prometheus server from the same package (its Debian service is not needed).
+    [promtool]=prometheus
 )
 
 install_missing() {
@@ -33,6 +36,11 @@ install_missing() {
         export DEBIAN_FRONTEND=noninteractive
         apt-get update -qq
         apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+        # Debian's prometheus package enables and starts a server on :9090; the tests
+        # run their own inside a namespace, so switch off the one we just installed.
+        if [[ " ${missing[*]} " == *" prometheus "* ]] && [ -d /run/systemd/system ]; then
+            systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+        fi
     fi
     # Kernel modules some distributions build as modules (built in here).
     for m in nft_tproxy nf_tproxy_ipv4 nf_tproxy_ipv6 nft_socket nft_fib_inet veth; do

@@ -1,5 +1,7 @@
 //! Command line and the resolved configuration every worker shares.
 
+use std::net::SocketAddr;
+
 use clap::{Parser, ValueEnum};
 
 /// How bytes move between the two sockets of a TCP connection.
@@ -60,6 +62,15 @@ fn parse_mark(s: &str) -> Result<u32, String> {
         ));
     }
     Ok(v)
+}
+
+fn parse_metrics_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse().map_err(|_| {
+        format!(
+            "`{s}` is not an address and port such as 127.0.0.1:9108 or [::1]:9108 \
+             (names are not resolved)"
+        )
+    })
 }
 
 /// ringrelay engine: thread-per-core io_uring transparent proxy.
@@ -189,6 +200,12 @@ pub struct Args {
     /// full the least recently used flow is evicted. Default: a quarter of the fd budget.
     #[arg(long, value_name = "N")]
     pub udp_max_flows: Option<usize>,
+
+    /// Serve Prometheus metrics (text format 0.0.4) on `http://ADDR/metrics`, e.g.
+    /// `127.0.0.1:9108`, from a thread of its own off the worker cores. Plain HTTP
+    /// without authentication: bind it to loopback or a management address.
+    #[arg(long, value_name = "ADDR", value_parser = parse_metrics_addr)]
+    pub metrics: Option<SocketAddr>,
 }
 
 /// Configuration resolved from [`Args`] and the environment, shared by all workers.
@@ -224,6 +241,8 @@ pub struct Config {
     pub features: crate::core::ring::Features,
     /// Where flow log lines go, if anywhere.
     pub flow_log: Option<crate::flowlog::Target>,
+    /// `--metrics`: where to serve Prometheus metrics; `None`: nowhere.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Config {
@@ -282,6 +301,21 @@ mod tests {
         assert!(parse_mark("0x1").unwrap_err().contains("0x1"));
         assert!(parse_mark("3").is_err());
         assert!(parse_mark("zz").unwrap_err().contains("zz"));
+    }
+
+    #[test]
+    fn metrics_addresses_parse_and_name_the_bad_one() {
+        assert_eq!(
+            parse_metrics_addr("127.0.0.1:9108"),
+            Ok("127.0.0.1:9108".parse().unwrap())
+        );
+        assert!(parse_metrics_addr("[::1]:9108").is_ok());
+        let err = parse_metrics_addr("localhost:9108").unwrap_err();
+        assert!(
+            err.contains("localhost:9108") && err.contains("127.0.0.1:9108"),
+            "{err}"
+        );
+        assert!(parse_metrics_addr("127.0.0.1").is_err());
     }
 
     #[test]

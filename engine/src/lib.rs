@@ -19,6 +19,7 @@
 //!             ring (io_uring + owned buffer rings), token (user_data codec)
 //! sys/        thin checked syscalls, cmsg and sockaddr codec (the unsafe lives here
 //!             and in core/ring)
+//! metrics     Prometheus text format on --metrics ADDR, from its own thread
 //! stats, config, addrs, cpus
 //! ```
 
@@ -30,6 +31,7 @@ pub mod config;
 pub mod core;
 pub mod cpus;
 pub mod flowlog;
+pub mod metrics;
 pub mod notify;
 pub mod policy;
 pub mod sockets;
@@ -71,6 +73,17 @@ pub type CoreCounters = Vec<(usize, Snapshot)>;
 
 /// How the workers ended: `Err` if one panicked. Both carry the final counters.
 pub type Outcome = Result<CoreCounters, CoreCounters>;
+
+/// Reads the counters of every worker ([`Engine::counters_reader`]).
+#[derive(Clone)]
+pub struct CountersReader(Vec<(usize, Arc<CoreStats>)>);
+
+impl CountersReader {
+    /// A snapshot of every worker's counters, with its CPU.
+    pub fn counters(&self) -> CoreCounters {
+        self.0.iter().map(|(cpu, s)| (*cpu, s.snapshot())).collect()
+    }
+}
 
 struct WorkerHandle {
     cpu: usize,
@@ -192,6 +205,17 @@ impl Engine {
     /// Time since start.
     pub fn uptime(&self) -> Duration {
         self.started.elapsed()
+    }
+
+    /// A handle that reads every worker's counters from another thread (metrics):
+    /// relaxed loads of each core's own counters, no lock shared with the workers.
+    pub fn counters_reader(&self) -> CountersReader {
+        CountersReader(
+            self.workers
+                .iter()
+                .map(|w| (w.cpu, w.stats.clone()))
+                .collect(),
+        )
     }
 
     /// A snapshot of every worker's counters, with its CPU.

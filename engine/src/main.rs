@@ -3,13 +3,14 @@
 //! `main` resolves the configuration, checks the machine (privileges, io_uring
 //! features, the port, the fd limit) with actionable errors, starts one pinned worker
 //! per core and then only handles signals: SIGUSR1 prints the per-core counters,
-//! SIGINT/SIGTERM drain and stop the workers and print a summary.
+//! SIGINT/SIGTERM drain and stop the workers and print a summary. With `--metrics`
+//! a thread of its own serves the same counters to Prometheus.
 
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
@@ -18,7 +19,7 @@ use socket2::{Domain, Socket, Type};
 
 use ringrelay_engine::config::{self, Args, Config, RelayMode};
 use ringrelay_engine::notify::{self, Notifier};
-use ringrelay_engine::{core::ring, cpus, flowlog, policy, stats, sys, takeover, Engine};
+use ringrelay_engine::{core::ring, cpus, flowlog, metrics, policy, stats, sys, takeover, Engine};
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -205,6 +206,7 @@ fn resolve(args: &Args, features: ring::Features) -> Result<(Config, u64)> {
             udp_max_flows_per_core: max_flows.div_ceil(n).max(1),
             features,
             flow_log: args.flow_log.as_deref().map(flowlog::Target::parse),
+            metrics: args.metrics,
         },
         nofile,
     ))
@@ -290,6 +292,24 @@ fn print_version() {
     }
 }
 
+/// Starts the metrics thread on the engine's counters (a reader of each core's
+/// own counters; nothing shared with the workers but those atomics).
+fn start_metrics(server: metrics::Server, engine: &Engine) -> Result<()> {
+    let cfg = engine.config();
+    let started = SystemTime::now()
+        .checked_sub(engine.uptime())
+        .unwrap_or_else(SystemTime::now);
+    let info = metrics::EngineInfo::new(cfg, started);
+    let spare = metrics::spare_cpus(&cpus::allowed(), &cfg.cores);
+    let addr = server.local_addr();
+    let reader = engine.counters_reader();
+    server
+        .spawn(info, spare, move || Some(reader.counters()))
+        .context("starting the metrics thread")?;
+    println!("metrics: http://{addr}/metrics");
+    Ok(())
+}
+
 fn run(args: Args) -> Result<()> {
     if args.version {
         print_version();
@@ -317,6 +337,11 @@ fn run(args: Args) -> Result<()> {
         None => check_port_free(&cfg)?,
     }
     check_pipe_size(&cfg)?;
+    // Bound before the workers start: a taken address is a startup error.
+    let metrics_server = match cfg.metrics {
+        Some(addr) => Some(metrics::Server::bind(addr).map_err(|e| anyhow::anyhow!(e))?),
+        None => None,
+    };
 
     let mut signals =
         signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGUSR1, SIGUSR2, SIGHUP])
@@ -327,6 +352,12 @@ fn run(args: Args) -> Result<()> {
         .map(|inh| std::mem::take(&mut inh.sockets))
         .unwrap_or_default();
     let engine = Engine::start_with(cfg, policy::relay_all(), sockets)?;
+    if let Some(server) = metrics_server {
+        if let Err(e) = start_metrics(server, &engine) {
+            engine.stop();
+            return Err(e);
+        }
+    }
     let cfg = engine.config();
 
     let protos = match (cfg.tcp, cfg.udp) {

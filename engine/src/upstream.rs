@@ -71,9 +71,11 @@ pub fn socket(
         return Ok((s.into(), Bound::Router));
     }
     if v6 {
-        s.set_ip_transparent_v6(true).map_err(UpstreamError::Socket)?;
+        s.set_ip_transparent_v6(true)
+            .map_err(UpstreamError::Socket)?;
     } else {
-        s.set_ip_transparent_v4(true).map_err(UpstreamError::Socket)?;
+        s.set_ip_transparent_v4(true)
+            .map_err(UpstreamError::Socket)?;
     }
     let from = match source {
         SourceMode::Client => {

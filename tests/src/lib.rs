@@ -1068,6 +1068,440 @@ impl Drop for UdpEcho {
     }
 }
 
+// ---------------------------------------------------------------------------------
+// Metrics: HTTP, the exposition, promtool, a Prometheus server
+// ---------------------------------------------------------------------------------
+
+/// One HTTP response.
+#[derive(Clone, Debug)]
+pub struct HttpResponse {
+    /// Status code.
+    pub status: u16,
+    /// Status line and headers.
+    pub head: String,
+    /// Body.
+    pub body: String,
+}
+
+/// Sends `raw` to `addr` over a fresh connection and reads the answer to EOF; every
+/// step has `timeout`. Call from a thread inside the namespace.
+pub fn http_raw(addr: SocketAddr, raw: &[u8], timeout: Duration) -> io::Result<HttpResponse> {
+    let mut s = TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    s.write_all(raw)?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out)?;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let bad = || io::Error::new(io::ErrorKind::InvalidData, format!("not HTTP: {text:?}"));
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(bad)?;
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(bad)?;
+    Ok(HttpResponse {
+        status,
+        head: head.to_string(),
+        body: body.to_string(),
+    })
+}
+
+/// `METHOD target HTTP/1.1` with `Connection: close`. Call from a thread inside the
+/// namespace.
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    timeout: Duration,
+) -> io::Result<HttpResponse> {
+    let req = format!("{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    http_raw(addr, req.as_bytes(), timeout)
+}
+
+/// `GET http://addr/metrics` from inside `ns`; the body of a 200, else an error.
+pub fn scrape(ns: &Netns, addr: SocketAddr) -> anyhow::Result<String> {
+    let r = ns
+        .run(move || http_request(addr, "GET", "/metrics", Duration::from_secs(5)))
+        .with_context(|| format!("GET http://{addr}/metrics in {}", ns.name()))?;
+    if r.status != 200 {
+        bail!("GET http://{addr}/metrics: {}: {}", r.head, r.body);
+    }
+    anyhow::ensure!(
+        r.head
+            .contains("Content-Type: text/plain; version=0.0.4; charset=utf-8"),
+        "not text format 0.0.4: {}",
+        r.head
+    );
+    Ok(r.body)
+}
+
+/// One sample of a Prometheus text exposition.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sample {
+    /// Metric name (with `_bucket`, `_sum`, `_count` for histograms).
+    pub name: String,
+    /// Labels, unescaped.
+    pub labels: BTreeMap<String, String>,
+    /// Value.
+    pub value: f64,
+}
+
+/// A parsed exposition: its samples and the `# TYPE` of each family.
+#[derive(Clone, Debug, Default)]
+pub struct Exposition {
+    /// Every sample, in order.
+    pub samples: Vec<Sample>,
+    /// Family name -> type.
+    pub types: BTreeMap<String, String>,
+}
+
+impl Exposition {
+    /// Parses text format 0.0.4 (what the engine writes: no timestamps).
+    pub fn parse(text: &str) -> anyhow::Result<Exposition> {
+        let mut x = Exposition::default();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, ty) = rest.split_once(' ').context("TYPE line")?;
+                x.types.insert(name.to_string(), ty.to_string());
+                continue;
+            }
+            if line.starts_with('#') || line.is_empty() {
+                continue;
+            }
+            x.samples
+                .push(parse_sample(line).with_context(|| format!("sample line {line:?}"))?);
+        }
+        Ok(x)
+    }
+
+    /// Samples of `name` whose labels include every pair of `want`, in order.
+    pub fn select(&self, name: &str, want: &[(&str, &str)]) -> Vec<&Sample> {
+        self.samples
+            .iter()
+            .filter(|s| {
+                s.name == name
+                    && want
+                        .iter()
+                        .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+            })
+            .collect()
+    }
+
+    /// Sum of the samples of `name` with labels `want`; panics when there are none
+    /// (a renamed metric must fail the test, not read as 0).
+    pub fn sum(&self, name: &str, want: &[(&str, &str)]) -> f64 {
+        let v: Vec<f64> = self.select(name, want).iter().map(|s| s.value).collect();
+        assert!(!v.is_empty(), "no sample {name}{want:?} in the scrape");
+        v.iter().sum()
+    }
+}
+
+fn parse_sample(line: &str) -> anyhow::Result<Sample> {
+    let name_end = line.find(['{', ' ']).context("no value")?;
+    let name = line[..name_end].to_string();
+    let mut labels = BTreeMap::new();
+    let mut rest = &line[name_end..];
+    if let Some(mut r) = rest.strip_prefix('{') {
+        loop {
+            if let Some(after) = r.strip_prefix('}') {
+                r = after;
+                break;
+            }
+            let (key, after) = r.split_once("=\"").context("label without =\"")?;
+            let mut value = String::new();
+            let mut chars = after.char_indices();
+            let end = loop {
+                match chars.next().context("unterminated label value")? {
+                    (i, '"') => break i,
+                    (_, '\\') => match chars.next().context("dangling escape")?.1 {
+                        'n' => value.push('\n'),
+                        c => value.push(c),
+                    },
+                    (_, c) => value.push(c),
+                }
+            };
+            labels.insert(key.trim_start_matches(',').to_string(), value);
+            r = &after[end + 1..];
+        }
+        rest = r;
+    }
+    let value = rest.trim();
+    let value = match value {
+        "+Inf" => f64::INFINITY,
+        "-Inf" => f64::NEG_INFINITY,
+        v => v.parse().with_context(|| format!("value {v:?}"))?,
+    };
+    Ok(Sample {
+        name,
+        labels,
+        value,
+    })
+}
+
+/// `cmd` on `PATH`.
+pub fn which(cmd: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(cmd))
+            .find(|p| p.is_file())
+    })
+}
+
+/// A tool of the Debian `prometheus` package (`promtool`, `prometheus`); panics with
+/// the fix when it is missing (scripts/deps.sh installs it for test.sh and CI).
+pub fn prometheus_tool(cmd: &str) -> PathBuf {
+    which(cmd).unwrap_or_else(|| {
+        panic!(
+            "`{cmd}` not found: install the Debian package `prometheus` (scripts/deps.sh \
+             does, as root)"
+        )
+    })
+}
+
+/// Runs `cmd` with `input` on its stdin, to completion within `timeout`.
+pub fn run_with_stdin(
+    mut cmd: Command,
+    input: &[u8],
+    timeout: Duration,
+) -> anyhow::Result<CmdOutput> {
+    let shown = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start {shown}"))?;
+    let mut stdin = child.stdin.take().context("stdin")?;
+    let input = input.to_vec();
+    let feeder = std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let mut out = child.stdout.take().context("stdout")?;
+    let mut err = child.stderr.take().context("stderr")?;
+    let t_out = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let Some(status) = poll_until(timeout, || child.try_wait().ok().flatten()) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("{shown} did not finish within {timeout:?}");
+    };
+    let _ = feeder.join();
+    Ok(CmdOutput {
+        status,
+        stdout: t_out.join().unwrap_or_default(),
+        stderr: t_err.join().unwrap_or_default(),
+    })
+}
+
+/// `promtool check metrics < text`: Ok with promtool's output when it finds nothing
+/// to complain about (format and lint: names, units, HELP, `_total`), else the error
+/// with its findings.
+pub fn promtool_check_metrics(text: &str) -> anyhow::Result<String> {
+    let mut cmd = Command::new(prometheus_tool("promtool"));
+    cmd.args(["check", "metrics"]);
+    let out = run_with_stdin(cmd, text.as_bytes(), Duration::from_secs(30))?;
+    let out = out.ok("promtool check metrics")?;
+    Ok(format!("{}{}", out.stdout, out.stderr))
+}
+
+/// Percent-encodes a URL query value (everything but unreserved characters).
+pub fn url_encode(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// A free TCP port on `ip` inside `ns` (bound and released: the namespace is the
+/// rig's own, so nobody else takes it in between).
+pub fn free_port(ns: &Netns, ip: IpAddr) -> anyhow::Result<u16> {
+    let port = ns.run(move || -> io::Result<u16> {
+        Ok(TcpListener::bind(SocketAddr::new(ip, 0))?
+            .local_addr()?
+            .port())
+    })?;
+    Ok(port)
+}
+
+/// A real Prometheus server inside a namespace, scraping one target, with its own
+/// config and storage in a temporary directory. Killed (and the directory removed)
+/// on drop.
+pub struct PrometheusServer {
+    child: Option<NsChild>,
+    /// Its web and API address (127.0.0.1 in the namespace).
+    pub addr: SocketAddr,
+    dir: PathBuf,
+    ns: Netns,
+}
+
+static NEXT_PROMETHEUS: AtomicUsize = AtomicUsize::new(0);
+
+impl PrometheusServer {
+    /// Starts `prometheus` in `ns` scraping `target` (`job="ringrelay"`) every
+    /// `interval`, and waits (up to `ready_timeout`) until it answers `/-/ready`.
+    pub fn start(
+        ns: &Netns,
+        target: SocketAddr,
+        interval: Duration,
+        ready_timeout: Duration,
+    ) -> anyhow::Result<PrometheusServer> {
+        let bin = prometheus_tool("prometheus");
+        let n = NEXT_PROMETHEUS.fetch_add(1, Ordering::Relaxed);
+        let dir =
+            std::env::temp_dir().join(format!("ringrelay-prometheus-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("data"))
+            .with_context(|| format!("creating {}", dir.display()))?;
+        let ms = interval.as_millis().max(1);
+        let config = format!(
+            "global:\n  scrape_interval: {ms}ms\n  scrape_timeout: {ms}ms\n\
+             scrape_configs:\n  - job_name: ringrelay\n    static_configs:\n      \
+             - targets: [\"{target}\"]\n"
+        );
+        let config_path = dir.join("prometheus.yml");
+        std::fs::write(&config_path, config)?;
+        let ip: IpAddr = std::net::Ipv4Addr::LOCALHOST.into();
+        let addr = SocketAddr::new(ip, free_port(ns, ip)?);
+        let mut cmd = ns.command(&bin);
+        cmd.arg(format!("--config.file={}", config_path.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address={addr}"))
+            .arg("--log.level=warn");
+        let child = NsChild::spawn(format!("prometheus@{}", ns.name()), cmd)?;
+        let mut p = PrometheusServer {
+            child: Some(child),
+            addr,
+            dir,
+            ns: ns.clone(),
+        };
+        let ready = poll_until(ready_timeout, || {
+            let a = p.addr;
+            let r =
+                p.ns.run(move || http_request(a, "GET", "/-/ready", Duration::from_secs(2)));
+            matches!(r, Ok(ref r) if r.status == 200).then_some(())
+        });
+        if ready.is_none() {
+            let err = p.child.as_ref().map(|c| c.stderr()).unwrap_or_default();
+            let exited = p.child.as_mut().and_then(|c| c.try_wait());
+            bail!(
+                "prometheus on {addr} not ready within {ready_timeout:?} (exit {exited:?}); \
+                 stderr: {}",
+                tail(&err, 2000)
+            );
+        }
+        Ok(p)
+    }
+
+    /// `GET` of an API path (`/api/v1/...`) from inside the namespace: the body of a
+    /// 200.
+    pub fn api(&self, path_and_query: &str) -> anyhow::Result<String> {
+        let (a, p) = (self.addr, path_and_query.to_string());
+        let r = self
+            .ns
+            .run(move || http_request(a, "GET", &p, Duration::from_secs(5)))?;
+        if r.status != 200 {
+            bail!("prometheus {path_and_query}: {}: {}", r.head, r.body);
+        }
+        Ok(r.body)
+    }
+
+    /// An instant query whose result is one value (e.g. `sum(x)`); `None` while the
+    /// result is empty (nothing scraped yet).
+    pub fn query_scalar(&self, expr: &str) -> anyhow::Result<Option<f64>> {
+        let body = self.api(&format!("/api/v1/query?query={}", url_encode(expr)))?;
+        anyhow::ensure!(
+            body.contains("\"status\":\"success\""),
+            "query {expr}: {body}"
+        );
+        // {"status":"success","data":{"resultType":"vector","result":[{"metric":{},
+        //  "value":[1700000000.1,"5"]}]}}: the value is the string after the timestamp.
+        let Some(at) = body.find("\"value\":[") else {
+            return Ok(None);
+        };
+        let v = body[at..]
+            .split('"')
+            .nth(3)
+            .with_context(|| format!("query {expr}: cannot parse {body}"))?;
+        Ok(Some(v.parse().with_context(|| format!("value {v:?}"))?))
+    }
+
+    /// Prometheus' own log so far.
+    pub fn stderr(&self) -> String {
+        self.child.as_ref().map(|c| c.stderr()).unwrap_or_default()
+    }
+}
+
+impl Drop for PrometheusServer {
+    fn drop(&mut self) {
+        // NsChild's drop: SIGTERM, SIGKILL after a grace period, reap.
+        drop(self.child.take());
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The CPUs a thread of `pid` named `comm` may run on (`Cpus_allowed_list`), or
+/// `None` when no thread has that name.
+pub fn thread_cpus(pid: u32, comm: &str) -> anyhow::Result<Option<String>> {
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let t = t?.path();
+        let name = std::fs::read_to_string(t.join("comm")).unwrap_or_default();
+        if name.trim_end() == comm {
+            let status = std::fs::read_to_string(t.join("status"))?;
+            let list = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .context("no Cpus_allowed_list")?;
+            return Ok(Some(list.trim().to_string()));
+        }
+    }
+    Ok(None)
+}
+
+/// One TCP echo (v4) and one UDP echo (v4) through the rig's engine: returns once
+/// both answers came back and the TCP client has closed its socket.
+pub fn relay_tcp_and_udp_once(rig: &Rig, tcp_port: u16, udp_port: u16) -> anyhow::Result<()> {
+    let dst = SocketAddr::new(Family::V4.server_a(), tcp_port);
+    let _srv = TcpServer::echo(&rig.lab.server, dst)?;
+    let udp_dst = SocketAddr::new(Family::V4.server_a(), udp_port);
+    let _udp = UdpEcho::start(&rig.lab.server, udp_dst, false)?;
+    rig.lab.client.run(move || -> anyhow::Result<()> {
+        let mut s = tcp_connect(dst)?;
+        s.write_all(b"ping")?;
+        let mut b = [0u8; 4];
+        s.read_exact(&mut b)?;
+        anyhow::ensure!(&b == b"ping", "TCP echo {b:?}");
+        s.shutdown(std::net::Shutdown::Write)?;
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest)?;
+        let u = udp_client(Family::V4, Duration::from_secs(3))?;
+        u.send_to(b"pong", udp_dst)?;
+        let mut b = [0u8; 8];
+        let (n, from) = u.recv_from(&mut b)?;
+        anyhow::ensure!(
+            &b[..n] == b"pong" && from == udp_dst,
+            "UDP echo from {from}"
+        );
+        Ok(())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

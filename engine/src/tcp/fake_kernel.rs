@@ -2,20 +2,39 @@
 //!
 //! [`Kernel`] implements [`Effects`] over a model of the two sockets of one relayed
 //! connection, the peers behind them, the pipes, the provided-buffer pool and the
-//! ring. [`Sim`] feeds the machine events in an order a seed fixes (completions in
-//! any order across ops, peers that write, read, stall, half-close and reset, a
-//! connect that succeeds, fails or times out, buffer wake-ups, run-queue turns,
-//! aborts) and checks the machine against the model after every step.
+//! ring. [`Sim`] feeds the machine events in an order a seed fixes (ops completing
+//! in any order, peers that write, read, stall, half-close and reset, a connect
+//! that succeeds, fails or times out, buffer wake-ups, run-queue turns, aborts) and
+//! checks after every step that:
+//!
+//! 1. the machine frees the connection only with nothing pending, and nothing is
+//!    delivered after;
+//! 2. its armed set is exactly the set of ops the kernel has pending;
+//! 3. every byte reaches the other peer once and in order, and a clean close
+//!    delivered both streams and both FINs;
+//! 4. a clean close follows only from both FINs, with the reason naming the first,
+//!    and anything that went wrong ends in `reset_sockets` and a reason naming it;
+//! 5. pipes and buffers are where the machine says, go back once, a pipe to the
+//!    pool only empty, a buffer never under a pending send;
+//! 6. every schedule ends in `Step::Free`: when nothing can happen, either the
+//!    peers explain it (a stalled reader, an idle open peer: the reader resumes or
+//!    the idle timeout aborts) or the machine is stuck, which fails.
+//!
+//! Two modelling choices matter. Completions are delivered in the order they were
+//! posted: the completion queue is FIFO, and the machine relies on that (a wakeup
+//! posted after a recv's EAGAIN must be seen after it). And a reset after the
+//! engine's last call on that socket (its FIN read, the other FIN written) may end
+//! cleanly: nothing the machine does can see it before it closes.
 //!
 //! Byte streams are tracked as offsets: every queue of the model (a socket's
-//! receive or send buffer, a pipe, a provided buffer) holds a contiguous range of one
-//! peer's stream, whose byte `i` stands for `pattern(seed, peer, i)`. Writing a range
-//! that does not continue what the destination already holds (a byte lost,
+//! receive or send buffer, a pipe, a provided buffer) holds a contiguous range of
+//! one peer's stream, whose byte `i` stands for a pattern byte `f(peer, i)`. A write
+//! that does not continue what its destination already holds (a byte lost,
 //! duplicated, reordered, or taken from the other stream) fails at the step that
-//! does it, which is where a trace is most useful; copying the bytes themselves
-//! would find nothing more and cost most of the time budget.
+//! makes it, where the trace is most useful; copying bytes would find nothing
+//! more and cost most of the time budget.
 //!
-//! A failure panics with its seed. `SEED=<n> cargo test replay -- --nocapture`
+//! A failure panics with its seed; `SEED=<n> cargo test replay -- --nocapture`
 //! reruns that seed in both relay modes and prints a trace of every step.
 
 use std::collections::VecDeque;
@@ -149,7 +168,7 @@ enum Outcome {
     Refused,
     Unreachable,
     TimedOut,
-    /// Any other error (the server's SYN-ACK path reset).
+    /// Any other connect error.
     Failed,
 }
 
@@ -185,8 +204,8 @@ struct Params {
     /// `ConnMachine::new`'s capacity; the provided buffers' size in copy mode.
     capacity: usize,
     connect: Outcome,
-    /// A reset socket reports its error to every call (as the brief models it), or
-    /// once, as Linux does (`sk_err` is consumed; reads then see EOF).
+    /// A reset socket reports its error to every call, or only to the first, as
+    /// Linux does (`sk_err` is consumed: later reads see EOF, writes EPIPE).
     sticky: bool,
     /// Percent of moves shorter than they could be.
     short_pct: u32,
@@ -293,10 +312,10 @@ impl Params {
 
     /// No randomness that a directed test does not ask for: full moves, roomy
     /// windows, a connect that succeeds, well-behaved peers.
-    fn quiet(mode: RelayMode, len: [u64; 2]) -> Params {
+    fn quiet(mode: RelayMode) -> Params {
         Params {
             mode,
-            len,
+            len: [0; 2],
             fin: [false; 2],
             reset: [None; 2],
             stall_at: [None; 2],
@@ -614,7 +633,7 @@ impl Kernel {
         e.map_or(Io::Done(0), Io::Err)
     }
 
-    /// A write on a reset socket: its error, or EPIPE once a reader took it.
+    /// A write on a reset socket: its error (or EPIPE), EPIPE once a call took it.
     fn write_err(&mut self, s: usize) -> i32 {
         let sticky = self.p.sticky;
         let epipe = self.rng.pct(30);
@@ -2040,7 +2059,7 @@ fn replay() {
 const MODES: [RelayMode; 2] = [RelayMode::Splice, RelayMode::Copy];
 
 fn directed(mode: RelayMode, p: impl FnOnce(&mut Params)) -> Sim {
-    let mut params = Params::quiet(mode, [0, 0]);
+    let mut params = Params::quiet(mode);
     p(&mut params);
     Sim::new(0, params, false)
 }

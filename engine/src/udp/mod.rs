@@ -36,9 +36,9 @@ use std::time::Duration;
 use io_uring::{opcode, types};
 use socket2::{SockRef, Type};
 
+use crate::config::SourceMode;
 use crate::core::ring::Completion;
 use crate::core::token::{Op, Token, GENERATION_MASK};
-use crate::config::SourceMode;
 use crate::core::Core;
 use crate::flowlog::{FlowProto, FlowRecord};
 use crate::policy::{FlowMeta, UdpVerdict};

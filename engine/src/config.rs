@@ -46,6 +46,18 @@ impl std::fmt::Display for SourceMode {
     }
 }
 
+/// How UDP flows are mapped and filtered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum UdpNat {
+    /// One upstream socket per (client, destination), connected: only that
+    /// destination can answer.
+    Symmetric,
+    /// One upstream socket per client source for every destination, not connected:
+    /// any remote that learns the mapping can reach the client (games, WebRTC,
+    /// STUN); see the security note in docs/deployment.md.
+    FullCone,
+}
+
 fn parse_mark(s: &str) -> Result<u32, String> {
     let v = if let Some(hex) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
         u32::from_str_radix(hex, 16)
@@ -132,6 +144,11 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = SourceMode::Router)]
     pub source: SourceMode,
 
+    /// UDP mapping: `symmetric` (one connected upstream socket per client and
+    /// destination) or `full-cone` (one per client source, open to any remote).
+    #[arg(long, value_enum, default_value_t = UdpNat::Symmetric)]
+    pub udp_nat: UdpNat,
+
     /// Upstream TCP connect timeout; on expiry the client is reset.
     #[arg(long, default_value_t = 5000, value_name = "MS")]
     pub connect_timeout_ms: u64,
@@ -216,6 +233,7 @@ pub struct Config {
     pub relay: RelayMode,
     pub mark: u32,
     pub source: SourceMode,
+    pub udp_nat: UdpNat,
     pub connect_timeout_ms: u64,
     /// `None`: never time out idle connections.
     pub idle_timeout_s: Option<u64>,

@@ -186,6 +186,7 @@ fn resolve(args: &Args, features: ring::Features) -> Result<(Config, u64)> {
             relay: args.relay,
             mark: args.mark,
             source: args.source,
+            udp_nat: args.udp_nat,
             connect_timeout_ms: args.connect_timeout_ms.max(1),
             idle_timeout_s: (args.idle_timeout_s != 0).then_some(args.idle_timeout_s),
             half_closed_timeout_s: (args.half_closed_timeout_s != 0)

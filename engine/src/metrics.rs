@@ -402,6 +402,13 @@ pub fn per_core_families() -> Vec<PerCore> {
             "source_fallback",
         ),
         PerCore::one(
+            "ringrelay_udp_cone_evictions_total",
+            Counter,
+            "Full-cone UDP flows that forgot their oldest destination or remote (more \
+             than 64 of either).",
+            "udp_cone_evictions",
+        ),
+        PerCore::one(
             "ringrelay_flow_log_dropped_total",
             Counter,
             "Flow log records dropped because the writer fell behind (queue full).",

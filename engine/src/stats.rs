@@ -436,6 +436,8 @@ counters! {
     source_fallback,
     /// UDP datagrams dropped: the client's address could not be bound.
     udp_drop_source,
+    /// Full-cone flows that forgot their oldest destination or remote (more than 64).
+    udp_cone_evictions,
     /// Ops in flight on this core's ring (a gauge, updated every second).
     ring_in_flight,
     /// CQEs the kernel had to hold back because the CQ was full (cumulative).

@@ -591,3 +591,100 @@ fn udp_stop_under_steady_load_v4() {
 fn udp_stop_under_steady_load_v6() {
     stop_under_load("udp_stop_under_steady_load_v6", Family::V6);
 }
+
+// ---------------------------------------------------------------------------------
+// (g) Full-cone UDP
+// ---------------------------------------------------------------------------------
+
+/// A STUN-like exchange: the client asks server A and server C (two addresses),
+/// which see the same mapping (endpoint-independent mapping); then server B, which
+/// the client never talked to, sends to that mapping. With `--udp-nat full-cone`
+/// the client receives it, sourced from B's address and port; with the default
+/// `symmetric` the same datagram does not reach the client.
+fn full_cone(test: &str, family: Family, nat: &str) {
+    let cfg = RigConfig::new().engine_args(&["--udp-nat", nat]);
+    let Some(mut rig) = Rig::start(test, cfg) else {
+        return;
+    };
+    let a = SocketAddr::new(family.server_a(), 3478);
+    let c = SocketAddr::new(family.server_b(), 3479);
+    let echo_a = UdpEcho::start(&rig.lab.server, a, false).unwrap();
+    let echo_c = UdpEcho::start(&rig.lab.server, c, false).unwrap();
+    let client = rig
+        .lab
+        .client
+        .run(move || -> anyhow::Result<UdpSocket> {
+            let s = udp_client(family, Duration::from_secs(2))?;
+            for dst in [a, c] {
+                let (got, from) = exchange(&s, dst, b"binding request")?;
+                ensure!(from == dst && got == b"binding request", "{dst}: {from}");
+            }
+            Ok(s)
+        })
+        .unwrap();
+    let mapped_a = echo_a.peers()[0];
+    let mapped_c = echo_c.peers()[0];
+    assert_eq!(
+        mapped_a.ip(),
+        family.router_s(),
+        "the mapping is the router's"
+    );
+    if nat == "full-cone" {
+        assert_eq!(mapped_a, mapped_c, "one mapping for every destination");
+    } else {
+        assert_ne!(
+            mapped_a.port(),
+            mapped_c.port(),
+            "symmetric: one per destination"
+        );
+    }
+    // Server B, never contacted by the client, sends to the mapping A saw.
+    let b = SocketAddr::new(family.server_b(), 9999);
+    rig.lab
+        .server
+        .run(move || -> anyhow::Result<()> {
+            let s = std::net::UdpSocket::bind(b)?;
+            s.send_to(b"unsolicited from B", mapped_a)?;
+            Ok(())
+        })
+        .unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_millis(1500)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let got = client.recv_from(&mut buf);
+    let c_after = rig.engine_mut().counters();
+    if nat == "full-cone" {
+        let (n, from) =
+            got.unwrap_or_else(|e| panic!("B's datagram did not arrive: {e}; {c_after:?}"));
+        assert_eq!(&buf[..n], b"unsolicited from B");
+        assert_eq!(from, b, "sourced from B's address and port");
+        assert_eq!(
+            c_after.get("udp_flows_created"),
+            1,
+            "one flow per client source"
+        );
+    } else {
+        assert!(got.is_err(), "symmetric let B through: {got:?}");
+        assert_eq!(c_after.get("udp_flows_created"), 2, "{c_after:?}");
+    }
+}
+
+#[test]
+fn udp_full_cone_stun_v4() {
+    full_cone("udp_full_cone_stun_v4", Family::V4, "full-cone");
+}
+
+#[test]
+fn udp_full_cone_stun_v6() {
+    full_cone("udp_full_cone_stun_v6", Family::V6, "full-cone");
+}
+
+#[test]
+fn udp_symmetric_filters_unsolicited_v4() {
+    full_cone(
+        "udp_symmetric_filters_unsolicited_v4",
+        Family::V4,
+        "symmetric",
+    );
+}

@@ -36,7 +36,7 @@ use std::time::Duration;
 use io_uring::{opcode, types};
 use socket2::{SockRef, Type};
 
-use crate::config::SourceMode;
+use crate::config::{SourceMode, UdpNat};
 use crate::core::ring::Completion;
 use crate::core::token::{Op, Token, GENERATION_MASK};
 use crate::core::Core;
@@ -81,6 +81,29 @@ struct Flow {
     /// Payload bytes and datagrams relayed: client to server, server to client.
     bytes: [u64; 2],
     dgrams: [u64; 2],
+    /// `--udp-nat full-cone`: the upstream socket is not connected; where the
+    /// client sends and who may answer.
+    cone: Option<Box<Cone>>,
+}
+
+/// Most destinations, and most other remotes, one full-cone flow keeps track of;
+/// past that a new one evicts the oldest (counted, `udp_cone_evictions`).
+const CONE_PEERS: usize = 64;
+
+/// The state of a full-cone flow: one upstream socket (one mapping) for every
+/// destination of one client source (endpoint-independent mapping), open to
+/// datagrams from any remote (endpoint-independent filtering).
+struct Cone {
+    /// Read by the kernel for the upstream socket's multishot recvmsg (the name
+    /// length): lives in this box, which lives until that recv's final completion.
+    msghdr: libc::msghdr,
+    /// Destinations the client sent to: (original destination, where it goes, or
+    /// `None` when the policy dropped it). Each kept entry holds a reference on the
+    /// reply socket of its original destination.
+    dsts: Vec<(SocketAddr, Option<SocketAddr>)>,
+    /// Other remotes that sent to the mapping; each holds a reply socket reference
+    /// on its own address, so their datagrams reach the client from them.
+    remotes: Vec<SocketAddr>,
 }
 
 /// The UDP part of a worker.
@@ -88,9 +111,10 @@ pub struct Udp {
     sockets: Vec<TproxySocket>,
     flows: FlowTable<Flow>,
     replies: Replies,
-    /// Upstream sockets of removed flows whose recv is being cancelled, by the
-    /// recv's `user_data`; closed when its final completion arrives.
-    closing: HashMap<u64, OwnedFd>,
+    /// Removed flows whose recv is being cancelled, by the recv's `user_data`:
+    /// their socket (and the msghdr a full-cone recv reads) go when its final
+    /// completion arrives.
+    closing: HashMap<u64, Flow>,
     /// Tproxy sockets or flows whose multishot recv ended and must be re-armed
     /// after the buffers of this batch are back in the ring.
     rearm: Vec<Token>,
@@ -169,10 +193,16 @@ impl Udp {
             return;
         }
         flow.armed = true;
-        let sqe = opcode::RecvMulti::new(types::Fd(flow.upstream.as_raw_fd()), GROUP_UDP)
-            .build()
-            .user_data(flow.recv_ud);
-        core.submit(sqe);
+        let fd = types::Fd(flow.upstream.as_raw_fd());
+        let sqe = match &flow.cone {
+            // Full cone: the source of each datagram matters (recvmsg's name).
+            Some(cone) => {
+                opcode::RecvMsgMulti::new(fd, &cone.msghdr as *const libc::msghdr, GROUP_UDP)
+                    .build()
+            }
+            None => opcode::RecvMulti::new(fd, GROUP_UDP).build(),
+        };
+        core.submit(sqe.user_data(flow.recv_ud));
     }
 
     /// Re-arms receives that ended in this batch (recycled buffers are already
@@ -248,9 +278,11 @@ impl Udp {
                 return;
             }
         };
+        let cone = core.cfg.udp_nat == UdpNat::FullCone;
         let key = FlowKey {
             client: ClientAddr(client),
-            orig_dst: OrigDst(orig),
+            // Full cone: one flow per client source, whatever it sends to.
+            orig_dst: OrigDst(if cone { cone_key(client) } else { orig }),
         };
         let now = core.now_ms();
         // While stopping this can still open a flow (a datagram delivered before the
@@ -259,16 +291,28 @@ impl Udp {
         // still reaches the client.
         let id = match self.flows.lookup(&key) {
             Some(id) => id,
-            None => match self.open_flow(core, key, now) {
+            None => match self.open_flow(core, key, orig, now) {
                 Some(id) => id,
                 None => return,
             },
+        };
+        let to = if cone {
+            match self.cone_target(core, id, key.client, orig) {
+                Some(t) => Some(t),
+                None => return, // dropped by the policy (counted)
+            }
+        } else {
+            None
         };
         let fd = self.flows.get(id).expect("live flow").upstream.as_raw_fd();
         // Re-borrow the payload: `open_flow` needed `core` mutably.
         let data = core.ring.buffers(GROUP_UDP).data(b, c.result as usize);
         let payload_len = payload.len();
-        match sys::send(fd, &data[payload]) {
+        let sent = match to {
+            Some(t) => sys::send_to(fd, &data[payload], &t),
+            None => sys::send(fd, &data[payload]),
+        };
+        match sent {
             Ok(_) => {
                 stats.udp_dgrams_c2s.fetch_add(1, Relaxed);
                 stats.udp_bytes_c2s.fetch_add(payload_len as u64, Relaxed);
@@ -293,12 +337,12 @@ impl Udp {
         }
     }
 
-    /// Creates the flow for `key`: policy, upstream socket, reply socket, recv.
-    fn open_flow(&mut self, core: &mut Core, key: FlowKey, now: u64) -> Option<FlowId> {
-        let orig = key.orig_dst.0;
+    /// The policy's verdict for `client` sending to `orig`: where it goes, or `None`
+    /// (dropped, counted).
+    fn verdict(core: &mut Core, client: ClientAddr, orig: SocketAddr) -> Option<SocketAddr> {
         let meta = FlowMeta {
-            client: key.client,
-            orig_dst: key.orig_dst,
+            client,
+            orig_dst: OrigDst(orig),
         };
         let target = match core.policy.udp(&meta) {
             UdpVerdict::Relay => orig,
@@ -313,6 +357,20 @@ impl Udp {
             core.stats.udp_drop_loop.fetch_add(1, Relaxed);
             return None;
         }
+        Some(target)
+    }
+
+    /// Creates the flow for `key`, whose first datagram goes to `orig`: policy,
+    /// upstream socket, reply socket, recv.
+    fn open_flow(
+        &mut self,
+        core: &mut Core,
+        key: FlowKey,
+        orig: SocketAddr,
+        now: u64,
+    ) -> Option<FlowId> {
+        let target = Self::verdict(core, key.client, orig)?;
+        let cone = core.cfg.udp_nat == UdpNat::FullCone;
         let upstream = match upstream::socket(
             Type::DGRAM,
             target,
@@ -336,19 +394,40 @@ impl Udp {
                 return None;
             }
         };
-        if let Err(e) = SockRef::from(&upstream).connect(&target.into()) {
+        let connected = if cone {
+            // Unconnected, but with its port (the mapping) fixed now, so that every
+            // destination sees the same one from the first datagram on.
+            match SockRef::from(&upstream).local_addr() {
+                Ok(a) if a.as_socket().is_some_and(|s| s.port() != 0) => Ok(()),
+                _ => SockRef::from(&upstream).bind(&sys::unspecified(target.is_ipv6(), 0).into()),
+            }
+        } else {
+            SockRef::from(&upstream).connect(&target.into())
+        };
+        if let Err(e) = connected {
             core.stats.udp_drop_no_socket.fetch_add(1, Relaxed);
-            core.log_limited(format_args!("udp: connecting to {target}: {e}"));
+            core.log_limited(format_args!("udp: upstream socket to {target}: {e}"));
             return None;
         }
+        // Symmetric: the one destination answers from itself. Full cone: the first
+        // destination's verdict is the first entry of the flow's list.
         if let Err(e) = self
             .replies
-            .acquire(&core.stats, key.orig_dst, core.cfg.mark)
+            .acquire(&core.stats, OrigDst(orig), core.cfg.mark)
         {
             core.stats.udp_drop_no_socket.fetch_add(1, Relaxed);
             core.log_limited(format_args!("udp: reply socket on {orig}: {e}"));
             return None;
         }
+        let cone = cone.then(|| {
+            let mut msghdr = sys::zeroed_msghdr();
+            msghdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+            Box::new(Cone {
+                msghdr,
+                dsts: vec![(orig, Some(target))],
+                remotes: Vec::new(),
+            })
+        });
         let flow = Flow {
             upstream,
             recv_ud: 0,
@@ -357,6 +436,7 @@ impl Udp {
             started_us: core.now_us(),
             bytes: [0; 2],
             dgrams: [0; 2],
+            cone,
         };
         let id = match self.flows.insert(key, flow, now) {
             InsertOutcome::Inserted(id) => id,
@@ -365,9 +445,9 @@ impl Udp {
                 id
             }
             InsertOutcome::Occupied { id, value } => {
-                // Cannot happen (looked up first); undo the reference taken above.
+                // Cannot happen (looked up first); undo what was taken above.
+                self.release_refs(core, &key, &value);
                 drop(value);
-                self.replies.release(&core.stats, key.orig_dst);
                 id
             }
         };
@@ -379,12 +459,106 @@ impl Udp {
         Some(id)
     }
 
+    /// Full cone: where a datagram of flow `id` to `orig` goes (asking the policy
+    /// the first time the client sends there), or `None` if it is dropped.
+    fn cone_target(
+        &mut self,
+        core: &mut Core,
+        id: FlowId,
+        client: ClientAddr,
+        orig: SocketAddr,
+    ) -> Option<SocketAddr> {
+        let cone = self.flows.get_mut(id)?.cone.as_mut()?;
+        if let Some((_, t)) = cone.dsts.iter().find(|(d, _)| *d == orig) {
+            if t.is_none() {
+                core.stats.udp_drop_policy.fetch_add(1, Relaxed);
+            }
+            return *t;
+        }
+        let target = Self::verdict(core, client, orig);
+        if target.is_some() {
+            if let Err(e) = self
+                .replies
+                .acquire(&core.stats, OrigDst(orig), core.cfg.mark)
+            {
+                core.stats.udp_drop_no_socket.fetch_add(1, Relaxed);
+                core.log_limited(format_args!("udp: reply socket on {orig}: {e}"));
+                return None;
+            }
+        }
+        let cone = self.flows.get_mut(id)?.cone.as_mut()?;
+        if cone.dsts.len() >= CONE_PEERS {
+            let (old, t) = cone.dsts.remove(0);
+            core.stats.udp_cone_evictions.fetch_add(1, Relaxed);
+            if t.is_some() {
+                self.replies.release(&core.stats, OrigDst(old));
+            }
+        }
+        let cone = self.flows.get_mut(id)?.cone.as_mut()?;
+        cone.dsts.push((orig, target));
+        target
+    }
+
+    /// Full cone: the address a datagram from `remote` must reach the client from:
+    /// the original destination the client sent to when `remote` is where that went
+    /// (a redirect answers as the address the client talked to), else `remote`
+    /// itself, taking a reply socket on it the first time. `None`: no reply socket.
+    fn cone_reply_from(
+        &mut self,
+        core: &mut Core,
+        id: FlowId,
+        remote: SocketAddr,
+    ) -> Option<SocketAddr> {
+        let cone = self.flows.get_mut(id)?.cone.as_mut()?;
+        if let Some((orig, _)) = cone.dsts.iter().find(|(_, t)| *t == Some(remote)) {
+            return Some(*orig);
+        }
+        if cone.remotes.contains(&remote) {
+            return Some(remote);
+        }
+        if let Err(e) = self
+            .replies
+            .acquire(&core.stats, OrigDst(remote), core.cfg.mark)
+        {
+            core.stats.udp_drop_no_socket.fetch_add(1, Relaxed);
+            core.log_limited(format_args!("udp: reply socket on {remote}: {e}"));
+            return None;
+        }
+        let cone = self.flows.get_mut(id)?.cone.as_mut()?;
+        if cone.remotes.len() >= CONE_PEERS {
+            let old = cone.remotes.remove(0);
+            core.stats.udp_cone_evictions.fetch_add(1, Relaxed);
+            self.replies.release(&core.stats, OrigDst(old));
+        }
+        let cone = self.flows.get_mut(id)?.cone.as_mut()?;
+        cone.remotes.push(remote);
+        Some(remote)
+    }
+
+    /// Drops the reply socket references a flow holds.
+    fn release_refs(&mut self, core: &Core, key: &FlowKey, flow: &Flow) {
+        match &flow.cone {
+            None => self.replies.release(&core.stats, key.orig_dst),
+            Some(cone) => {
+                for (d, t) in &cone.dsts {
+                    if t.is_some() {
+                        self.replies.release(&core.stats, OrigDst(*d));
+                    }
+                }
+                for r in &cone.remotes {
+                    self.replies.release(&core.stats, OrigDst(*r));
+                }
+            }
+        }
+    }
+
     /// Takes a removed flow out of service: counts why, cancels its recv, and closes
     /// its socket once the recv is done.
     fn retire(&mut self, core: &mut Core, (key, flow): (FlowKey, Flow), why: FlowEnd) {
         core.stats.udp_flows_active.fetch_sub(1, Relaxed);
         core.stats.count_flow_end(why, 1);
-        let verdict = if flow.target == key.orig_dst.0 {
+        self.release_refs(core, &key, &flow);
+        let verdict = if flow.cone.is_some() || flow.target == key.orig_dst.0 {
             "relay"
         } else {
             "redirect"
@@ -405,10 +579,9 @@ impl Udp {
             reason: why.name(),
             errno: None,
         });
-        self.replies.release(&core.stats, key.orig_dst);
         if flow.armed {
             core.cancel(flow.recv_ud);
-            self.closing.insert(flow.recv_ud, flow.upstream);
+            self.closing.insert(flow.recv_ud, flow);
         }
         // Not armed: dropping `flow` closes the socket now.
     }
@@ -437,13 +610,41 @@ impl Udp {
             return;
         }
         let key = self.flows.key_of(id).expect("live flow");
-        let Some(reply_fd) = self.replies.fd(&key.orig_dst) else {
+        let stats = core.stats.clone();
+        let (reply_from, range) = match self.flows.get(id).and_then(|f| f.cone.as_deref()) {
+            None => (key.orig_dst.0, None),
+            Some(cone) => {
+                // Full cone: a recvmsg buffer; the name says which remote sent it.
+                let Some(b) = bid else { return };
+                let data = core.ring.buffers(GROUP_UDP).data(b, c.result as usize);
+                let Ok(out) = types::RecvMsgOut::parse(data, &cone.msghdr) else {
+                    stats.udp_drop_truncated.fetch_add(1, Relaxed);
+                    return;
+                };
+                if out.is_payload_truncated() {
+                    stats.udp_drop_truncated.fetch_add(1, Relaxed);
+                    return;
+                }
+                let Some(remote) = cmsg::decode_sockaddr(out.name_data()) else {
+                    stats.udp_drop_bad_source.fetch_add(1, Relaxed);
+                    return;
+                };
+                let p = out.payload_data();
+                let start = p.as_ptr() as usize - data.as_ptr() as usize;
+                let range = start..start + p.len();
+                match self.cone_reply_from(core, id, remote) {
+                    Some(from) => (from, Some(range)),
+                    None => return,
+                }
+            }
+        };
+        let Some(reply_fd) = self.replies.fd(&OrigDst(reply_from)) else {
             return;
         };
-        let stats = core.stats.clone();
-        let payload = match bid {
-            Some(b) => core.ring.buffers(GROUP_UDP).data(b, c.result as usize),
-            None => &[],
+        let payload = match (bid, range) {
+            (Some(b), None) => core.ring.buffers(GROUP_UDP).data(b, c.result as usize),
+            (Some(b), Some(r)) => &core.ring.buffers(GROUP_UDP).data(b, c.result as usize)[r],
+            (None, _) => &[],
         };
         let len = payload.len() as u64;
         match sys::send_to(reply_fd, payload, &key.client.0) {
@@ -509,6 +710,12 @@ impl Udp {
     pub fn is_drained(&self) -> bool {
         self.flows.is_empty() && self.closing.is_empty() && self.sockets.iter().all(|s| !s.armed)
     }
+}
+
+/// The flow key's destination part for a full-cone flow: one flow per client
+/// source, whatever it sends to.
+fn cone_key(client: SocketAddr) -> SocketAddr {
+    sys::unspecified(client.is_ipv6(), 0)
 }
 
 /// Why a received datagram cannot be relayed.

@@ -1032,3 +1032,153 @@ fn tcp_half_closed_timeout_v4() {
 fn tcp_half_closed_timeout_v6() {
     half_closed_timeout("tcp_half_closed_timeout_v6", Family::V6);
 }
+
+// ---------------------------------------------------------------------------------
+// Waiting clients when slots free, and counters after a reset storm
+// ---------------------------------------------------------------------------------
+
+/// At the limit with many clients waiting in the listen backlog, closing some
+/// relayed connections lets exactly that many waiting clients in: none of the
+/// others is reset (a multishot accept used to take the whole backlog in one pass,
+/// relay as many as slots had freed and reset the rest).
+#[test]
+fn tcp_waiting_clients_not_reset_when_slots_free() {
+    const LIMIT: usize = 200;
+    const WAITING: usize = 600;
+    const FREED: usize = 100;
+    let test = "tcp_waiting_clients_not_reset_when_slots_free";
+    let cfg = RigConfig::new()
+        .cores("0")
+        .engine_args(&["--max-conns", &LIMIT.to_string()]);
+    let Some(mut rig) = Rig::start(test, cfg) else {
+        return;
+    };
+    let dst = SocketAddr::new(Family::V4.server_a(), 5006);
+    let _server = TcpServer::echo(&rig.lab.server, dst).unwrap();
+    let mut conns: Vec<Held> = rig
+        .lab
+        .client
+        .run(move || -> anyhow::Result<Vec<Held>> {
+            (0..LIMIT + WAITING)
+                .map(|i| {
+                    let mut s = tcp_connect(dst).with_context(|| format!("connect {i}"))?;
+                    s.write_all(format!("ping {i}\n").as_bytes())?;
+                    s.set_nonblocking(true)?;
+                    Ok(Held {
+                        i,
+                        s: Some(s),
+                        answered: false,
+                        failed: None,
+                    })
+                })
+                .collect()
+        })
+        .unwrap();
+    let answered = |conns: &mut Vec<Held>, n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut got = 0;
+        while got < n && Instant::now() < deadline {
+            got += collect_answers(conns).len();
+            std::thread::sleep(POLL_INTERVAL);
+        }
+        got
+    };
+    assert_eq!(answered(&mut conns, LIMIT), LIMIT);
+    // Close FREED of the relayed ones at once.
+    let mut closed = 0;
+    for h in conns.iter_mut().filter(|h| h.answered) {
+        if closed == FREED {
+            break;
+        }
+        h.s = None;
+        closed += 1;
+    }
+    conns.retain(|h| h.s.is_some());
+    assert_eq!(answered(&mut conns, FREED), FREED, "waiting clients served");
+    std::thread::sleep(Duration::from_millis(300));
+    let failed: Vec<_> = conns.iter().filter_map(|h| h.failed.clone()).collect();
+    assert!(
+        failed.is_empty(),
+        "waiting clients reset: {} e.g. {:?}",
+        failed.len(),
+        failed.first()
+    );
+    let c = rig.engine_mut().counters();
+    assert_eq!(c.get("close_limit"), 0, "{c:?}");
+    assert_eq!(c.get("active"), LIMIT as u64, "{c:?}");
+    // Everyone else still gets served as the served ones close.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while conns.iter().any(|h| !h.answered && h.failed.is_none()) && Instant::now() < deadline {
+        collect_answers(&mut conns);
+        for h in conns.iter_mut().filter(|h| h.answered) {
+            h.s = None;
+        }
+        std::thread::sleep(POLL_INTERVAL);
+    }
+    let unserved = conns.iter().filter(|h| !h.answered).count();
+    let failed: Vec<_> = conns.iter().filter_map(|h| h.failed.clone()).collect();
+    assert!(
+        failed.is_empty() && unserved == 0,
+        "{unserved} unserved, {failed:?}"
+    );
+    drop(conns);
+    let c = rig
+        .engine_mut()
+        .wait_counters(Duration::from_secs(5), |c| c.get("active") == 0)
+        .unwrap_or_else(|c| panic!("connections left: {c:?}"));
+    assert_eq!(c.get("accepted"), (LIMIT + WAITING) as u64, "{c:?}");
+    assert_eq!(c.get("close_limit"), 0, "{c:?}");
+}
+
+/// Thousands of clients that reset right after connecting: every accepted
+/// connection still ends in exactly one close reason, so `accepted == active +
+/// sum(close_*)` at every reading and at exit (clients gone before the engine
+/// looked at them used to be counted nowhere).
+#[test]
+fn tcp_counters_add_up_after_a_reset_storm() {
+    const STORM: usize = 3000;
+    let test = "tcp_counters_add_up_after_a_reset_storm";
+    let Some(mut rig) = Rig::start(test, RigConfig::new()) else {
+        return;
+    };
+    let dst = SocketAddr::new(Family::V4.server_a(), 5007);
+    let _server = TcpServer::echo(&rig.lab.server, dst).unwrap();
+    let sum_closes = |c: &Counters| -> u64 {
+        c.rows()
+            .iter()
+            .filter(|(k, _)| k.starts_with("close_"))
+            .map(|(_, v)| *v)
+            .sum()
+    };
+    let storm = rig.lab.client.spawn(move || -> anyhow::Result<usize> {
+        let mut n = 0;
+        for _ in 0..STORM {
+            if let Ok(s) = tcp_connect(dst) {
+                socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO))?;
+                drop(s); // RST at once
+                n += 1;
+            }
+        }
+        Ok(n)
+    });
+    // Readings during the storm add up too.
+    for _ in 0..5 {
+        let c = rig.engine_mut().counters();
+        assert_eq!(c.get("accepted"), c.get("active") + sum_closes(&c), "{c:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let sent = storm.join().unwrap().unwrap();
+    assert!(sent > STORM / 2, "only {sent} connects");
+    let c = rig
+        .engine_mut()
+        .wait_counters(Duration::from_secs(10), |c| {
+            c.get("active") == 0 && c.get("accepted") >= sent as u64
+        })
+        .unwrap_or_else(|c| panic!("storm not absorbed: {c:?}"));
+    assert_eq!(c.get("accepted"), sum_closes(&c), "{c:?}");
+    let (status, stdout, _) = rig.engine_mut().stop(Duration::from_secs(5));
+    assert!(status.expect("exited").success());
+    let at_exit = stdout.split("summary:").nth(1).expect("summary");
+    let c = parse_counter_table(at_exit).unwrap();
+    assert_eq!(c.get("accepted"), c.get("active") + sum_closes(&c), "{c:?}");
+}

@@ -102,6 +102,15 @@ impl Core {
         self.submit(sqe);
     }
 
+    /// Cancels every op submitted with `user_data` (`IORING_ASYNC_CANCEL_ALL`, 5.19):
+    /// for ops that share one, like a listener's single-shot accepts.
+    pub fn cancel_all(&mut self, user_data: u64) {
+        let sqe = opcode::AsyncCancel2::new(types::CancelBuilder::user_data(user_data).all())
+            .build()
+            .user_data(Token::global(Op::Cancel).encode());
+        self.submit(sqe);
+    }
+
     /// Accounts one completion: a final one (no `IORING_CQE_F_MORE`) ends its op.
     pub fn completed(&mut self, c: &Completion) {
         if !c.more() {

@@ -4,16 +4,20 @@
 //! (`crate::sockets`: one `SO_REUSEPORT` group; the kernel spreads new connections
 //! across the workers by flow hash). After a takeover a worker may serve several.
 //!
-//! Accepting follows the connection budget: a multishot accept while at least
-//! [`MULTISHOT_HEADROOM`] slots are free; closer to the limit one single-shot accept
-//! per listener and only while a slot is free, so the limit is overshot by at most
-//! one connection per listener (parked until a slot frees); at the limit none, and
-//! new clients wait in the kernel's listen backlog instead of being reset. Whoever
-//! frees a slot (`Tcp::free` in `mod.rs`) starts a parked client and re-arms.
+//! Accepting follows the connection budget. A multishot accept takes everything the
+//! kernel has queued in one pass, so it is armed only while the free slots exceed
+//! [`MULTISHOT_HEADROOM`] plus the listener's current accept queue (`TCP_INFO`).
+//! Otherwise each listener gets single-shot accepts, as many as there are free slots
+//! and at most [`SINGLE_SHOTS`] at a time, so the limit is overshot by at most those
+//! in flight (parked until a slot frees, never reset); at the limit none, and new
+//! clients wait in the kernel's listen backlog. When connections close after a
+//! stretch at the limit, exactly as many waiting clients are accepted as slots
+//! freed: nobody who waited is reset because others left. Whoever frees a slot
+//! (`Tcp::free` in `mod.rs`) starts a parked client and re-arms.
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering::Relaxed;
 
 use io_uring::{opcode, types};
@@ -24,20 +28,35 @@ use crate::core::token::{Op, Token};
 use crate::core::Core;
 use crate::sys;
 
-/// A multishot accept is armed only while at least this many connection slots are
-/// free (see the module documentation).
+/// A multishot accept is armed only while at least this many connection slots more
+/// than the accept queue holds are free (see the module documentation).
 pub const MULTISHOT_HEADROOM: usize = 64;
+
+/// Most single-shot accepts in flight per listener.
+pub const SINGLE_SHOTS: u32 = 16;
+
+/// Token generation of a listener's multishot accept (single-shots use 0, all of
+/// them: they are cancelled together with `IORING_ASYNC_CANCEL_ALL`).
+const MULTISHOT_GEN: u32 = 1;
 
 /// A TCP listener of this worker.
 struct Listener {
     /// `None` once closed while stopping.
     fd: Option<OwnedFd>,
-    /// An accept is in flight (set on submit, cleared on its final CQE).
-    armed: bool,
-    /// The accept in flight is multishot (else single-shot).
+    /// A multishot accept is in flight (until its final CQE).
     multishot: bool,
-    /// A cancel of the armed accept has been submitted.
-    cancelling: bool,
+    /// Single-shot accepts in flight.
+    singles: u32,
+    /// A cancel of the multishot accept has been submitted.
+    cancelling_multi: bool,
+    /// A cancel of every single-shot accept has been submitted.
+    cancelling_singles: bool,
+}
+
+impl Listener {
+    fn armed(&self) -> bool {
+        self.multishot || self.singles > 0
+    }
 }
 
 /// The accepting side of the TCP subsystem.
@@ -61,9 +80,10 @@ impl Acceptor {
             .into_iter()
             .map(|fd| Listener {
                 fd: Some(fd),
-                armed: false,
                 multishot: false,
-                cancelling: false,
+                singles: 0,
+                cancelling_multi: false,
+                cancelling_singles: false,
             })
             .collect();
         Acceptor {
@@ -110,47 +130,61 @@ impl Acceptor {
         }
     }
 
-    /// Arms an accept on every idle listener, as the headroom allows.
+    /// Arms accepts on every listener, as the headroom allows (see the module
+    /// documentation).
     pub fn arm(&mut self, core: &mut Core, headroom: usize) {
-        if self.stopping || self.starved {
+        if self.stopping || self.starved || headroom == 0 {
             return;
         }
+        // SOCK_NONBLOCK: splice takes its blocking mode from the socket file.
+        let flags = libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
         for (i, l) in self.listeners.iter_mut().enumerate() {
-            if l.armed {
+            let Some(fd) = l.fd.as_ref() else {
+                continue;
+            };
+            if l.multishot {
                 continue;
             }
-            let Some(fd) = l.fd.as_ref().map(|f| f.as_raw_fd()) else {
-                continue;
-            };
-            let ud = Token::new(Op::Accept, i as u32, 0).encode();
-            // SOCK_NONBLOCK: splice takes its blocking mode from the socket file.
-            let flags = libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
-            let sqe = if headroom >= MULTISHOT_HEADROOM {
+            let raw = types::Fd(fd.as_raw_fd());
+            let queued = sys::accept_queue_len(fd.as_fd()).unwrap_or(u32::MAX) as usize;
+            if l.singles == 0 && headroom >= MULTISHOT_HEADROOM.saturating_add(queued) {
                 l.multishot = true;
-                opcode::AcceptMulti::new(types::Fd(fd)).flags(flags).build()
-            } else if headroom > 0 {
-                // One per listener: reserving slots per listener would let an idle
-                // family's accept starve the busy one.
-                l.multishot = false;
-                opcode::Accept::new(types::Fd(fd), std::ptr::null_mut(), std::ptr::null_mut())
+                l.cancelling_multi = false;
+                let ud = Token::new(Op::Accept, i as u32, MULTISHOT_GEN).encode();
+                core.submit(
+                    opcode::AcceptMulti::new(raw)
+                        .flags(flags)
+                        .build()
+                        .user_data(ud),
+                );
+                continue;
+            }
+            // Every listener may take up to `headroom` (an idle family's accepts must
+            // not hold slots the busy one needs); the overshoot is what is in flight.
+            let want = (headroom as u32).min(SINGLE_SHOTS);
+            let ud = Token::new(Op::Accept, i as u32, 0).encode();
+            while l.singles < want {
+                l.singles += 1;
+                l.cancelling_singles = false;
+                let sqe = opcode::Accept::new(raw, std::ptr::null_mut(), std::ptr::null_mut())
                     .flags(flags)
                     .build()
-            } else {
-                // At the limit: new clients wait in the listen backlog.
-                continue;
-            };
-            l.armed = true;
-            l.cancelling = false;
-            core.submit(sqe.user_data(ud));
+                    .user_data(ud);
+                core.submit(sqe);
+            }
         }
     }
 
     /// Cancels the armed accepts (all of them, or only the multishot ones).
     fn cancel(&mut self, core: &mut Core, only_multishot: bool) {
         for (i, l) in self.listeners.iter_mut().enumerate() {
-            if l.armed && !l.cancelling && (l.multishot || !only_multishot) {
-                l.cancelling = true;
-                core.cancel(Token::new(Op::Accept, i as u32, 0).encode());
+            if l.multishot && !l.cancelling_multi {
+                l.cancelling_multi = true;
+                core.cancel(Token::new(Op::Accept, i as u32, MULTISHOT_GEN).encode());
+            }
+            if !only_multishot && l.singles > 0 && !l.cancelling_singles {
+                l.cancelling_singles = true;
+                core.cancel_all(Token::new(Op::Accept, i as u32, 0).encode());
             }
         }
     }
@@ -166,11 +200,23 @@ impl Acceptor {
     /// An accept completion: the new client's fd, if there is one. Re-arming on a
     /// final completion is left to the caller ([`Acceptor::finish`]), which knows
     /// the headroom after this client took its slot.
-    pub fn on_completion(&mut self, core: &mut Core, c: &Completion, li: usize) -> Option<OwnedFd> {
+    pub fn on_completion(
+        &mut self,
+        core: &mut Core,
+        c: &Completion,
+        tok: Token,
+    ) -> Option<OwnedFd> {
         if !c.more() {
-            if let Some(l) = self.listeners.get_mut(li) {
-                l.armed = false;
-                l.cancelling = false;
+            if let Some(l) = self.listeners.get_mut(tok.slot as usize) {
+                if tok.generation == MULTISHOT_GEN {
+                    l.multishot = false;
+                    l.cancelling_multi = false;
+                } else {
+                    l.singles -= 1;
+                    if l.singles == 0 {
+                        l.cancelling_singles = false;
+                    }
+                }
             }
         }
         if c.result >= 0 {
@@ -202,13 +248,15 @@ impl Acceptor {
     /// After a final accept completion: close the listener if stopping (so that with
     /// nft's fail-open tproxy new connections bypass the stopping engine instead of
     /// queueing on it), else re-arm.
-    pub fn finish(&mut self, core: &mut Core, c: &Completion, li: usize, headroom: usize) {
+    pub fn finish(&mut self, core: &mut Core, c: &Completion, tok: Token, headroom: usize) {
         if c.more() {
             return;
         }
         if self.stopping {
-            if let Some(l) = self.listeners.get_mut(li) {
-                l.fd = None;
+            if let Some(l) = self.listeners.get_mut(tok.slot as usize) {
+                if !l.armed() {
+                    l.fd = None;
+                }
             }
         } else {
             self.arm(core, headroom);
@@ -235,7 +283,7 @@ impl Acceptor {
         self.stopping = true;
         self.cancel(core, false);
         for l in &mut self.listeners {
-            if !l.armed {
+            if !l.armed() {
                 l.fd = None;
             }
         }
@@ -244,6 +292,6 @@ impl Acceptor {
 
     /// No accept in flight (for the final wind-down).
     pub fn is_idle(&self) -> bool {
-        self.listeners.iter().all(|l| !l.armed)
+        self.listeners.iter().all(|l| !l.armed())
     }
 }

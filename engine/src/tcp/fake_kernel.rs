@@ -454,11 +454,9 @@ struct Cqe {
     bid: Option<u16>,
 }
 
-/// One op of the connection as the kernel sees it.
+/// One op of the connection as the kernel sees it (while in `Kernel::live`).
 #[derive(Debug, Default)]
 struct Slot {
-    /// Submitted, and its final completion not delivered yet.
-    live: bool,
     cancel: bool,
     /// The final completion is posted: the kernel is done with the op.
     done: bool,
@@ -474,6 +472,9 @@ struct Kernel {
     rng: Rng,
     step: u64,
     ops: [Slot; 12],
+    /// One bit per op (of `ConnOp::ALL`) submitted whose final completion is not
+    /// delivered yet.
+    live: u16,
     /// Posted completions, in order: the ring's completion queue is FIFO, and the
     /// machine relies on it (a wakeup posted after a recv's EAGAIN is seen after
     /// it). Ops complete in a random order; their completions do not overtake.
@@ -527,6 +528,7 @@ impl Kernel {
             rng: Rng(seed ^ 0x5eed_fa4e_0000_0000),
             step: 0,
             ops: std::array::from_fn(|_| Slot::default()),
+            live: 0,
             cq: VecDeque::new(),
             connect_done: false,
             connect_later: None,
@@ -665,7 +667,7 @@ impl Kernel {
     }
 
     fn post(&mut self, i: usize, res: i32, more: bool, bid: Option<u16>) {
-        debug_assert!(self.ops[i].live && !self.ops[i].done);
+        debug_assert!(self.is_live(i) && !self.ops[i].done);
         if more {
             if let Some(&(j, last)) = self.cq.back() {
                 // One wakeup's completion covers the next, as the kernel's poll
@@ -687,7 +689,7 @@ impl Kernel {
     fn wake_polls(&mut self, s: usize) {
         for op in [ConnOp::PollIn(s), ConnOp::ErrWatch(s)] {
             let i = op_index(op);
-            if self.ops[i].live && !self.ops[i].done {
+            if self.is_live(i) && !self.ops[i].done {
                 self.fire(op);
             }
         }
@@ -966,8 +968,8 @@ impl Kernel {
         self.wake_polls(s);
     }
 
-    fn live_ops(&self) -> u32 {
-        self.ops.iter().filter(|s| s.live).count() as u32
+    fn is_live(&self, i: usize) -> bool {
+        self.live & (1 << i) != 0
     }
 }
 
@@ -978,10 +980,10 @@ impl Effects for Kernel {
 
     fn submit_connect(&mut self) {
         for op in [ConnOp::Connect, ConnOp::ConnectTimeout] {
-            if self.ops[op_index(op)].live {
+            if self.is_live(op_index(op)) {
                 self.fail("connect submitted twice");
             }
-            self.ops[op_index(op)].live = true;
+            self.live |= 1 << op_index(op);
         }
         self.submitted += 2;
         self.note(|| "  submit connect".into());
@@ -989,7 +991,7 @@ impl Effects for Kernel {
 
     fn submit(&mut self, op: ConnOp, send: Option<SendArgs>) {
         let i = op_index(op);
-        if self.ops[i].live {
+        if self.is_live(i) {
             self.fail(&format!(
                 "{op:?} submitted while the previous one is pending"
             ));
@@ -1034,9 +1036,8 @@ impl Effects for Kernel {
             }
             _ => {}
         }
-        let slot = &mut self.ops[i];
-        slot.live = true;
-        slot.send = send;
+        self.live |= 1 << i;
+        self.ops[i].send = send;
         self.submitted += 1;
         self.note(|| format!("  submit {op:?} {send:?}"));
         if multishot(op) {
@@ -1050,7 +1051,7 @@ impl Effects for Kernel {
             self.fail("cancel of the link timeout (the kernel cannot find it)");
         }
         let i = op_index(op);
-        if !self.ops[i].live {
+        if !self.is_live(i) {
             self.fail(&format!("cancel of {op:?}, which is not pending"));
         }
         if self.ops[i].cancel {
@@ -1221,8 +1222,8 @@ impl Effects for Kernel {
             ));
         }
         for d in 0..2 {
-            let slot = &self.ops[op_index(ConnOp::Send(d))];
-            if slot.live && slot.send.is_some_and(|a| a.bid == bid) {
+            let i = op_index(ConnOp::Send(d));
+            if self.is_live(i) && self.ops[i].send.is_some_and(|a| a.bid == bid) {
                 self.fail(&format!("returns buffer {bid} while Send({d}) reads it"));
             }
         }
@@ -1466,17 +1467,18 @@ impl Sim {
         let step = self.steps;
         self.evs.clear();
         let evs = &mut self.evs;
-        if !k.connect_done && k.ops[op_index(ConnOp::Connect)].live {
+        if !k.connect_done && k.is_live(op_index(ConnOp::Connect)) {
             evs.push((Ev::Connect, 10));
         }
         if !k.cq.is_empty() {
             evs.push((Ev::Deliver, k.p.deliver_weight));
         }
-        for (i, op) in ConnOp::ALL.into_iter().enumerate() {
+        let mut live = k.live;
+        while live != 0 {
+            let i = live.trailing_zeros() as usize;
+            live &= live - 1;
+            let op = ConnOp::ALL[i];
             let slot = &k.ops[i];
-            if !slot.live {
-                continue;
-            }
             if !slot.done && k.ready(i) {
                 evs.push((Ev::Progress(i), 10));
             }
@@ -1681,6 +1683,7 @@ impl Sim {
                 k.fail(&format!("{op:?} has completions after its final one"));
             }
             k.ops[i] = Slot::default();
+            k.live &= !(1 << i);
         }
         let phase = self.m.phase();
         if let Some(b) = cqe.bid {
@@ -1729,16 +1732,16 @@ impl Sim {
         let m = &self.m;
         let phase = m.phase();
         // 1 and 2: the machine's armed set is exactly what the kernel has pending.
-        for (i, op) in ConnOp::ALL.into_iter().enumerate() {
-            if m.is_armed(op) != k.ops[i].live {
+        for (i, &op) in ConnOp::ALL.iter().enumerate() {
+            if m.is_armed(op) != k.is_live(i) {
                 k.fail(&format!(
                     "{op:?}: armed {} in the machine, pending {} in the kernel",
                     m.is_armed(op),
-                    k.ops[i].live
+                    k.is_live(i)
                 ));
             }
         }
-        let live = k.live_ops();
+        let live = k.live.count_ones();
         if m.in_flight() != live {
             k.fail(&format!(
                 "in_flight {} with {live} ops pending",

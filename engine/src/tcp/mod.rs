@@ -109,14 +109,13 @@ impl Tcp {
     /// A completion of a TCP op: an accept, or an op of a connection.
     pub fn on_cqe(&mut self, core: &mut Core, tok: Token, c: Completion) {
         if tok.op == Op::Accept {
-            let li = tok.slot as usize;
-            if let Some(fd) = self.acceptor.on_completion(core, &c, li) {
+            if let Some(fd) = self.acceptor.on_completion(core, &c, tok) {
                 core.stats.accepted.fetch_add(1, Relaxed);
                 core.stats.active.fetch_add(1, Relaxed);
                 self.start_conn(core, fd);
             }
             let h = self.headroom(core);
-            self.acceptor.finish(core, &c, li, h);
+            self.acceptor.finish(core, &c, tok, h);
             return;
         }
         let op = tok

@@ -1085,13 +1085,8 @@ fn tcp_waiting_clients_not_reset_when_slots_free() {
     };
     assert_eq!(answered(&mut conns, LIMIT), LIMIT);
     // Close FREED of the relayed ones at once.
-    let mut closed = 0;
-    for h in conns.iter_mut().filter(|h| h.answered) {
-        if closed == FREED {
-            break;
-        }
+    for h in conns.iter_mut().filter(|h| h.answered).take(FREED) {
         h.s = None;
-        closed += 1;
     }
     conns.retain(|h| h.s.is_some());
     assert_eq!(answered(&mut conns, FREED), FREED, "waiting clients served");

@@ -447,7 +447,7 @@ fn metrics_docs_list_every_family() {
     let stale: Vec<_> = documented.difference(&rendered).collect();
     assert!(
         missing.is_empty() && stale.is_empty(),
-        "docs/deployment.md section 11: families without a row {missing:?}, rows without \
+        "docs/deployment.md, Metrics: families without a row {missing:?}, rows without \
          a family {stale:?}"
     );
 }

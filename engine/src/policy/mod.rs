@@ -16,6 +16,8 @@
 
 use std::net::SocketAddr;
 
+pub mod sniff;
+
 use crate::addrs::{ClientAddr, OrigDst};
 
 /// What is known about a TCP connection when it is accepted.

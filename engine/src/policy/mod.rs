@@ -16,6 +16,7 @@
 
 use std::net::SocketAddr;
 
+pub mod rules;
 pub mod sniff;
 
 use crate::addrs::{ClientAddr, OrigDst};

@@ -597,6 +597,8 @@ pub struct Rules {
     sni: NameIndex,
     host: NameIndex,
     udp: AddrIndex,
+    /// Some enabled rule has `sni` or `host`.
+    needs_names: bool,
 }
 
 impl fmt::Debug for Rules {
@@ -653,6 +655,7 @@ impl Rules {
             sni: NameIndex::build(&rules, |r| r.sni.as_ref()),
             host: NameIndex::build(&rules, |r| r.host.as_ref()),
             udp: AddrIndex::build(&rules, Rule::udp),
+            needs_names: rules.iter().any(|r| r.tcp() && r.named()),
             names,
             rules,
             default,
@@ -684,7 +687,7 @@ impl Rules {
     /// Whether some enabled rule has `sni` or `host`: if not, [`Rules::decide_tcp`]
     /// never answers `NeedsName` and no connection needs sniffing.
     pub fn needs_names(&self) -> bool {
-        self.rules.iter().any(|r| r.tcp() && r.named())
+        self.needs_names
     }
 
     fn tcp_verdict(&self, rule: Option<u32>) -> Verdict {

@@ -16,6 +16,9 @@
 
 use std::net::SocketAddr;
 
+pub mod rules;
+pub mod sniff;
+
 use crate::addrs::{ClientAddr, OrigDst};
 
 /// What is known about a TCP connection when it is accepted.

@@ -26,6 +26,8 @@ pub mod conns;
 pub mod copy;
 pub mod direction;
 pub mod driver;
+#[cfg(test)]
+mod fake_kernel;
 pub mod machine;
 pub mod splice;
 

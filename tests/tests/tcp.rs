@@ -1177,3 +1177,66 @@ fn tcp_counters_add_up_after_a_reset_storm() {
     let c = parse_counter_table(at_exit).unwrap();
     assert_eq!(c.get("accepted"), c.get("active") + sum_closes(&c), "{c:?}");
 }
+
+/// A server resets while its direction is blocked on a client that does not read
+/// (nothing reads the server's socket meanwhile): the engine must still notice and
+/// reset the client at once, not when the stalled reader drains or the idle timeout
+/// fires. Both relays.
+fn reset_while_blocked(test: &str, relay: &str) {
+    let Some(mut rig) = Rig::start(test, RigConfig::new().relay(relay)) else {
+        return;
+    };
+    let dst = SocketAddr::new(Family::V4.server_a(), 5008);
+    let server = TcpServer::start(&rig.lab.server, dst, |s, _| {
+        // Far more than the client's window and the engine's buffers hold.
+        let chunk = vec![0x5au8; 64 * 1024];
+        let deadline = Instant::now() + Duration::from_secs(5);
+        s.set_write_timeout(Some(Duration::from_millis(200)))?;
+        let mut sent = 0usize;
+        while Instant::now() < deadline && sent < 64 << 20 {
+            match (&s).write(&chunk) {
+                Ok(n) => sent += n,
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => break,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        // Everything is backed up now: reset.
+        socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO))?;
+        Ok(())
+    })
+    .unwrap();
+    let client = rig
+        .lab
+        .client
+        .run(move || -> anyhow::Result<TcpStream> {
+            let mut s = tcp_connect(dst)?;
+            s.write_all(b"go")?;
+            Ok(s) // never reads
+        })
+        .unwrap();
+    assert!(server.wait_finished(1, Duration::from_secs(10)));
+    let t = Instant::now();
+    let c = rig
+        .engine_mut()
+        .wait_counters(Duration::from_secs(3), |c| c.get("close_server_reset") == 1)
+        .unwrap_or_else(|c| panic!("the server's reset was not passed on: {c:?}"));
+    assert_eq!(c.get("active"), 0, "{c:?}");
+    eprintln!(
+        "{test}: reset passed on {:?} after the server's",
+        t.elapsed()
+    );
+    drop(client);
+}
+
+#[test]
+fn tcp_reset_while_blocked_on_a_stalled_reader_splice() {
+    reset_while_blocked(
+        "tcp_reset_while_blocked_on_a_stalled_reader_splice",
+        "splice",
+    );
+}
+
+#[test]
+fn tcp_reset_while_blocked_on_a_stalled_reader_copy() {
+    reset_while_blocked("tcp_reset_while_blocked_on_a_stalled_reader_copy", "copy");
+}

@@ -533,6 +533,9 @@ impl ConnMachine {
                         self.arm(ConnOp::Send(d));
                         self.dirs[d].flow.begin();
                         fx.submit(ConnOp::Send(d), Some(SendArgs { bid, off, len }));
+                        // The send may wait long on a slow reader: meanwhile watch
+                        // the source, or its reset would go unnoticed until then.
+                        self.watch_source(d, fx);
                         return;
                     }
                 },
@@ -552,6 +555,9 @@ impl ConnMachine {
                         self.arm(ConnOp::PollOut(d));
                         fx.submit(ConnOp::PollOut(d), None);
                     }
+                    // Blocked on the destination: nothing reads the source, so watch
+                    // it for a reset (a stalled reader could hold this for hours).
+                    self.watch_source(d, fx);
                     return;
                 }
                 Want::ShutdownWrite => {
@@ -577,17 +583,22 @@ impl ConnMachine {
                     // always, splice when the EOF came without a wait), so a later
                     // reset by that peer would go unnoticed while the other
                     // direction idles. Watch it for errors, and again whenever the
-                    // kernel ends the watch.
-                    if self.dirs[d].flow.state() == State::Done
-                        && !self.is_armed(ConnOp::ErrWatch(d))
-                        && !self.is_armed(ConnOp::PollIn(d))
-                    {
-                        self.arm(ConnOp::ErrWatch(d));
-                        fx.submit(ConnOp::ErrWatch(d), None);
+                    // kernel ends the watch (`pump` runs on its final completion).
+                    if self.dirs[d].flow.state() == State::Done {
+                        self.watch_source(d, fx);
                     }
                     return;
                 }
             }
+        }
+    }
+
+    /// Arms the error watch on direction `d`'s source unless something already
+    /// watches it (its POLLIN, or the watch itself).
+    fn watch_source(&mut self, d: usize, fx: &mut impl Effects) {
+        if !self.is_armed(ConnOp::ErrWatch(d)) && !self.is_armed(ConnOp::PollIn(d)) {
+            self.arm(ConnOp::ErrWatch(d));
+            fx.submit(ConnOp::ErrWatch(d), None);
         }
     }
 

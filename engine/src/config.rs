@@ -102,6 +102,21 @@ fn parse_metrics_addr(s: &str) -> Result<SocketAddr, String> {
                   sockets over and this one drains."
 )]
 pub struct Args {
+    /// Decide every connection and flow with this rules file (docs/rules.md);
+    /// SIGHUP re-reads it. Without it everything is relayed.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
+
+    /// Check a rules file and exit: 0 when it is valid, else 1 and every error as
+    /// FILE:LINE:COL: message.
+    #[arg(long, value_name = "FILE")]
+    pub check_config: Option<std::path::PathBuf>,
+
+    /// Longest wait for a client's first bytes when a rule needs the server name
+    /// (TLS SNI, HTTP Host); then it is decided without one.
+    #[arg(long, default_value_t = 300, value_name = "MS")]
+    pub sniff_timeout_ms: u64,
+
     /// Write one JSON line per finished TCP connection and ended UDP flow to this
     /// file (`-`: standard output); reopened on SIGHUP (logrotate). Schema:
     /// docs/deployment.md.
@@ -259,6 +274,8 @@ pub struct Config {
     pub features: crate::core::ring::Features,
     /// Where flow log lines go, if anywhere.
     pub flow_log: Option<crate::flowlog::Target>,
+    /// How long a connection that needs the server name may take to send it.
+    pub sniff_timeout_ms: u64,
     /// `--metrics`: where to serve Prometheus metrics; `None`: nowhere.
     pub metrics: Option<SocketAddr>,
 }

@@ -79,6 +79,14 @@ pub type Outcome = Result<CoreCounters, CoreCounters>;
 pub struct CountersReader(Vec<(usize, Arc<CoreStats>)>);
 
 impl CountersReader {
+    /// Per-rule counters of every worker, with its CPU.
+    pub fn rule_counts(&self) -> Vec<(usize, Arc<str>, stats::RuleCount)> {
+        self.0
+            .iter()
+            .flat_map(|(cpu, s)| s.rule_counts().into_iter().map(move |(n, c)| (*cpu, n, c)))
+            .collect()
+    }
+
     /// A snapshot of every worker's counters, with its CPU.
     pub fn counters(&self) -> CoreCounters {
         self.0.iter().map(|(cpu, s)| (*cpu, s.snapshot())).collect()
@@ -216,6 +224,14 @@ impl Engine {
                 .map(|w| (w.cpu, w.stats.clone()))
                 .collect(),
         )
+    }
+
+    /// Per-rule counters of every worker (not summed).
+    pub fn rule_counts(&self) -> Vec<(Arc<str>, stats::RuleCount)> {
+        self.workers
+            .iter()
+            .flat_map(|w| w.stats.rule_counts())
+            .collect()
     }
 
     /// A snapshot of every worker's counters, with its CPU.

@@ -19,10 +19,14 @@ use socket2::{Domain, Socket, Type};
 
 use ringrelay_engine::config::{self, Args, Config, RelayMode};
 use ringrelay_engine::notify::{self, Notifier};
+use ringrelay_engine::policy::{rules::Rules, RulesHandle};
 use ringrelay_engine::{core::ring, cpus, flowlog, metrics, policy, stats, sys, takeover, Engine};
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(path) = &args.check_config {
+        return check_config(path);
+    }
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -207,6 +211,7 @@ fn resolve(args: &Args, features: ring::Features) -> Result<(Config, u64)> {
             udp_max_flows_per_core: max_flows.div_ceil(n).max(1),
             features,
             flow_log: args.flow_log.as_deref().map(flowlog::Target::parse),
+            sniff_timeout_ms: args.sniff_timeout_ms.max(1),
             metrics: args.metrics,
         },
         nofile,
@@ -267,6 +272,24 @@ fn print_counters(rows: &[(usize, stats::Snapshot)]) {
     print!("{}", stats::render(rows));
 }
 
+/// Per-rule counters, all cores together, after the counter table.
+fn print_rules(reader: &ringrelay_engine::CountersReader) {
+    let mut total: std::collections::BTreeMap<std::sync::Arc<str>, stats::RuleCount> =
+        Default::default();
+    for (_, name, c) in reader.rule_counts() {
+        let t = total.entry(name).or_default();
+        t.matches += c.matches;
+        t.bytes += c.bytes;
+    }
+    if total.is_empty() {
+        return;
+    }
+    println!("{:<32}{:>14}{:>18}", "rule", "matches", "bytes");
+    for (name, c) in total {
+        println!("{name:<32}{:>14}{:>18}", c.matches, c.bytes);
+    }
+}
+
 /// `RINGRELAY_DISABLE`: optional io_uring features to leave off (fallback tests).
 fn disabled_features() -> Option<String> {
     std::env::var("RINGRELAY_DISABLE").ok()
@@ -305,10 +328,57 @@ fn start_metrics(server: metrics::Server, engine: &Engine) -> Result<()> {
     let addr = server.local_addr();
     let reader = engine.counters_reader();
     server
-        .spawn(info, spare, move || Some(reader.counters()))
+        .spawn(info, spare, move || {
+            Some((reader.counters(), reader.rule_counts()))
+        })
         .context("starting the metrics thread")?;
     println!("metrics: http://{addr}/metrics");
     Ok(())
+}
+
+/// Loads a rules file, or says every error as FILE:LINE:COL: message.
+fn load_rules(path: &std::path::Path) -> std::result::Result<Rules, String> {
+    Rules::load(path).map_err(|errs| {
+        errs.iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    })
+}
+
+/// `engine --check-config FILE`.
+fn check_config(path: &std::path::Path) -> ExitCode {
+    match load_rules(path) {
+        Ok(r) => {
+            println!("{}: OK, {} rules", path.display(), r.len());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// SIGHUP with `--config`: a valid file replaces the rules on every core as one
+/// snapshot; an invalid one is refused, logged, counted, and the old rules stay.
+fn reload(path: &std::path::Path, handle: &RulesHandle) {
+    use std::sync::atomic::Ordering::Relaxed;
+    match load_rules(path) {
+        Ok(r) => {
+            let n = r.len();
+            handle.replace(r);
+            policy::RELOADS.0.fetch_add(1, Relaxed);
+            eprintln!("engine: reloaded {}: {n} rules", path.display());
+        }
+        Err(e) => {
+            policy::RELOADS.1.fetch_add(1, Relaxed);
+            eprintln!(
+                "engine: reload of {} refused, the old rules stay:\n{e}",
+                path.display()
+            );
+        }
+    }
 }
 
 fn run(args: Args) -> Result<()> {
@@ -352,7 +422,16 @@ fn run(args: Args) -> Result<()> {
         .as_mut()
         .map(|inh| std::mem::take(&mut inh.sockets))
         .unwrap_or_default();
-    let engine = Engine::start_with(cfg, policy::relay_all(), sockets)?;
+    let rules = match &args.config {
+        Some(path) => Some(RulesHandle::new(
+            load_rules(path).map_err(|e| anyhow::anyhow!("--config:\n{e}"))?,
+        )),
+        None => None,
+    };
+    let factory = rules
+        .as_ref()
+        .map_or_else(policy::relay_all, |h| h.factory());
+    let engine = Engine::start_with(cfg, factory, sockets)?;
     if let Some(server) = metrics_server {
         if let Err(e) = start_metrics(server, &engine) {
             engine.stop();
@@ -430,13 +509,19 @@ fn run(args: Args) -> Result<()> {
         }
         for sig in signals.pending() {
             match sig {
-                SIGUSR1 => print_counters(&engine.counters()),
+                SIGUSR1 => {
+                    print_counters(&engine.counters());
+                    print_rules(&engine.counters_reader());
+                }
                 SIGHUP => {
                     engine.reopen_logs();
-                    eprintln!(
-                        "engine: SIGHUP: flow log reopened; no rules file to reload; still \
-                         running"
-                    )
+                    match (&args.config, &rules) {
+                        (Some(path), Some(handle)) => reload(path, handle),
+                        _ => eprintln!(
+                            "engine: SIGHUP: flow log reopened; no rules file to reload \
+                             (--config); still running"
+                        ),
+                    }
                 }
                 SIGUSR2 if stopping => eprintln!("engine: SIGUSR2 while stopping: ignored"),
                 SIGUSR2 => match restart_in_place(&args) {
@@ -488,6 +573,7 @@ fn run(args: Args) -> Result<()> {
         cpus::format(&engine.config().cores),
         engine.config().relay,
     );
+    let reader = engine.counters_reader();
     let result = engine.join();
     let rows = match &result {
         Ok(rows) | Err(rows) => rows,
@@ -498,6 +584,7 @@ fn run(args: Args) -> Result<()> {
         sys::open_fd_count(),
     );
     print_counters(rows);
+    print_rules(&reader);
     if result.is_err() || !stopping {
         bail!("a worker failed; see the messages above");
     }

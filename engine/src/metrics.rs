@@ -401,6 +401,19 @@ pub fn per_core_families() -> Vec<PerCore> {
              client's address (client and target of different address families).",
             "source_fallback",
         ),
+        PerCore::by(
+            "ringrelay_tcp_sniff_total",
+            Counter,
+            "TCP connections whose first bytes were read for a rule that needs the \
+             server name, by outcome.",
+            "outcome",
+            &[
+                ("sniff_sni", "sni"),
+                ("sniff_host", "host"),
+                ("sniff_no_name", "no_name"),
+                ("sniff_timeout", "timeout"),
+            ],
+        ),
         PerCore::one(
             "ringrelay_udp_cone_evictions_total",
             Counter,
@@ -1055,7 +1068,7 @@ impl Server {
         counters: F,
     ) -> io::Result<std::thread::JoinHandle<()>>
     where
-        F: Fn() -> Option<CoreCounters> + Send + 'static,
+        F: Fn() -> Option<(CoreCounters, Vec<RuleRow>)> + Send + 'static,
     {
         std::thread::Builder::new()
             .name(THREAD_NAME.to_string())
@@ -1070,12 +1083,55 @@ impl Server {
                     }
                 }
                 let mut body = || {
-                    let rows = counters()?;
-                    Some(render(&info, &FdUse::now(), &rows))
+                    let (rows, rules) = counters()?;
+                    let mut text = render(&info, &FdUse::now(), &rows);
+                    text.push_str(&render_policy(&rules));
+                    Some(text)
                 };
                 serve(&self.listener, &LIMITS, &mut body)
             })
     }
+}
+
+/// One rule's counters on one core: (core, rule name, counts).
+pub type RuleRow = (usize, std::sync::Arc<str>, crate::stats::RuleCount);
+
+/// The policy's families: per-rule matches and bytes (label `rule`, one series per
+/// rule of the file: bounded by the file, not by traffic) and rules file reloads.
+pub fn render_policy(rules: &[RuleRow]) -> String {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut x = Exposition::new();
+    let mut matches = x.family(
+        "ringrelay_rule_matches_total",
+        Kind::Counter,
+        "Connections and flows a rule of the rules file gave their verdict.",
+    );
+    for (core, rule, c) in rules {
+        matches.sample(&[("core", &core.to_string()), ("rule", rule)], c.matches);
+    }
+    let mut bytes = x.family(
+        "ringrelay_rule_bytes_total",
+        Kind::Counter,
+        "Bytes relayed, both directions, by connections and flows a rule decided \
+         (counted when they end).",
+    );
+    for (core, rule, c) in rules {
+        bytes.sample(&[("core", &core.to_string()), ("rule", rule)], c.bytes);
+    }
+    x.family(
+        "ringrelay_config_reloads_total",
+        Kind::Counter,
+        "Rules file reloads on SIGHUP: applied, or refused (the old rules stay).",
+    )
+    .sample(
+        &[("result", "applied")],
+        crate::policy::RELOADS.0.load(Relaxed),
+    )
+    .sample(
+        &[("result", "refused")],
+        crate::policy::RELOADS.1.load(Relaxed),
+    );
+    x.finish()
 }
 
 #[cfg(test)]

@@ -172,6 +172,15 @@ impl FlowEnd {
     }
 }
 
+/// What one rule decided on one core.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuleCount {
+    /// Connections and flows it gave their verdict.
+    pub matches: u64,
+    /// Bytes those relayed, both directions, counted when they ended.
+    pub bytes: u64,
+}
+
 /// [`CoreStats::heartbeat`] of a worker whose loop ended.
 pub const HEARTBEAT_ENDED: u64 = u64::MAX;
 
@@ -277,6 +286,10 @@ macro_rules! counters {
             pub connect_latency: Histogram<{ CONNECT_BUCKETS_S.len() }>,
             /// Life of finished TCP connections, accept to close.
             pub conn_duration: Histogram<{ DURATION_BUCKETS_S.len() }>,
+            /// Per rule: connections and flows it decided, and their bytes. Written
+            /// once per connection or flow (at its verdict and at its end), read by
+            /// the summary and metrics.
+            pub rules: std::sync::Mutex<std::collections::BTreeMap<std::sync::Arc<str>, RuleCount>>,
             /// Housekeeping ticks the worker ran (one a second), or
             /// [`HEARTBEAT_ENDED`] once its loop ended: the watchdog checks that it
             /// keeps moving. Not a counter: not summed, not printed.
@@ -291,6 +304,7 @@ macro_rules! counters {
                     flow_ends: Default::default(),
                     connect_latency: Histogram::new(&CONNECT_BUCKETS_S),
                     conn_duration: Histogram::new(&DURATION_BUCKETS_S),
+                    rules: Default::default(),
                     heartbeat: AtomicU64::new(0),
                 }
             }
@@ -326,6 +340,20 @@ macro_rules! counters {
                 } else {
                     self.resets.fetch_add(1, Relaxed);
                 }
+            }
+
+            /// Adds to a rule's counters.
+            pub fn count_rule(&self, rule: &std::sync::Arc<str>, matches: u64, bytes: u64) {
+                let mut m = self.rules.lock().unwrap_or_else(|e| e.into_inner());
+                let c = m.entry(rule.clone()).or_default();
+                c.matches += matches;
+                c.bytes += bytes;
+            }
+
+            /// A copy of the per-rule counters.
+            pub fn rule_counts(&self) -> Vec<(std::sync::Arc<str>, RuleCount)> {
+                let m = self.rules.lock().unwrap_or_else(|e| e.into_inner());
+                m.iter().map(|(k, v)| (k.clone(), *v)).collect()
             }
 
             /// Counts an ended UDP flow.
@@ -444,6 +472,14 @@ counters! {
     ring_cq_overflow,
     /// SQEs waiting for room in the SQ (a gauge; normally 0).
     ring_backlog,
+    /// Sniffs that found a TLS SNI.
+    sniff_sni,
+    /// Sniffs that found an HTTP Host.
+    sniff_host,
+    /// Sniffs that ended without a name (other protocol, malformed, oversized, EOF).
+    sniff_no_name,
+    /// Sniffs that hit `--sniff-timeout-ms` (server-speaks-first protocols).
+    sniff_timeout,
     /// Flow log records dropped because the writer fell behind (queue full).
     flowlog_dropped,
     /// Idle pipes in the splice relay's pool (a gauge, updated every second).

@@ -419,11 +419,12 @@ fn metrics_docs_list_every_family() {
         max_conns_per_core: 1,
         max_flows_per_core: 1,
     };
-    let text = render(
+    let mut text = render(
         &info,
         &FdUse { open: 1, limit: 1 },
         &[(0, ringrelay_engine::Snapshot::default())],
     );
+    text.push_str(&ringrelay_engine::metrics::render_policy(&[]));
     let rendered: std::collections::BTreeSet<String> = text
         .lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))

@@ -36,6 +36,8 @@ pub struct Core {
     /// The connect timeout every connect's `LINK_TIMEOUT` points at. Boxed so its
     /// address is stable; it lives as long as the core, which outlives every op.
     pub connect_ts: Box<types::Timespec>,
+    /// The sniffing phase's deadline every sniff timer points at (same reasoning).
+    pub sniff_ts: Box<types::Timespec>,
     /// This core's queue to the flow log writer, if flow logs are on.
     pub flowlog: Option<SyncSender<FlowRecord>>,
     /// Ops submitted whose final completion has not been seen yet.
@@ -59,6 +61,11 @@ impl Core {
                 .sec(cfg.connect_timeout_ms / 1000)
                 .nsec(((cfg.connect_timeout_ms % 1000) * 1_000_000) as u32),
         );
+        let sniff_ts = Box::new(
+            types::Timespec::new()
+                .sec(cfg.sniff_timeout_ms / 1000)
+                .nsec(((cfg.sniff_timeout_ms % 1000) * 1_000_000) as u32),
+        );
         Core {
             ring,
             cfg,
@@ -68,6 +75,7 @@ impl Core {
             tick: 0,
             stopping: false,
             connect_ts,
+            sniff_ts,
             flowlog: None,
             in_flight: 0,
             started: Instant::now(),

@@ -56,6 +56,8 @@ pub enum Op {
     ErrWatch0 = 17,
     /// Multishot POLLERR watch on the source of direction 1 after its EOF.
     ErrWatch1 = 18,
+    /// The timeout of a connection's sniffing phase (client's first bytes).
+    SniffTimer = 19,
 }
 
 /// Which part of the worker owns an op's completion.
@@ -87,11 +89,13 @@ pub enum ConnOp {
     Recv(usize),
     /// Copy relay: send from the provided buffer to the destination.
     Send(usize),
+    /// The deadline for the client's first bytes while sniffing.
+    SniffTimer,
 }
 
 impl ConnOp {
     /// Every op, each with its bit in a connection's armed set.
-    pub const ALL: [ConnOp; 12] = [
+    pub const ALL: [ConnOp; 13] = [
         ConnOp::Connect,
         ConnOp::ConnectTimeout,
         ConnOp::PollIn(0),
@@ -104,6 +108,7 @@ impl ConnOp {
         ConnOp::Recv(1),
         ConnOp::Send(0),
         ConnOp::Send(1),
+        ConnOp::SniffTimer,
     ];
 
     /// The bit of this op in a `u16` set (see [`ConnOp::ALL`]).
@@ -116,6 +121,7 @@ impl ConnOp {
             ConnOp::ErrWatch(d) => 6 + d,
             ConnOp::Recv(d) => 8 + d,
             ConnOp::Send(d) => 10 + d,
+            ConnOp::SniffTimer => 12,
         };
         1 << i
     }
@@ -131,6 +137,7 @@ impl ConnOp {
             ConnOp::ErrWatch(d) => pick(d, Op::ErrWatch0, Op::ErrWatch1),
             ConnOp::Recv(d) => pick(d, Op::Recv0, Op::Recv1),
             ConnOp::Send(d) => pick(d, Op::Send0, Op::Send1),
+            ConnOp::SniffTimer => Op::SniffTimer,
         }
     }
 }
@@ -156,6 +163,7 @@ impl Op {
             16 => Op::UdpUpstream,
             17 => Op::ErrWatch0,
             18 => Op::ErrWatch1,
+            19 => Op::SniffTimer,
             _ => return None,
         })
     }
@@ -184,6 +192,7 @@ impl Op {
             Op::Recv1 => ConnOp::Recv(1),
             Op::Send0 => ConnOp::Send(0),
             Op::Send1 => ConnOp::Send(1),
+            Op::SniffTimer => ConnOp::SniffTimer,
             _ => return None,
         })
     }
@@ -242,7 +251,7 @@ pub fn next_generation(g: u32) -> u32 {
 mod tests {
     use super::*;
 
-    const ALL: [Op; 18] = [
+    const ALL: [Op; 19] = [
         Op::Accept,
         Op::Connect,
         Op::ConnectTimeout,
@@ -261,6 +270,7 @@ mod tests {
         Op::UdpUpstream,
         Op::ErrWatch0,
         Op::ErrWatch1,
+        Op::SniffTimer,
     ];
 
     #[test]
@@ -282,7 +292,7 @@ mod tests {
         assert_eq!(Token::decode(0), None);
         assert_eq!(Token::decode(0xffff_ffff_0000_0000), None);
         assert_eq!(Token::decode(0xff), None);
-        assert_eq!(Token::decode(19), None);
+        assert_eq!(Token::decode(20), None);
     }
 
     #[test]
@@ -302,7 +312,7 @@ mod tests {
             assert_eq!(op.op().conn_op(), Some(op));
             assert_eq!(op.op().subsystem(), Subsystem::Tcp);
         }
-        assert_eq!(bits.count_ones(), 12);
+        assert_eq!(bits.count_ones(), 13);
         for op in ALL {
             if let Some(c) = op.conn_op() {
                 assert_eq!(c.op(), op);

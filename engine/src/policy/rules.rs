@@ -104,7 +104,6 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::path::Path;
-use std::sync::Arc;
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use prefix_trie::{Prefix, PrefixMap};
@@ -112,7 +111,7 @@ use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
 use super::sniff::{check_name, MAX_NAME};
-use super::{ConnMeta, FlowMeta, Policy, PolicyFactory, TcpVerdict, UdpVerdict};
+use super::{ConnMeta, FlowMeta, TcpVerdict, UdpVerdict};
 
 /// One problem in a rules file, shown as `FILE:LINE:COL: message`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -753,41 +752,6 @@ impl Rules {
         self.udp.scan(&mut first, client, dst);
         self.udp_verdict(first.found())
     }
-}
-
-/// A per-core [`Policy`] over shared rules, for a data plane that does not sniff: a
-/// connection whose verdict needs a name gets the verdict for no name.
-#[derive(Clone, Debug)]
-pub struct RulesPolicy {
-    rules: Arc<Rules>,
-}
-
-impl RulesPolicy {
-    pub fn new(rules: Arc<Rules>) -> RulesPolicy {
-        RulesPolicy { rules }
-    }
-
-    pub fn rules(&self) -> &Arc<Rules> {
-        &self.rules
-    }
-}
-
-impl Policy for RulesPolicy {
-    fn tcp(&mut self, conn: &ConnMeta) -> TcpVerdict {
-        match self.rules.decide_tcp(conn) {
-            TcpDecision::Decided(v) => v.action.tcp(),
-            TcpDecision::NeedsName => self.rules.decide_tcp_named(conn, None, None).action.tcp(),
-        }
-    }
-
-    fn udp(&mut self, flow: &FlowMeta) -> UdpVerdict {
-        self.rules.decide_udp(flow).action.udp()
-    }
-}
-
-/// A factory of [`RulesPolicy`] objects over one rule set.
-pub fn policy_factory(rules: Arc<Rules>) -> PolicyFactory {
-    Arc::new(move |_| Box::new(RulesPolicy::new(rules.clone())))
 }
 
 // ---------------------------------------------------------------------------------

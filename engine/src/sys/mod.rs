@@ -290,10 +290,25 @@ pub fn set_recv_buffer_force(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<()>
     }
 }
 
-/// Non-blocking `send(2)` on a connected socket.
+/// Non-blocking `send(2)` on a connected socket (`MSG_NOSIGNAL`: a closed peer is
+/// `EPIPE`, not a signal).
 pub fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     // SAFETY: `buf` is a valid slice for the duration of the call.
-    let n = unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+    let n = unsafe {
+        libc::send(
+            fd,
+            buf.as_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    cvt(n).map(|n| n as usize)
+}
+
+/// Non-blocking `recv(2)`.
+pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is a valid, writable slice for the duration of the call.
+    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
     cvt(n).map(|n| n as usize)
 }
 

@@ -10,12 +10,14 @@ use std::os::fd::OwnedFd;
 use super::machine::ConnMachine;
 use crate::addrs::{ClientAddr, OrigDst, UpstreamAddr};
 use crate::core::token::next_generation;
+use crate::policy::RuleName;
 use crate::sys::Pipe;
 
 /// The sockets and kernel-facing memory of one connection, next to its machine.
 pub struct ConnIo {
     pub client: OwnedFd,
-    pub upstream: OwnedFd,
+    /// `None` while sniffing: nothing is connected before the verdict.
+    pub upstream: Option<OwnedFd>,
     pub client_addr: ClientAddr,
     pub orig_dst: OrigDst,
     /// Where the engine connects: the original destination, or the policy's
@@ -27,6 +29,12 @@ pub struct ConnIo {
     pub pipes: [Option<Pipe>; 2],
     /// When the connection was accepted (the core's clock, microseconds).
     pub started_us: u64,
+    /// The rule that decided (`None`: the default), for counters and the flow log.
+    pub rule: Option<RuleName>,
+    /// The TLS SNI or HTTP Host the sniff found.
+    pub name: Option<Box<str>>,
+    /// The client's first bytes, read while sniffing, until they are sent upstream.
+    pub sniffed: Vec<u8>,
 }
 
 /// One relayed TCP connection.

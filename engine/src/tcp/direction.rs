@@ -123,6 +123,17 @@ impl Direction {
         }
     }
 
+    /// A direction that starts with `buffered` bytes already read (sniffed before the
+    /// connect): it writes them first.
+    pub fn with_buffered(capacity: usize, buffered: usize) -> Direction {
+        let mut d = Direction::new(capacity);
+        if buffered > 0 {
+            d.buffered = buffered;
+            d.state = State::Writing;
+        }
+        d
+    }
+
     /// Current state.
     pub fn state(&self) -> State {
         self.state
@@ -146,6 +157,11 @@ impl Direction {
     /// Whether this direction will do nothing more (finished or failed).
     pub fn is_finished(&self) -> bool {
         matches!(self.state, State::Done | State::Failed)
+    }
+
+    /// The read size limit.
+    pub fn capacity(&self) -> usize {
+        self.capacity
     }
 
     /// Changes the read size limit (for example when a pipe of another size is used).

@@ -5,7 +5,7 @@
 //! the core's provided buffers.
 
 use std::collections::VecDeque;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering::Relaxed;
 
 use io_uring::{opcode, squeue, types};
@@ -13,11 +13,12 @@ use io_uring::{opcode, squeue, types};
 use super::conns::ConnIo;
 use super::copy::{self, BufWaiters, GROUP_TCP_COPY};
 use super::direction::Io;
-use super::machine::{Effects, SendArgs, Side};
+use super::machine::{Effects, SendArgs, Side, SniffStep};
 use super::splice::{self, PipePool};
 use crate::config::RelayMode;
 use crate::core::token::{ConnOp, Token};
 use crate::core::Core;
+use crate::policy::{sniff, ConnMeta};
 use crate::sys;
 
 /// One connection's view of the worker while the machine handles an event.
@@ -40,8 +41,17 @@ impl Driver<'_> {
     fn fd(&self, side: Side) -> i32 {
         match side {
             Side::Client => self.io.client.as_raw_fd(),
-            Side::Server => self.io.upstream.as_raw_fd(),
+            Side::Server => self.upstream().as_raw_fd(),
         }
+    }
+
+    /// The upstream socket: the machine acts on the server side only once the
+    /// verdict made one.
+    fn upstream(&self) -> &OwnedFd {
+        self.io
+            .upstream
+            .as_ref()
+            .expect("server-side actions come after the verdict")
     }
 
     /// Source fd of direction `d` (0: client to server).
@@ -62,7 +72,7 @@ impl Effects for Driver<'_> {
 
     fn submit_connect(&mut self) {
         let connect = opcode::Connect::new(
-            types::Fd(self.io.upstream.as_raw_fd()),
+            types::Fd(self.upstream().as_raw_fd()),
             &self.io.connect_addr.0 as *const libc::sockaddr_storage as *const libc::sockaddr,
             self.io.connect_addr.1,
         )
@@ -105,6 +115,9 @@ impl Effects for Driver<'_> {
                 let bufs = self.core.ring.buffers(GROUP_TCP_COPY);
                 copy::send_sqe(fd, bufs, a.bid, a.off, a.len, ud)
             }
+            ConnOp::SniffTimer => {
+                opcode::Timeout::new(&*self.core.sniff_ts as *const types::Timespec).build()
+            }
             ConnOp::Connect | ConnOp::ConnectTimeout => {
                 unreachable!("the connect is submitted by submit_connect")
             }
@@ -119,24 +132,14 @@ impl Effects for Driver<'_> {
 
     fn splice_in(&mut self, d: usize, len: usize) -> Io {
         let pipe = self.io.pipes[d].as_ref().expect("a splice read has a pipe");
-        let src = if d == 0 {
-            &self.io.client
-        } else {
-            &self.io.upstream
-        };
-        splice::splice_in(src, pipe, len)
+        splice::splice_in(self.src(d), pipe, len)
     }
 
     fn splice_out(&mut self, d: usize, len: usize) -> Io {
         let pipe = self.io.pipes[d]
             .as_ref()
             .expect("a splice write has a pipe");
-        let dst = if d == 0 {
-            &self.io.upstream
-        } else {
-            &self.io.client
-        };
-        splice::splice_out(pipe, dst, len)
+        splice::splice_out(pipe, self.dst(d), len)
     }
 
     fn shutdown_write(&mut self, d: usize) -> Io {
@@ -179,7 +182,9 @@ impl Effects for Driver<'_> {
 
     fn reset_sockets(&mut self) {
         let _ = sys::set_linger_zero(self.io.client.as_fd());
-        let _ = sys::set_linger_zero(self.io.upstream.as_fd());
+        if let Some(u) = &self.io.upstream {
+            let _ = sys::set_linger_zero(u.as_fd());
+        }
     }
 
     fn socket_error(&mut self, side: Side) -> Option<i32> {
@@ -191,7 +196,7 @@ impl Effects for Driver<'_> {
         self.core.stats.connect_latency.observe_us(us);
         // Latency over batching: small request/response traffic must not wait for Nagle.
         let _ = socket2::SockRef::from(&self.io.client).set_tcp_nodelay(true);
-        let _ = socket2::SockRef::from(&self.io.upstream).set_tcp_nodelay(true);
+        let _ = socket2::SockRef::from(self.upstream()).set_tcp_nodelay(true);
     }
 
     fn delivered(&mut self, d: usize, n: usize) {
@@ -206,5 +211,67 @@ impl Effects for Driver<'_> {
             RelayMode::Splice => s.splice_bytes.fetch_add(n, Relaxed),
             RelayMode::Copy => s.copy_bytes.fetch_add(n, Relaxed),
         };
+    }
+
+    fn sniff(&mut self, timed_out: bool) -> SniffStep {
+        let mut eof = false;
+        if !timed_out {
+            // Everything the client has sent so far, up to the sniffing limit.
+            while self.io.sniffed.len() < sniff::MAX_SNIFF_BYTES {
+                let have = self.io.sniffed.len();
+                self.io.sniffed.resize(sniff::MAX_SNIFF_BYTES, 0);
+                let r = sys::recv(self.io.client.as_raw_fd(), &mut self.io.sniffed[have..]);
+                match r {
+                    Ok(0) => {
+                        self.io.sniffed.truncate(have);
+                        eof = true;
+                        break;
+                    }
+                    Ok(n) => self.io.sniffed.truncate(have + n),
+                    Err(e) => {
+                        self.io.sniffed.truncate(have);
+                        if e.kind() == std::io::ErrorKind::WouldBlock {
+                            break;
+                        }
+                        return SniffStep::Failed(e.raw_os_error().unwrap_or(libc::EIO));
+                    }
+                }
+            }
+        }
+        let found = sniff::sniff(&self.io.sniffed);
+        let full = self.io.sniffed.len() >= sniff::MAX_SNIFF_BYTES;
+        if found == sniff::Sniffed::NeedMore && !(timed_out || eof || full) {
+            return SniffStep::More;
+        }
+        let (sni, host) = found.names();
+        let s = &self.core.stats;
+        match (sni, host) {
+            (Some(_), _) => s.sniff_sni.fetch_add(1, Relaxed),
+            (None, Some(_)) => s.sniff_host.fetch_add(1, Relaxed),
+            _ if timed_out => s.sniff_timeout.fetch_add(1, Relaxed),
+            _ => s.sniff_no_name.fetch_add(1, Relaxed),
+        };
+        let meta = ConnMeta {
+            client: self.io.client_addr,
+            orig_dst: self.io.orig_dst,
+        };
+        let decided = self.core.policy.tcp_named(&meta, sni, host);
+        self.io.name = sni.or(host).map(Box::from);
+        self.io.rule = decided.rule;
+        match self.io.connect_to(self.core, decided.verdict) {
+            Ok(()) => SniffStep::Connect {
+                prefix: self.io.sniffed.len(),
+            },
+            Err((reason, _)) => SniffStep::Refuse(reason),
+        }
+    }
+
+    fn write_prefix(&mut self, off: usize, len: usize) -> Io {
+        let fd = self.upstream().as_raw_fd();
+        Io::from_result(sys::send(fd, &self.io.sniffed[off..off + len]))
+    }
+
+    fn drop_prefix(&mut self) {
+        self.io.sniffed = Vec::new();
     }
 }

@@ -42,7 +42,7 @@ use std::panic::{self, AssertUnwindSafe};
 use std::time::Instant;
 
 use super::direction::{Io, State};
-use super::machine::{ConnMachine, Effects, Held, Phase, SendArgs, Side, Step};
+use super::machine::{ConnMachine, Effects, Held, Phase, SendArgs, Side, SniffStep, Step};
 use crate::config::RelayMode;
 use crate::core::token::ConnOp;
 use crate::stats::CloseReason;
@@ -729,6 +729,7 @@ impl Kernel {
                 let t = &self.socks[1 - d];
                 t.reset || t.room() > 0 || self.p.eagain
             }
+            ConnOp::SniffTimer => self.fail("a sniff timer outside a sniffing connection"),
         }
     }
 
@@ -740,6 +741,7 @@ impl Kernel {
         // cancel lost the race.
         let real = !cancel || self.rng.pct(30);
         match op {
+            ConnOp::SniffTimer => self.fail("a sniff timer outside a sniffing connection"),
             ConnOp::PollIn(_) | ConnOp::ErrWatch(_) | ConnOp::PollOut(_) => {
                 let m = self.socks[poll_sock(op)].mask() & interest(op);
                 if m != 0 && real {
@@ -1282,6 +1284,20 @@ impl Effects for Kernel {
                 self.reported[d], self.moved[d]
             ));
         }
+    }
+
+    // The fake models connections that connect at once; the sniffing phase (no I/O
+    // of its own beyond one recv) is covered by the namespace tests.
+    fn sniff(&mut self, _timed_out: bool) -> SniffStep {
+        self.fail("sniff() outside a sniffing connection")
+    }
+
+    fn write_prefix(&mut self, _off: usize, _len: usize) -> Io {
+        self.fail("write_prefix() without a sniffed prefix")
+    }
+
+    fn drop_prefix(&mut self) {
+        self.fail("drop_prefix() without a sniffed prefix")
     }
 }
 

@@ -67,6 +67,9 @@ fn reset_reason(side: Side) -> CloseReason {
 /// Where a connection is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
+    /// Reading the client's first bytes for the policy (TLS SNI, HTTP Host); nothing
+    /// is connected yet.
+    Sniffing,
     /// The upstream connect (and its link timeout) is in flight.
     Connecting,
     /// Both directions relay.
@@ -86,6 +89,22 @@ pub enum Held {
     Pipe,
     /// Copy: provided buffer `bid`, of which bytes before `off` are sent.
     Buf { bid: u16, off: usize },
+    /// Direction 0 after sniffing: the sniffed bytes, of which `off` are sent.
+    Prefix { off: usize },
+}
+
+/// The outcome of reading the client's first bytes ([`Effects::sniff`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SniffStep {
+    /// Not decided yet: wait for more bytes (or the sniff timer).
+    More,
+    /// Decided: connect (the driver has set the target and the upstream socket);
+    /// `prefix` sniffed bytes go upstream first.
+    Connect { prefix: usize },
+    /// Decided not to relay (policy reject, loop, no upstream socket): reset the client.
+    Refuse(CloseReason),
+    /// Reading failed (the client reset): the errno.
+    Failed(i32),
 }
 
 /// What a copy-relay `SEND` writes: `len` bytes of buffer `bid` from `off`.
@@ -144,6 +163,13 @@ pub trait Effects {
     fn established(&mut self);
     /// `n` bytes of direction `d` reached its destination.
     fn delivered(&mut self, d: usize, n: usize);
+    /// Sniffing: reads what the client sent so far and decides if it can, or, with
+    /// `timed_out`, decides with what there is.
+    fn sniff(&mut self, timed_out: bool) -> SniffStep;
+    /// Writes `len` sniffed bytes from `off` to the server (non-blocking).
+    fn write_prefix(&mut self, off: usize, len: usize) -> Io;
+    /// The sniffed bytes are all sent (or the connection is gone): free them.
+    fn drop_prefix(&mut self);
 }
 
 #[derive(Debug)]
@@ -272,6 +298,46 @@ impl ConnMachine {
         fx.submit_connect();
     }
 
+    /// Starts by reading the client's first bytes for the policy: waits for them
+    /// (the client's POLLIN, which direction 0 keeps using afterwards) and for the
+    /// sniff timer, whichever comes first.
+    pub fn start_sniffing(&mut self, fx: &mut impl Effects) {
+        debug_assert_eq!(self.phase, Phase::Connecting);
+        self.phase = Phase::Sniffing;
+        self.arm(ConnOp::PollIn(0));
+        fx.submit(ConnOp::PollIn(0), None);
+        self.arm(ConnOp::SniffTimer);
+        fx.submit(ConnOp::SniffTimer, None);
+    }
+
+    fn on_sniff(&mut self, step: SniffStep, fx: &mut impl Effects) {
+        match step {
+            SniffStep::More => {
+                if !self.is_armed(ConnOp::PollIn(0)) {
+                    self.arm(ConnOp::PollIn(0));
+                    fx.submit(ConnOp::PollIn(0), None);
+                }
+            }
+            SniffStep::Connect { prefix } => {
+                if self.is_armed(ConnOp::SniffTimer) {
+                    fx.cancel(ConnOp::SniffTimer);
+                }
+                if prefix > 0 {
+                    let cap = self.dirs[0].flow.capacity();
+                    self.dirs[0].flow = Direction::with_buffered(cap, prefix);
+                    self.dirs[0].held = Held::Prefix { off: 0 };
+                }
+                self.phase = Phase::Connecting;
+                self.start(fx);
+            }
+            SniffStep::Refuse(reason) => self.close(reason, true, fx),
+            SniffStep::Failed(errno) => {
+                self.note_failure(CloseReason::ClientReset, errno);
+                self.close(CloseReason::ClientReset, true, fx);
+            }
+        }
+    }
+
     /// A completion of one of this connection's ops. `more` is
     /// `IORING_CQE_F_MORE` (a multishot op stays armed); `bid` the provided buffer
     /// the kernel picked, if any.
@@ -295,6 +361,13 @@ impl ConnMachine {
             }
             ConnOp::Recv(d) => self.on_recv(d, res, bid, fx),
             ConnOp::Send(d) => self.on_send(d, res, fx),
+            ConnOp::SniffTimer => {
+                // Fired (-ETIME): decide without a name. Cancelled: decided already.
+                if self.phase == Phase::Sniffing && res != -libc::ECANCELED {
+                    let step = fx.sniff(true);
+                    self.on_sniff(step, fx);
+                }
+            }
         }
         self.settle(fx)
     }
@@ -341,6 +414,17 @@ impl ConnMachine {
     }
 
     fn on_poll(&mut self, op: ConnOp, d: usize, res: i32, fx: &mut impl Effects) {
+        if self.phase == Phase::Sniffing && op == ConnOp::PollIn(0) {
+            let step = if res < 0 && res != -libc::ECANCELED {
+                SniffStep::Failed(-res)
+            } else if res >= 0 && res & libc::POLLERR as i32 != 0 {
+                SniffStep::Failed(fx.socket_error(Side::Client).unwrap_or(libc::ECONNRESET))
+            } else {
+                fx.sniff(false)
+            };
+            self.on_sniff(step, fx);
+            return;
+        }
         if self.phase != Phase::Relaying {
             return;
         }
@@ -512,6 +596,23 @@ impl ConnMachine {
                         }
                     }
                 }
+                Want::Write(len) if matches!(self.dirs[d].held, Held::Prefix { .. }) => {
+                    let Held::Prefix { off } = self.dirs[d].held else {
+                        unreachable!()
+                    };
+                    let r = fx.write_prefix(off, len);
+                    self.after_write(d, r);
+                    if let Io::Done(n) = r {
+                        self.last_active = fx.now();
+                        fx.delivered(d, n);
+                        self.dirs[d].held = if self.dirs[d].flow.buffered() == 0 {
+                            fx.drop_prefix();
+                            Held::Nothing
+                        } else {
+                            Held::Prefix { off: off + n }
+                        };
+                    }
+                }
                 Want::Write(len) => match self.mode {
                     RelayMode::Splice => {
                         let r = fx.splice_out(d, len);
@@ -642,6 +743,7 @@ impl ConnMachine {
                 // Only an empty pipe may be reused; one with stale bytes is closed.
                 Held::Pipe => fx.put_pipe(d, self.dirs[d].flow.buffered() == 0),
                 Held::Buf { bid, .. } => fx.put_buf(bid),
+                Held::Prefix { .. } => fx.drop_prefix(),
             }
         }
         self.phase = Phase::Freed;

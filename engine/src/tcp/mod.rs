@@ -46,7 +46,7 @@ use crate::core::ring::Completion;
 use crate::core::token::{Op, Token};
 use crate::core::Core;
 use crate::flowlog::{FlowProto, FlowRecord};
-use crate::policy::{ConnMeta, TcpVerdict};
+use crate::policy::{ConnMeta, RuleName, TcpDecision, TcpVerdict};
 use crate::stats::CloseReason;
 use crate::sys;
 use crate::upstream::{self, Bound, UpstreamError};
@@ -247,6 +247,7 @@ impl Tcp {
         upstream: SocketAddr,
         verdict: &'static str,
         reason: CloseReason,
+        rule: Option<RuleName>,
     ) {
         core.log_flow(|ended, _| FlowRecord {
             proto: FlowProto::Tcp,
@@ -256,7 +257,7 @@ impl Tcp {
             orig_dst: meta.orig_dst.0,
             upstream,
             name: None,
-            rule: None,
+            rule,
             verdict,
             bytes_c2s: 0,
             bytes_s2c: 0,
@@ -290,66 +291,50 @@ impl Tcp {
             client: ClientAddr(peer),
             orig_dst: OrigDst(orig),
         };
-        let target = match core.policy.tcp(&meta) {
-            TcpVerdict::Relay => orig,
-            TcpVerdict::RelayTo(to) => {
-                core.stats.policy_redirected.fetch_add(1, Relaxed);
-                to
-            }
-            TcpVerdict::Reject => {
-                Self::log_refused(core, &meta, orig, "reject", CloseReason::Rejected);
-                return Self::refuse(core, client, CloseReason::Rejected);
+        let decision = core.policy.tcp(&meta);
+        let mut io = ConnIo {
+            client,
+            upstream: None,
+            client_addr: meta.client,
+            orig_dst: meta.orig_dst,
+            upstream_addr: UpstreamAddr(orig),
+            connect_addr: sys::cmsg::encode_sockaddr(&orig),
+            pipes: [None, None],
+            started_us: core.now_us(),
+            rule: None,
+            name: None,
+            sniffed: Vec::new(),
+        };
+        let sniff = match decision {
+            TcpDecision::NeedsName => true,
+            TcpDecision::Decided(d) => {
+                io.rule = d.rule.clone();
+                if let Err((reason, target)) = io.connect_to(core, d.verdict) {
+                    let verdict = if reason == CloseReason::Rejected {
+                        "reject"
+                    } else {
+                        "relay"
+                    };
+                    Self::log_refused(core, &meta, target, verdict, reason, io.rule.clone());
+                    return Self::refuse(core, io.client, reason);
+                }
+                false
             }
         };
-        if target.port() == core.cfg.port && sys::is_local_address(target.ip()) {
-            // Someone connected to the engine's own port directly (or was redirected
-            // there): relaying would connect the engine to itself, forever.
-            Self::log_refused(core, &meta, target, "relay", CloseReason::Loop);
-            return Self::refuse(core, client, CloseReason::Loop);
-        }
-        let (upstream, bound) = match upstream::socket(
-            Type::STREAM,
-            target,
-            meta.client.0,
-            core.cfg.source,
-            core.cfg.mark,
-        ) {
-            Ok(s) => s,
-            Err(e) => {
-                core.log_limited(format_args!("tcp: upstream socket to {target}: {e}"));
-                let reason = match e {
-                    UpstreamError::Source(_) => CloseReason::SourceUnavailable,
-                    UpstreamError::Socket(_) => CloseReason::ConnectError,
-                };
-                Self::log_refused(core, &meta, target, "relay", reason);
-                return Self::refuse(core, client, reason);
-            }
-        };
-        if bound == Bound::Router && core.cfg.source != SourceMode::Router {
-            core.stats.source_fallback.fetch_add(1, Relaxed);
-        }
-        if core.cfg.keepalive_s.is_some() {
-            let _ = crate::sockets::set_keepalive(upstream.as_fd(), core.cfg.keepalive_s);
-        }
         let conn = Box::new(Conn {
             generation: 0,
             machine: ConnMachine::new(core.cfg.relay, self.capacity, core.tick),
-            io: ConnIo {
-                client,
-                upstream,
-                client_addr: meta.client,
-                orig_dst: meta.orig_dst,
-                upstream_addr: UpstreamAddr(target),
-                connect_addr: sys::cmsg::encode_sockaddr(&target),
-                pipes: [None, None],
-                started_us: core.now_us(),
-            },
+            io,
         });
         let (slot, g) = self.conns.insert(conn);
         let h = self.headroom(core);
         self.acceptor.note_headroom(core, h);
         self.with_conn_raw(core, slot, g, |m, fx| {
-            m.start(fx);
+            if sniff {
+                m.start_sniffing(fx);
+            } else {
+                m.start(fx);
+            }
             Step::Continue
         });
     }
@@ -384,6 +369,10 @@ impl Tcp {
         core.stats.active.fetch_sub(1, Relaxed);
         let lived_us = core.now_us().saturating_sub(conn.io.started_us);
         core.stats.conn_duration.observe_us(lived_us);
+        if let Some(rule) = &conn.io.rule {
+            let bytes = conn.machine.delivered(0) + conn.machine.delivered(1);
+            core.stats.count_rule(rule, 0, bytes);
+        }
         core.log_flow(|ended, _| tcp_record(&conn, reason, ended, lived_us));
         drop(conn);
         // A parked client may have gone meanwhile (start_conn then takes no slot):
@@ -462,9 +451,11 @@ fn tcp_record(conn: &Conn, reason: CloseReason, ended: SystemTime, lived_us: u64
         client: io.client_addr.0,
         orig_dst: io.orig_dst.0,
         upstream: io.upstream_addr.0,
-        name: None,
-        rule: None,
-        verdict: if io.upstream_addr.0 == io.orig_dst.0 {
+        name: io.name.clone(),
+        rule: io.rule.clone(),
+        verdict: if reason == CloseReason::Rejected {
+            "reject"
+        } else if io.upstream_addr.0 == io.orig_dst.0 {
             "relay"
         } else {
             "redirect"
@@ -474,5 +465,60 @@ fn tcp_record(conn: &Conn, reason: CloseReason, ended: SystemTime, lived_us: u64
         dgrams: None,
         reason: reason.name(),
         errno: conn.machine.errno(),
+    }
+}
+
+impl ConnIo {
+    /// Carries out a verdict: the target, and an upstream socket towards it (marked,
+    /// bound as `--source` says). `Err`: why not, and the target it was for.
+    pub fn connect_to(
+        &mut self,
+        core: &mut Core,
+        verdict: TcpVerdict,
+    ) -> Result<(), (CloseReason, SocketAddr)> {
+        let orig = self.orig_dst.0;
+        if let Some(rule) = &self.rule {
+            core.stats.count_rule(rule, 1, 0);
+        }
+        let target = match verdict {
+            TcpVerdict::Relay => orig,
+            TcpVerdict::RelayTo(to) => {
+                core.stats.policy_redirected.fetch_add(1, Relaxed);
+                to
+            }
+            TcpVerdict::Reject => return Err((CloseReason::Rejected, orig)),
+        };
+        if target.port() == core.cfg.port && sys::is_local_address(target.ip()) {
+            // Someone connected to the engine's own port directly (or was redirected
+            // there): relaying would connect the engine to itself, forever.
+            return Err((CloseReason::Loop, target));
+        }
+        let (upstream, bound) = match upstream::socket(
+            Type::STREAM,
+            target,
+            self.client_addr.0,
+            core.cfg.source,
+            core.cfg.mark,
+        ) {
+            Ok(s) => s,
+            Err(e) => {
+                core.log_limited(format_args!("tcp: upstream socket to {target}: {e}"));
+                let reason = match e {
+                    UpstreamError::Source(_) => CloseReason::SourceUnavailable,
+                    UpstreamError::Socket(_) => CloseReason::ConnectError,
+                };
+                return Err((reason, target));
+            }
+        };
+        if bound == Bound::Router && core.cfg.source != SourceMode::Router {
+            core.stats.source_fallback.fetch_add(1, Relaxed);
+        }
+        if core.cfg.keepalive_s.is_some() {
+            let _ = crate::sockets::set_keepalive(upstream.as_fd(), core.cfg.keepalive_s);
+        }
+        self.upstream = Some(upstream);
+        self.upstream_addr = UpstreamAddr(target);
+        self.connect_addr = sys::cmsg::encode_sockaddr(&target);
+        Ok(())
     }
 }

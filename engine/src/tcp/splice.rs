@@ -8,7 +8,7 @@
 //! pipes wait in a LIFO pool (warm in cache) and are closed after a quiet second.
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering::Relaxed;
 
 use super::direction::Io;
@@ -74,11 +74,11 @@ impl PipePool {
 }
 
 /// `splice(from -> pipe)`.
-pub fn splice_in(from: &impl AsRawFd, pipe: &Pipe, len: usize) -> Io {
-    Io::from_result(sys::splice(from.as_raw_fd(), pipe.write.as_raw_fd(), len))
+pub fn splice_in(from: RawFd, pipe: &Pipe, len: usize) -> Io {
+    Io::from_result(sys::splice(from, pipe.write.as_raw_fd(), len))
 }
 
 /// `splice(pipe -> to)`.
-pub fn splice_out(pipe: &Pipe, to: &impl AsRawFd, len: usize) -> Io {
-    Io::from_result(sys::splice(pipe.read.as_raw_fd(), to.as_raw_fd(), len))
+pub fn splice_out(pipe: &Pipe, to: RawFd, len: usize) -> Io {
+    Io::from_result(sys::splice(pipe.read.as_raw_fd(), to, len))
 }

@@ -41,7 +41,7 @@ use crate::core::ring::Completion;
 use crate::core::token::{Op, Token, GENERATION_MASK};
 use crate::core::Core;
 use crate::flowlog::{FlowProto, FlowRecord};
-use crate::policy::{FlowMeta, UdpVerdict};
+use crate::policy::{FlowMeta, RuleName, UdpVerdict};
 use crate::stats::FlowEnd;
 use crate::sys::{self, cmsg};
 use crate::upstream::{self, Bound, UpstreamError};
@@ -84,6 +84,8 @@ struct Flow {
     /// `--udp-nat full-cone`: the upstream socket is not connected; where the
     /// client sends and who may answer.
     cone: Option<Box<Cone>>,
+    /// The rule that decided the flow (a full-cone flow: its first destination).
+    rule: Option<RuleName>,
 }
 
 /// Most destinations, and most other remotes, one full-cone flow keeps track of;
@@ -339,12 +341,20 @@ impl Udp {
 
     /// The policy's verdict for `client` sending to `orig`: where it goes, or `None`
     /// (dropped, counted).
-    fn verdict(core: &mut Core, client: ClientAddr, orig: SocketAddr) -> Option<SocketAddr> {
+    fn verdict(
+        core: &mut Core,
+        client: ClientAddr,
+        orig: SocketAddr,
+    ) -> Option<(SocketAddr, Option<RuleName>)> {
         let meta = FlowMeta {
             client,
             orig_dst: OrigDst(orig),
         };
-        let target = match core.policy.udp(&meta) {
+        let decided = core.policy.udp(&meta);
+        if let Some(rule) = &decided.rule {
+            core.stats.count_rule(rule, 1, 0);
+        }
+        let target = match decided.verdict {
             UdpVerdict::Relay => orig,
             UdpVerdict::RelayTo(to) => to,
             UdpVerdict::Drop => {
@@ -357,7 +367,7 @@ impl Udp {
             core.stats.udp_drop_loop.fetch_add(1, Relaxed);
             return None;
         }
-        Some(target)
+        Some((target, decided.rule))
     }
 
     /// Creates the flow for `key`, whose first datagram goes to `orig`: policy,
@@ -369,7 +379,7 @@ impl Udp {
         orig: SocketAddr,
         now: u64,
     ) -> Option<FlowId> {
-        let target = Self::verdict(core, key.client, orig)?;
+        let (target, rule) = Self::verdict(core, key.client, orig)?;
         let cone = core.cfg.udp_nat == UdpNat::FullCone;
         let upstream = match upstream::socket(
             Type::DGRAM,
@@ -437,6 +447,7 @@ impl Udp {
             bytes: [0; 2],
             dgrams: [0; 2],
             cone,
+            rule,
         };
         let id = match self.flows.insert(key, flow, now) {
             InsertOutcome::Inserted(id) => id,
@@ -475,7 +486,7 @@ impl Udp {
             }
             return *t;
         }
-        let target = Self::verdict(core, client, orig);
+        let target = Self::verdict(core, client, orig).map(|(t, _)| t);
         if target.is_some() {
             if let Err(e) = self
                 .replies
@@ -558,6 +569,10 @@ impl Udp {
         core.stats.udp_flows_active.fetch_sub(1, Relaxed);
         core.stats.count_flow_end(why, 1);
         self.release_refs(core, &key, &flow);
+        if let Some(rule) = &flow.rule {
+            core.stats
+                .count_rule(rule, 0, flow.bytes[0] + flow.bytes[1]);
+        }
         let verdict = if flow.cone.is_some() || flow.target == key.orig_dst.0 {
             "relay"
         } else {
@@ -571,7 +586,7 @@ impl Udp {
             orig_dst: key.orig_dst.0,
             upstream: flow.target,
             name: None,
-            rule: None,
+            rule: flow.rule.clone(),
             verdict,
             bytes_c2s: flow.bytes[0],
             bytes_s2c: flow.bytes[1],

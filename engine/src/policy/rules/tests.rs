@@ -371,31 +371,40 @@ fn a_file_without_name_rules_never_needs_names() {
 }
 
 #[test]
-fn the_policy_wrapper_decides_without_names() {
-    let r = Arc::new(rules(BRIEF));
-    let make = policy_factory(r.clone());
+fn the_reloadable_policy_decides_names_and_swaps_snapshots() {
+    use crate::policy::{RulesHandle, TcpDecision};
+    let handle = RulesHandle::new(rules(BRIEF));
+    let make = handle.factory();
     let mut p = make(0);
     let c = conn("192.0.2.1:40000", "198.51.100.9:443");
-    assert_eq!(p.tcp(&c), TcpVerdict::Reject);
-    // lab-mirror needs a name; without sniffing there is none: the default.
+    let TcpDecision::Decided(d) = p.tcp(&c) else {
+        panic!("a CIDR rule needs no name")
+    };
+    assert_eq!(d.verdict, TcpVerdict::Reject);
+    assert_eq!(d.rule.as_deref(), Some("no-telemetry"));
+    // lab-mirror needs a name: the first step says so, the named step decides.
+    let m = conn("198.18.0.9:40000", "192.0.2.80:443");
+    assert_eq!(p.tcp(&m), TcpDecision::NeedsName);
+    let named = p.tcp_named(&m, Some("a.example.com"), None);
+    assert_eq!(named.rule.as_deref(), Some("lab-mirror"));
+    assert_eq!(p.tcp_named(&m, None, None).rule, None);
     assert_eq!(
-        p.tcp(&conn("198.18.0.9:40000", "192.0.2.80:443")),
-        TcpVerdict::Relay
-    );
-    assert_eq!(
-        p.udp(&flow("192.0.2.1:5353", "192.0.2.53:53")),
+        p.udp(&flow("192.0.2.1:5353", "192.0.2.53:53")).verdict,
         UdpVerdict::Relay
     );
-    let reject = Arc::new(rules("default = \"reject\""));
-    let mut p = RulesPolicy::new(reject);
+    // A reload swaps the snapshot for the next decision on every core.
+    handle.replace(rules("default = \"reject\""));
     assert_eq!(
-        p.udp(&flow("192.0.2.1:5353", "192.0.2.53:53")),
+        p.udp(&flow("192.0.2.1:5353", "192.0.2.53:53")).verdict,
         UdpVerdict::Drop
     );
-    assert_eq!(p.tcp(&c), TcpVerdict::Reject);
+    let TcpDecision::Decided(d) = p.tcp(&c) else {
+        panic!("no rules left")
+    };
+    assert_eq!((d.verdict, d.rule), (TcpVerdict::Reject, None));
     fn shared<T: Send + Sync>() {}
     shared::<Rules>();
-    shared::<RulesPolicy>();
+    shared::<RulesHandle>();
 }
 
 #[test]

@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use crate::cpu::CpuUse;
-use crate::load::Scenario;
+use crate::load::{IdleConns, Scenario};
 use crate::targets::Target;
 
 /// Outcome class of a record.
@@ -45,6 +45,11 @@ pub struct Record {
     pub conns: usize,
     /// Write, request or datagram size in bytes.
     pub size: usize,
+    /// Idle connections held open through the router during the window (`tcp-crr`'s
+    /// idle variant, `--idle-conns`); 0 for every other variant.
+    pub idle_conns: usize,
+    /// What became of them (`null` without idle connections, or when not run).
+    pub idle: Option<IdleConns>,
     /// Payload throughput (tcp-bulk: server-side; udp-pps: delivered).
     pub gbit_s: Option<f64>,
     /// Connections per second (tcp-crr).
@@ -104,6 +109,8 @@ impl Record {
             duration_s: 0.0,
             conns: variant.conns,
             size: variant.size,
+            idle_conns: variant.idle,
+            idle: None,
             gbit_s: None,
             conn_s: None,
             req_s: None,
@@ -613,12 +620,7 @@ impl Report {
                         }
                         cell
                     }
-                    None => match self.find(row, *t) {
-                        Some(r) if r.status == Status::Ok => "-".into(),
-                        Some(r) if r.status == Status::Skipped => "skipped".into(),
-                        Some(_) => "FAILED".into(),
-                        None => "".into(),
-                    },
+                    None => self.status_word(row, *t),
                 };
                 let _ = write!(s, " {cell} |");
             }
@@ -656,6 +658,17 @@ impl Report {
                  sending thread's softirq, on the load and server cores, so it is not the cost \
                  of kernel forwarding; no ratio is taken against it."
             );
+        }
+    }
+
+    /// `skipped`, `FAILED`, `-` (measured, no figure) or empty (not in the run), for
+    /// a cell without a figure.
+    fn status_word(&self, row: &(Scenario, String), t: Target) -> String {
+        match self.find(row, t) {
+            Some(r) if r.status == Status::Ok => "-".into(),
+            Some(r) if r.status == Status::Skipped => "skipped".into(),
+            Some(_) => "FAILED".into(),
+            None => "".into(),
         }
     }
 
@@ -876,6 +889,7 @@ mod tests {
             label: "1 stream".into(),
             conns: 1,
             size: 1,
+            idle: 0,
         };
         let mut r = Record::not_run(
             Scenario::TcpBulk,

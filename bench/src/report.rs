@@ -707,20 +707,24 @@ impl Report {
                  | {rate}, idle {n} | idle held |\n|---|---:|---:|---:|---:|---:|---:|"
             );
             for t in targets {
-                let cpu = |row: &(Scenario, String)| {
-                    self.cpu_find(row, *t).and_then(|(r, _)| r.cpu_per_unit())
+                // The median round's figure, and whether other work shared the core.
+                let cpu = |row: &Row| {
+                    let c = self.cpu_find(row, *t)?.0.cpu.as_ref()?;
+                    Some((c.per_unit?, c.contended))
                 };
                 let (without, with) = (cpu(&plain_row), cpu(&idle_row));
-                let cell = |row: &(Scenario, String), v: Option<f64>| match v {
-                    Some(v) => fmt_num(v),
+                let cell = |row: &Row, v: Option<(f64, bool)>| match v {
+                    Some((v, contended)) => {
+                        format!("{}{}", fmt_num(v), if contended { " ‡" } else { "" })
+                    }
                     None => self.status_word(row, *t),
                 };
-                let rate_cell = |row: &(Scenario, String)| match self.find(row, *t) {
+                let rate_cell = |row: &Row| match self.find(row, *t) {
                     Some(r) if r.status == Status::Ok => r.headline().map_or("-".into(), fmt_num),
                     _ => self.status_word(row, *t),
                 };
                 let ratio = match (without, with) {
-                    (Some(a), Some(b)) if a > 0.0 && *t != Target::Direct => {
+                    (Some((a, _)), Some((b, _))) if a > 0.0 && *t != Target::Direct => {
                         format!("{:.2}x", b / a)
                     }
                     _ => "".into(),
@@ -1225,6 +1229,18 @@ mod tests {
         assert!(
             md.contains("| haproxy | 72.2 | FAILED |  | 9000 | FAILED | 1500/2000 |"),
             "{md}"
+        );
+        // A figure taken while other work shared the core is marked as in the CPU table.
+        let bc = rep
+            .records
+            .iter_mut()
+            .find(|r| r.target == Target::BaseCopy && r.idle_conns > 0)
+            .unwrap();
+        bc.cpu.as_mut().unwrap().contended = true;
+        let marked = rep.to_markdown();
+        assert!(
+            marked.contains("| base-copy | 71.5 | 374 ‡ | 5.22x |"),
+            "{marked}"
         );
         assert!(md.contains("haproxy failed (tcp-crr 16 clients, idle 2000): idle connections"));
         let json = rep.to_json();

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use crate::cpu::{self, CpuProbe};
 use crate::lab::Lab;
-use crate::load::{self, Family, LoadSpec, Outcome, Scenario, Variant};
+use crate::load::{self, Family, IdleConns, LoadSpec, Outcome, Scenario, Variant};
 use crate::report::{Env, Record, Report, Status};
 use crate::targets::{ArmError, ArmOptions, Armed, Target, Tools, DEFAULT_PORT};
 
@@ -22,6 +22,13 @@ pub struct Config {
     pub conns: Option<usize>,
     /// Overrides every scenario's default size.
     pub size: Option<usize>,
+    /// Idle connections for `tcp-crr`'s idle variant (`--idle-conns`, or
+    /// [`load::DEFAULT_IDLE_CONNS`] with `--scenario tcp-crr-idle`); `None`: no
+    /// such variant.
+    pub idle_conns: Option<usize>,
+    /// `tcp-crr` runs only its idle variant (`tcp-crr-idle` was named, `tcp-crr`
+    /// was not).
+    pub idle_only: bool,
     /// Engine (and HAProxy thread) cores.
     pub engine_cores: Vec<usize>,
     /// Client load cores.
@@ -48,6 +55,8 @@ impl Config {
             duration,
             conns: None,
             size: None,
+            idle_conns: None,
+            idle_only: false,
             server_cores: load_cores.clone(),
             engine_cores,
             load_cores,
@@ -56,6 +65,110 @@ impl Config {
             rounds: 1,
         }
     }
+}
+
+impl Config {
+    /// Each scenario with its variants, in order: the defaults (or `conns` and
+    /// `size`), and for `tcp-crr` the idle variant after its plain twin (or alone,
+    /// with `idle_only`).
+    pub fn plan(&self) -> Vec<(Scenario, Vec<Variant>)> {
+        self.scenarios
+            .iter()
+            .map(|s| {
+                let mut vs = s.variants(self.conns, self.size);
+                if *s == Scenario::TcpCrr {
+                    if let Some(n) = self.idle_conns.filter(|n| *n > 0) {
+                        let idle: Vec<Variant> = vs.iter().map(|v| v.with_idle(n)).collect();
+                        if self.idle_only {
+                            vs = idle;
+                        } else {
+                            vs.extend(idle);
+                        }
+                    }
+                }
+                (*s, vs)
+            })
+            .collect()
+    }
+}
+
+/// What `--scenario` and `--idle-conns` select.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Selection {
+    /// The scenarios, in the order first named, each once.
+    pub scenarios: Vec<Scenario>,
+    /// [`Config::idle_conns`].
+    pub idle_conns: Option<usize>,
+    /// [`Config::idle_only`].
+    pub idle_only: bool,
+}
+
+/// The `--scenario` name of `tcp-crr`'s idle variant alone.
+pub const TCP_CRR_IDLE: &str = "tcp-crr-idle";
+
+/// Parses `--scenario` (names, comma-separated, or `all`) with `--idle-conns`.
+/// `tcp-crr-idle` is `tcp-crr`'s idle variant: alone it runs without the plain one,
+/// next to `tcp-crr` (or `all`) both run; its N is `idle_conns` or
+/// [`load::DEFAULT_IDLE_CONNS`]. `--idle-conns N` with `tcp-crr` adds the idle
+/// variant; it needs `tcp-crr` or `tcp-crr-idle` among the scenarios, and at most
+/// [`load::max_idle_conns`] for this process's `fd_limit`.
+pub fn parse_scenarios(
+    s: &str,
+    idle_conns: Option<usize>,
+    fd_limit: u64,
+) -> anyhow::Result<Selection> {
+    let mut scenarios = Vec::new();
+    let (mut plain_crr, mut idle_named) = (false, false);
+    let names: Vec<&str> = s.split(',').map(str::trim).collect();
+    for name in names {
+        let picked: Vec<Scenario> = if name == "all" {
+            plain_crr = true;
+            Scenario::ALL.to_vec()
+        } else if name == TCP_CRR_IDLE {
+            idle_named = true;
+            vec![Scenario::TcpCrr]
+        } else {
+            let sc = Scenario::parse(name).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "unknown scenario {name:?} (tcp-bulk, tcp-crr, tcp-crr-idle, tcp-rr, \
+                     udp-pps, udp-rr, all)"
+                )
+            })?;
+            plain_crr |= sc == Scenario::TcpCrr;
+            vec![sc]
+        };
+        for sc in picked {
+            if !scenarios.contains(&sc) {
+                scenarios.push(sc);
+            }
+        }
+    }
+    anyhow::ensure!(
+        idle_conns.is_none() || plain_crr || idle_named,
+        "--idle-conns applies to tcp-crr, which is not among the scenarios"
+    );
+    anyhow::ensure!(
+        idle_conns != Some(0),
+        "--idle-conns 0: leave it out to run tcp-crr without idle connections"
+    );
+    let idle = match (idle_conns, idle_named) {
+        (Some(n), _) => Some(n),
+        (None, true) => Some(load::DEFAULT_IDLE_CONNS),
+        (None, false) => None,
+    };
+    if let Some(n) = idle {
+        let max = load::max_idle_conns(fd_limit);
+        anyhow::ensure!(
+            n <= max,
+            "{n} idle connections: bench holds both ends of each (2 fds), and with \
+             RLIMIT_NOFILE {fd_limit} it has room for {max}"
+        );
+    }
+    Ok(Selection {
+        scenarios,
+        idle_conns: idle,
+        idle_only: idle_named && !plain_crr,
+    })
 }
 
 /// Default pinning: the engine on the last core, load and servers on all the others
@@ -185,11 +298,7 @@ pub fn run_matrix(lab: &Lab, cfg: &Config, tools: &Tools, log: &mut dyn FnMut(&s
         engine_cores: cfg.engine_cores.clone(),
         port: cfg.port,
     };
-    let plan: Vec<(Scenario, Vec<Variant>)> = cfg
-        .scenarios
-        .iter()
-        .map(|s| (*s, s.variants(cfg.conns, cfg.size)))
-        .collect();
+    let plan = cfg.plan();
 
     for round in 0..rounds {
         let first = rep.records.len();
@@ -273,7 +382,12 @@ fn run_round(
                 cores: cfg.engine_cores.clone(),
                 pid: armed.pid(),
             },
+            proxy_limit: armed.conn_limit(),
         };
+        if let Some(w) = limit_warning(target, armed.conn_limit(), plan) {
+            log(&format!("[{}] warning: {w}", target.name()));
+            rep.notes.push(format!("{}: {w}", target.name()));
+        }
         for (scenario, variants) in plan {
             for v in variants {
                 if crate::stop_requested() {
@@ -337,6 +451,31 @@ fn run_round(
                 .insert(target.name().to_string(), summary);
         }
     }
+}
+
+/// A warning when a variant asks for more idle connections (plus its churning
+/// clients) than the proxy says it holds.
+fn limit_warning(
+    target: Target,
+    limit: Option<usize>,
+    plan: &[(Scenario, Vec<Variant>)],
+) -> Option<String> {
+    let limit = limit?;
+    let v = plan
+        .iter()
+        .flat_map(|(_, vs)| vs)
+        .filter(|v| v.idle > 0)
+        .max_by_key(|v| v.idle + v.conns)?;
+    (v.idle + v.conns > limit).then(|| {
+        format!(
+            "{} holds at most {limit} connections, fewer than the {} idle + {} clients of \
+             tcp-crr {}: expect refusals",
+            target.name(),
+            v.idle,
+            v.conns,
+            v.label
+        )
+    })
 }
 
 /// Turns a load outcome into a record, judging it: a proxy target whose flows never
@@ -417,7 +556,44 @@ pub fn to_record(
         r.status = Status::Failed;
         r.reason = Some(format!("nothing got through; errors: {:?}", out.errors));
     }
+    r.idle = out.idle.clone();
+    if let Some(why) = idle_verdict(v, target, out.idle.as_ref()) {
+        // First: it explains the churn's errors when a proxy at its limit refused.
+        r.reason = Some(match r.reason.take() {
+            Some(prev) if r.status == Status::Failed => format!("{why}. Also: {prev}"),
+            _ => why,
+        });
+        r.status = Status::Failed;
+    }
     r
+}
+
+/// Why a variant's idle connections make its record a failure: not all of them held
+/// through the window (a proxy at its limit, one that drops idle connections), or
+/// they went another way than the target's (not intercepted by a proxy, intercepted
+/// without one).
+fn idle_verdict(v: &Variant, target: Target, idle: Option<&IdleConns>) -> Option<String> {
+    if v.idle == 0 {
+        return None;
+    }
+    let Some(i) = idle else {
+        return Some("the idle connections were not opened".into());
+    };
+    if let Some(why) = i.shortfall(v.idle, v.conns) {
+        return Some(why);
+    }
+    match i.router_sockets {
+        Some(0) if target.is_proxy() => Some(format!(
+            "idle connections not intercepted: no socket on port {} in the router",
+            load::PORT_TCP_IDLE
+        )),
+        Some(n) if n > 0 && !target.is_proxy() => Some(format!(
+            "idle connections intercepted: {n} sockets on port {} in the router of the kernel \
+             baseline",
+            load::PORT_TCP_IDLE
+        )),
+        _ => None,
+    }
 }
 
 /// One progress line.
@@ -450,6 +626,12 @@ fn summary(r: &Record) -> String {
     }
     if r.errors > 0 {
         s.push_str(&format!(", errors {:?}", r.error_kinds));
+    }
+    if let Some(i) = &r.idle {
+        s.push_str(&format!(
+            "; idle {}/{} held (opened in {:.1} s, closed in {:.1} s)",
+            i.held, r.idle_conns, i.open_s, i.close_s
+        ));
     }
     s
 }
@@ -493,6 +675,224 @@ mod tests {
     }
 
     #[test]
+    fn idle_variant_selection() {
+        let sel = |s: &str, n: Option<usize>| parse_scenarios(s, n, 20000);
+        // Existing names keep their meaning: no idle variant.
+        let all = sel("all", None).unwrap();
+        assert_eq!(all.scenarios, Scenario::ALL.to_vec());
+        assert_eq!((all.idle_conns, all.idle_only), (None, false));
+        assert_eq!(
+            sel("tcp-crr,tcp-rr", None).unwrap().scenarios,
+            vec![Scenario::TcpCrr, Scenario::TcpRr]
+        );
+        // --idle-conns N next to tcp-crr (or all): both variants.
+        let both = sel("tcp-crr", Some(1500)).unwrap();
+        assert_eq!(both.scenarios, vec![Scenario::TcpCrr]);
+        assert_eq!((both.idle_conns, both.idle_only), (Some(1500), false));
+        assert_eq!(sel("all", Some(10)).unwrap().idle_conns, Some(10));
+        // tcp-crr-idle alone: only the idle variant, default N unless given.
+        let only = sel("tcp-crr-idle", None).unwrap();
+        assert_eq!(only.scenarios, vec![Scenario::TcpCrr]);
+        assert_eq!(
+            (only.idle_conns, only.idle_only),
+            (Some(load::DEFAULT_IDLE_CONNS), true)
+        );
+        assert_eq!(
+            sel("tcp-crr-idle", Some(300)).unwrap().idle_conns,
+            Some(300)
+        );
+        // Both names: both variants, tcp-crr once.
+        let named = sel("tcp-crr-idle, tcp-crr", None).unwrap();
+        assert_eq!(named.scenarios, vec![Scenario::TcpCrr]);
+        assert!(!named.idle_only);
+        assert_eq!(
+            sel("tcp-rr,tcp-crr-idle,udp-rr", None).unwrap().scenarios,
+            vec![Scenario::TcpRr, Scenario::TcpCrr, Scenario::UdpRr]
+        );
+        // Refused: idle connections without tcp-crr, zero, past the fd budget.
+        let e = sel("tcp-rr", Some(100)).unwrap_err();
+        assert!(e.to_string().contains("tcp-crr"), "{e}");
+        assert!(sel("tcp-crr", Some(0)).is_err());
+        let e = sel("tcp-crr", Some(9500)).unwrap_err();
+        assert!(e.to_string().contains("room for 9488"), "{e}");
+        assert!(sel("tcp-crr-idle", None).is_ok());
+        let e = parse_scenarios("tcp-crr-idle", None, 4000).unwrap_err();
+        assert!(e.to_string().contains("RLIMIT_NOFILE 4000"), "{e}");
+        assert!(sel("tcp-crr-idel", None).is_err());
+    }
+
+    #[test]
+    fn plan_puts_the_idle_variant_after_its_twin() {
+        let mut cfg = Config::all(Duration::from_secs(1));
+        cfg.scenarios = vec![Scenario::TcpCrr, Scenario::TcpRr];
+        let labels = |cfg: &Config| -> Vec<(String, usize)> {
+            cfg.plan()
+                .iter()
+                .flat_map(|(_, vs)| vs.iter().map(|v| (v.label.clone(), v.idle)))
+                .collect()
+        };
+        assert_eq!(
+            labels(&cfg),
+            vec![("16 clients".into(), 0), ("8 conns".into(), 0)]
+        );
+        cfg.idle_conns = Some(2000);
+        assert_eq!(
+            labels(&cfg),
+            vec![
+                ("16 clients".into(), 0),
+                ("16 clients, idle 2000".into(), 2000),
+                ("8 conns".into(), 0)
+            ]
+        );
+        cfg.idle_only = true;
+        cfg.conns = Some(4);
+        assert_eq!(
+            labels(&cfg),
+            vec![("4 clients, idle 2000".into(), 2000), ("4 conns".into(), 0)]
+        );
+        let v = &cfg.plan()[0].1[0];
+        assert_eq!((v.conns, v.size), (4, 64));
+    }
+
+    #[test]
+    fn a_limit_below_the_idle_connections_is_warned_about() {
+        let mut cfg = Config::all(Duration::from_secs(1));
+        cfg.scenarios = vec![Scenario::TcpCrr];
+        cfg.idle_conns = Some(2430);
+        let plan = cfg.plan();
+        let w = limit_warning(Target::EngineSplice, Some(2436), &plan).unwrap();
+        assert!(w.contains("at most 2436"), "{w}");
+        assert!(w.contains("2430 idle + 16 clients"), "{w}");
+        assert_eq!(limit_warning(Target::EngineCopy, Some(7308), &plan), None);
+        assert_eq!(limit_warning(Target::Direct, None, &plan), None);
+        cfg.idle_conns = None;
+        assert_eq!(
+            limit_warning(Target::EngineSplice, Some(10), &cfg.plan()),
+            None
+        );
+    }
+
+    fn crr_outcome(idle: Option<IdleConns>) -> Outcome {
+        Outcome {
+            elapsed: Duration::from_secs(1),
+            ops: 5_000,
+            bytes: 5_000 * 192,
+            probe_sockets: Some(40),
+            idle,
+            ..Outcome::default()
+        }
+    }
+
+    fn all_held(n: usize, router_sockets: usize) -> IdleConns {
+        IdleConns {
+            opened: n,
+            held: n,
+            server_held: n,
+            router_sockets: Some(router_sockets),
+            proxy_limit: Some(2436),
+            open_s: 0.4,
+            close_s: 0.1,
+            ..IdleConns::default()
+        }
+    }
+
+    #[test]
+    fn idle_connections_are_judged_and_recorded() {
+        let plain = Scenario::TcpCrr.variants(None, None).remove(0);
+        let idle = plain.with_idle(2000);
+        let rec = |v: &Variant, t: Target, i: Option<IdleConns>| {
+            let mut o = crr_outcome(i);
+            if !t.is_proxy() {
+                o.probe_sockets = Some(0);
+            }
+            to_record(Scenario::TcpCrr, v, t, Family::Ipv4, &o)
+        };
+        // Every one held, through the proxy: ok, and the record says how many.
+        let r = rec(&idle, Target::EngineCopy, Some(all_held(2000, 2000)));
+        assert_eq!(r.status, Status::Ok, "{r:?}");
+        assert_eq!(
+            (r.variant.as_str(), r.idle_conns),
+            ("16 clients, idle 2000", 2000)
+        );
+        assert_eq!(r.idle.as_ref().unwrap().held, 2000);
+        assert!(
+            summary(&r).contains("idle 2000/2000 held"),
+            "{}",
+            summary(&r)
+        );
+        let j = serde_json::to_value(&r).unwrap();
+        assert_eq!(j["idle_conns"], 2000);
+        assert_eq!(j["idle"]["router_sockets"], 2000);
+        assert_eq!(j["idle"]["proxy_limit"], 2436);
+        // The kernel baseline holds them with no router socket.
+        let r = rec(&idle, Target::Direct, Some(all_held(2000, 0)));
+        assert_eq!(r.status, Status::Ok, "{r:?}");
+        // A plain variant has none, and says so.
+        let r = rec(&plain, Target::EngineCopy, None);
+        assert_eq!((r.status, r.idle_conns), (Status::Ok, 0));
+        assert!(serde_json::to_value(&r).unwrap()["idle"].is_null());
+        // A proxy at its limit: refused ones are counted and the limit named.
+        let mut short = all_held(2500, 2436);
+        short.opened = 2436;
+        short.held = 2436;
+        short.server_held = 2436;
+        short.errors.insert("no_response".into(), 64);
+        let r = rec(&plain.with_idle(2500), Target::EngineSplice, Some(short));
+        assert_eq!(r.status, Status::Failed);
+        let why = r.reason.as_deref().unwrap();
+        assert!(why.contains("2436 of 2500 held"), "{why}");
+        assert!(why.contains("no_response 64"), "{why}");
+        assert!(
+            why.contains("limit is 2436 connections, fewer than 2500 idle + 16"),
+            "{why}"
+        );
+        // Dropped during the window, at either end.
+        let mut dropped = all_held(2000, 2000);
+        dropped.held = 1990;
+        dropped.errors.insert("dropped_closed".into(), 10);
+        let r = rec(&idle, Target::Haproxy, Some(dropped));
+        assert_eq!(r.status, Status::Failed);
+        assert!(
+            r.reason.as_deref().unwrap().contains("1990 of 2000"),
+            "{r:?}"
+        );
+        let mut server_side = all_held(2000, 2000);
+        server_side.server_held = 1999;
+        let r = rec(&idle, Target::EngineCopy, Some(server_side));
+        assert!(r
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("1999 open at the server"));
+        // Held, but not through the proxy / through a proxy on direct.
+        let r = rec(&idle, Target::BaseCopy, Some(all_held(2000, 0)));
+        assert_eq!(r.status, Status::Failed);
+        assert!(
+            r.reason.as_deref().unwrap().contains("not intercepted"),
+            "{r:?}"
+        );
+        let r = rec(&idle, Target::Direct, Some(all_held(2000, 2000)));
+        assert_eq!(r.status, Status::Failed);
+        // Opening failed outright (no outcome for them at all).
+        let r = rec(&idle, Target::EngineCopy, None);
+        assert_eq!(r.status, Status::Failed);
+        // The idle verdict comes first when the churn failed too.
+        let mut o = crr_outcome(Some(IdleConns::default()));
+        o.ops = 0;
+        o.bytes = 0;
+        let r = to_record(
+            Scenario::TcpCrr,
+            &idle,
+            Target::EngineCopy,
+            Family::Ipv4,
+            &o,
+        );
+        let why = r.reason.unwrap();
+        assert!(why.starts_with("idle connections: 0 of 2000"), "{why}");
+        assert!(why.contains("nothing got through"), "{why}");
+    }
+
+    #[test]
     fn records_carry_cpu_per_unit_of_the_counted_work() {
         let t0 = std::time::Instant::now();
         let snap = |text: &str, dt: u64| cpu::Snapshot {
@@ -508,6 +908,7 @@ mod tests {
             label: "16 clients".into(),
             conns: 16,
             size: 64,
+            idle: 0,
         };
         let out = Outcome {
             elapsed: Duration::from_secs(1),

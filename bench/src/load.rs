@@ -13,6 +13,7 @@
 //! cancels out in the ratios.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -39,6 +40,10 @@ pub const PORT_TCP_RR: u16 = 5003;
 pub const PORT_UDP_PPS: u16 = 5004;
 /// Server port of `udp-rr`.
 pub const PORT_UDP_RR: u16 = 5005;
+/// Server port of the idle connections that `tcp-crr`'s idle variant holds open
+/// through its window (a port of their own: the churn's probe and TIME_WAIT
+/// accounting on [`PORT_TCP_CRR`] never see them).
+pub const PORT_TCP_IDLE: u16 = 5006;
 
 /// Response size of `tcp-crr` and `tcp-rr` (the request size is the variant's size).
 pub const RESPONSE_SIZE: usize = 128;
@@ -59,6 +64,39 @@ pub fn crr_port_range(i: usize) -> (u16, u16) {
     let lo = CRR_PORT_BASE + (i % 8) as u16 * CRR_PORT_WINDOW;
     (lo, lo + CRR_PORT_WINDOW - 1)
 }
+/// Client ports of the idle connections: clear of every `tcp-crr` window
+/// (20000-51999), so the churn never shares a port with them. 13000 ports, more than
+/// the bench's own fd budget allows connections (see [`max_idle_conns`]).
+pub const IDLE_PORTS: (u16, u16) = (52000, 64999);
+/// Idle connections of `--scenario tcp-crr-idle` without `--idle-conns`: room for
+/// every target at RLIMIT_NOFILE 20000 (the engine's splice relay stops at about
+/// 2,400 connections there, its copy relay at about 7,300, HAProxy at maxconn 7800;
+/// the churn's clients need a few more), docs/benchmarks.md.
+pub const DEFAULT_IDLE_CONNS: usize = 2000;
+/// Fds the bench keeps aside for everything but its idle connections (the churn's
+/// clients and servers, listeners, the proxies' output pipes, /proc reads).
+pub const IDLE_FD_RESERVE: u64 = 1024;
+/// How long opening the idle connections may take, per connection, on top of
+/// [`IO_TIMEOUT`]: far more than a healthy path needs (tens of µs each).
+const IDLE_OPEN_PER_CONN: Duration = Duration::from_millis(2);
+/// Connect timeout of an idle connection: a path that drops SYNs (a full backlog)
+/// shows in a second, not in three.
+const IDLE_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// After this many connect timeouts in a row the path is blocked: the remaining idle
+/// connections are not tried (counted as `not_tried`).
+const IDLE_CONNECT_GIVE_UP: usize = 3;
+/// How long closing waits for the server sockets to see their connections end.
+const IDLE_CLOSE_WAIT: Duration = Duration::from_secs(2);
+
+/// The most idle connections this process can hold with an RLIMIT_NOFILE of
+/// `fd_limit`: two fds each (the client's socket and the server's), besides
+/// [`IDLE_FD_RESERVE`], and no more than [`IDLE_PORTS`] has ports.
+pub fn max_idle_conns(fd_limit: u64) -> usize {
+    let by_fds = fd_limit.saturating_sub(IDLE_FD_RESERVE) / 2;
+    let ports = (IDLE_PORTS.1 - IDLE_PORTS.0) as u64 + 1;
+    by_fds.min(ports) as usize
+}
+
 /// How far past its duration a run may go before every loop gives up on its own.
 pub const HARD_DEADLINE_SLACK: Duration = Duration::from_secs(10);
 /// Upper bound on datagrams one `udp-pps` sender sends, whatever the duration.
@@ -149,6 +187,21 @@ pub struct Variant {
     pub conns: usize,
     /// Write size (bulk), request size (rr, crr) or datagram payload (udp).
     pub size: usize,
+    /// Idle connections held open through the router during the window (`tcp-crr`'s
+    /// idle variant, see [`Variant::with_idle`]); 0 for none.
+    pub idle: usize,
+}
+
+impl Variant {
+    /// This variant with `n` idle connections held open through its window: label
+    /// `16 clients, idle 2000`. Only `tcp-crr` runs them.
+    pub fn with_idle(&self, n: usize) -> Variant {
+        Variant {
+            label: format!("{}, idle {n}", self.label),
+            idle: n,
+            ..self.clone()
+        }
+    }
 }
 
 impl Scenario {
@@ -227,7 +280,12 @@ impl Scenario {
     /// The variants to run; `conns` and `size` override the defaults.
     pub fn variants(self, conns: Option<usize>, size: Option<usize>) -> Vec<Variant> {
         let n = conns.unwrap_or(self.default_conns()).max(1);
-        let v = |label: String, conns: usize, size: usize| Variant { label, conns, size };
+        let v = |label: String, conns: usize, size: usize| Variant {
+            label,
+            conns,
+            size,
+            idle: 0,
+        };
         match self {
             Scenario::TcpBulk => {
                 let size = size.unwrap_or(128 * 1024);
@@ -266,6 +324,8 @@ pub struct LoadSpec {
     pub crr_ports: (u16, u16),
     /// The proxy's cores (and process), sampled at both edges of the window.
     pub cpu: CpuProbe,
+    /// The connection limit the proxy states, if any (recorded with idle connections).
+    pub proxy_limit: Option<usize>,
 }
 
 /// What one run measured.
@@ -290,6 +350,85 @@ pub struct Outcome {
     /// Use of the proxy's cores during the window ([`LoadSpec::cpu`]); `per_unit` is
     /// still empty here.
     pub cpu: Option<CpuUse>,
+    /// The idle connections held through the window (variants with [`Variant::idle`]).
+    pub idle: Option<IdleConns>,
+}
+
+/// What became of a variant's idle connections ([`Variant::idle`]): opened before
+/// the window from the client namespace through the router to [`PORT_TCP_IDLE`] in
+/// the server namespace, one request and response each, held quiet through the
+/// window, checked, and closed after it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct IdleConns {
+    /// Connections that answered their request (relayed to the server and back)
+    /// before the window.
+    pub opened: usize,
+    /// Of those, still open and quiet on the client side when the window ended.
+    pub held: usize,
+    /// Server-side sockets still open and quiet when the window ended.
+    pub server_held: usize,
+    /// Sockets in the router on the idle port after the window: a proxy's
+    /// TPROXY-accepted client sockets (they carry the server's address); 0 for
+    /// kernel forwarding.
+    pub router_sockets: Option<usize>,
+    /// The connection limit the proxy states: the engine's `max_conns` (its `ready`
+    /// line), HAProxy's `maxconn`.
+    pub proxy_limit: Option<usize>,
+    /// Seconds the opening took (before the window, so not in any figure).
+    pub open_s: f64,
+    /// Seconds from the clients' resets until every server socket had seen its
+    /// connection end (at most 2 s).
+    pub close_s: f64,
+    /// Server sockets that had not seen their connection end by then.
+    pub close_pending: usize,
+    /// Failures by kind: `connect_*` (refused, reset, timeout...), `no_response`,
+    /// `closed`, `reset`, `bad_response` (the first exchange), `not_tried` (opening
+    /// gave up: deadline, blocked path), `dropped_*` (closed during the window),
+    /// `server_*` (the server's side of any of these).
+    pub errors: BTreeMap<String, u64>,
+}
+
+impl IdleConns {
+    /// Why these idle connections fall short of `requested` held through the window
+    /// next to `clients` churning ones, or `None` when every one was. A proxy's limit
+    /// below what was asked is named: the usual cause.
+    pub fn shortfall(&self, requested: usize, clients: usize) -> Option<String> {
+        let complete = self.opened == requested
+            && self.held == requested
+            && self.server_held == requested
+            && self.errors.is_empty();
+        if complete {
+            return None;
+        }
+        let mut s = format!(
+            "idle connections: {} of {requested} held through the window ({} opened, {} open at \
+             the server",
+            self.held, self.opened, self.server_held
+        );
+        if !self.errors.is_empty() {
+            let kinds: Vec<String> = self
+                .errors
+                .iter()
+                .map(|(k, n)| format!("{k} {n}"))
+                .collect();
+            let _ = write!(s, "; {}", kinds.join(", "));
+        }
+        s.push(')');
+        match self.proxy_limit {
+            Some(l) if requested + clients > l => {
+                let _ = write!(
+                    s,
+                    ": the proxy's limit is {l} connections, fewer than {requested} idle + \
+                     {clients} clients; lower --idle-conns"
+                );
+            }
+            Some(l) => {
+                let _ = write!(s, "; the proxy's limit is {l} connections");
+            }
+            None => {}
+        }
+        Some(s)
+    }
 }
 
 impl Outcome {
@@ -468,6 +607,13 @@ impl Tally {
         out.peers.extend(self.peers);
         for (k, n) in self.errors {
             *out.errors.entry(format!("{prefix}{k}")).or_default() += n;
+        }
+    }
+
+    /// [`Tally::merge_server_into`] into another tally (errors only).
+    fn merge_server_into_tally(self, t: &mut Tally, prefix: &str) {
+        for (k, n) in self.errors {
+            *t.errors.entry(format!("{prefix}{k}")).or_default() += n;
         }
     }
 }
@@ -831,10 +977,279 @@ fn tcp_rr(lab: &Lab, v: &Variant, spec: &LoadSpec) -> anyhow::Result<Outcome> {
     Ok(out)
 }
 
+/// Idle connections held open through the router while a window runs (see
+/// [`IdleConns`]). Both ends stay in this process: the client sockets (opened in the
+/// client namespace) and the server's accepted ones, two fds per connection.
+/// Dropping the set closes them (as [`IdleSet::finish`] does).
+struct IdleSet {
+    clients: Vec<TcpStream>,
+    servers: Vec<TcpStream>,
+    stats: IdleConns,
+}
+
+impl IdleSet {
+    /// Opens `n` connections from the client namespace to [`PORT_TCP_IDLE`] in the
+    /// server namespace, from client ports in [`IDLE_PORTS`]: connect and send a
+    /// `req_size` request on each, then read every [`RESPONSE_SIZE`] response, so
+    /// that a proxy at its limit (which may accept and then hold a client without
+    /// relaying it) costs one shared response timeout, not one each. Bounded by
+    /// [`IO_TIMEOUT`] plus [`IDLE_OPEN_PER_CONN`] per connection. What failed is
+    /// counted, not fatal: the record says so.
+    fn open(lab: &Lab, spec: &LoadSpec, n: usize, req_size: usize) -> anyhow::Result<IdleSet> {
+        let limit = crate::targets::fd_limit();
+        anyhow::ensure!(
+            n <= max_idle_conns(limit),
+            "{n} idle connections need {} fds in this process (client and server side) and \
+             RLIMIT_NOFILE is {limit}: at most {}",
+            2 * n,
+            max_idle_conns(limit)
+        );
+        let (lo, hi) = IDLE_PORTS;
+        lab.client
+            .sysctl("net.ipv4.ip_local_port_range", &format!("{lo} {hi}"))
+            .context("setting the idle connections' client port range")?;
+        let addr = SocketAddr::new(spec.family.server_ip(), PORT_TCP_IDLE);
+        let listener = lab
+            .server
+            .run(move || tcp_listener(addr))
+            .context("idle server listen")?;
+        let started = Instant::now();
+        let open_end = started + IO_TIMEOUT + IDLE_OPEN_PER_CONN * n as u32;
+        let open_done = Arc::new(AtomicBool::new(false));
+        let server = {
+            let (cores, open_done) = (spec.server_cores.clone(), open_done.clone());
+            // Bounded even if the client side never says it is done.
+            let hard_end = open_end + HARD_DEADLINE_SLACK;
+            lab.server.spawn(move || {
+                pin(&cores, 0);
+                idle_server(listener, req_size, &open_done, hard_end)
+            })
+        };
+        let cores = spec.load_cores.clone();
+        let (clients, mut t) = lab.client.run(move || {
+            pin(&cores, 0);
+            idle_clients(addr, n, req_size, open_end)
+        });
+        open_done.store(true, Ordering::Release);
+        let (servers, server_tally) = join(server, "idle server")?;
+        server_tally.merge_server_into_tally(&mut t, "server_");
+        Ok(IdleSet {
+            stats: IdleConns {
+                opened: clients.len(),
+                proxy_limit: spec.proxy_limit,
+                open_s: started.elapsed().as_secs_f64(),
+                errors: t.errors,
+                ..IdleConns::default()
+            },
+            clients,
+            servers,
+        })
+    }
+
+    /// After the window: counts the router's sockets on the idle port, checks that
+    /// every connection is still open and quiet at both ends, and closes them.
+    fn finish(mut self, spec: &LoadSpec) -> IdleConns {
+        let cores = spec.load_cores.clone();
+        self.stats.router_sockets = spec.probe.as_ref().map(|ns| {
+            ns.run(move || {
+                pin(&cores, 0);
+                lab::count_sockets_here(PORT_TCP_IDLE, Proto::Tcp, None)
+            })
+        });
+        let mut errors = std::mem::take(&mut self.stats.errors);
+        let mut count_alive = |socks: &[TcpStream], prefix: &str| {
+            let mut alive = 0;
+            for s in socks {
+                match still_open(s) {
+                    Ok(()) => alive += 1,
+                    Err(kind) => *errors.entry(format!("{prefix}dropped_{kind}")).or_default() += 1,
+                }
+            }
+            alive
+        };
+        self.stats.held = count_alive(&self.clients, "");
+        self.stats.server_held = count_alive(&self.servers, "server_");
+        self.stats.errors = errors;
+        self.close();
+        std::mem::take(&mut self.stats)
+    }
+
+    /// Closes the clients first, with a reset: neither the client namespace nor the
+    /// proxy's client side keeps a TIME_WAIT for their ports (the next target reuses
+    /// them at once; a proxy's TIME_WAIT would blackhole a later `direct`, see
+    /// [`crr_port_range`]). Then waits (bounded) for each server socket to see its
+    /// connection end before dropping it, so the server never closes first.
+    fn close(&mut self) {
+        if self.clients.is_empty() && self.servers.is_empty() {
+            return;
+        }
+        for c in self.clients.drain(..) {
+            let _ = socket2::SockRef::from(&c).set_linger(Some(Duration::ZERO));
+        }
+        let started = Instant::now();
+        let end = started + IDLE_CLOSE_WAIT;
+        let mut pending = 0;
+        let mut buf = [0u8; 256];
+        for mut s in self.servers.drain(..) {
+            let ended = loop {
+                let left = end.saturating_duration_since(Instant::now());
+                let _ = s.set_read_timeout(Some(left.max(Duration::from_millis(1))));
+                match s.read(&mut buf) {
+                    Ok(0) => break true,
+                    Ok(_) if Instant::now() >= end => break false,
+                    Ok(_) => {}
+                    Err(e) if is_timeout(&e) => break false,
+                    Err(_) => break true,
+                }
+            };
+            if !ended {
+                pending += 1;
+            }
+        }
+        self.stats.close_s = started.elapsed().as_secs_f64();
+        self.stats.close_pending = pending;
+    }
+}
+
+impl Drop for IdleSet {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// The client side of [`IdleSet::open`]: connect and send on each, then collect the
+/// responses. Returns the connections that were answered.
+fn idle_clients(
+    addr: SocketAddr,
+    n: usize,
+    req_size: usize,
+    end: Instant,
+) -> (Vec<TcpStream>, Tally) {
+    let mut t = Tally::default();
+    let req = vec![0x5au8; req_size];
+    let mut sent = Vec::with_capacity(n);
+    let mut timeouts_in_a_row = 0;
+    for i in 0..n {
+        if Instant::now() >= end
+            || crate::stop_requested()
+            || timeouts_in_a_row >= IDLE_CONNECT_GIVE_UP
+        {
+            *t.errors.entry("not_tried".into()).or_default() += (n - i) as u64;
+            break;
+        }
+        let mut s = match TcpStream::connect_timeout(&addr, IDLE_CONNECT_TIMEOUT) {
+            Ok(s) => s,
+            Err(e) => {
+                let kind = classify(&e);
+                if kind == "timeout" {
+                    timeouts_in_a_row += 1;
+                }
+                t.error(&format!("connect_{kind}"));
+                continue;
+            }
+        };
+        timeouts_in_a_row = 0;
+        let _ = s.set_nodelay(true);
+        match s.write_all(&req) {
+            Ok(()) => sent.push(s),
+            Err(e) => t.io_error(&e),
+        }
+    }
+    // One response timeout for all of them: every request is out already.
+    let resp_end = Instant::now() + IO_TIMEOUT;
+    let mut resp = [0u8; RESPONSE_SIZE];
+    let mut open = Vec::with_capacity(sent.len());
+    for mut s in sent {
+        let left = resp_end.saturating_duration_since(Instant::now());
+        // Past the deadline a socket gets a millisecond: a proxy holding hundreds of
+        // clients at its limit costs the shared timeout, not one each.
+        let _ = s.set_read_timeout(Some(left.clamp(Duration::from_millis(1), POLL_SLICE)));
+        let give_up = || Instant::now() >= resp_end || crate::stop_requested();
+        let r = match read_full(&mut s, &mut resp, give_up) {
+            Ok(true) if resp.iter().all(|b| *b == 0xa5) => Ok(()),
+            Ok(true) => Err("bad_response"),
+            Ok(false) => Err("closed"),
+            Err(e) if is_timeout(&e) => Err("no_response"),
+            Err(e) => Err(classify(&e)),
+        };
+        match r {
+            Ok(()) => open.push(s),
+            Err(kind) => t.error(kind),
+        }
+    }
+    (open, t)
+}
+
+/// The server side of [`IdleSet::open`]: accept, read the request, answer, keep the
+/// socket; until the client side is done (or `hard_end`).
+fn idle_server(
+    listener: TcpListener,
+    req_size: usize,
+    open_done: &AtomicBool,
+    hard_end: Instant,
+) -> (Vec<TcpStream>, Tally) {
+    let mut t = Tally::default();
+    let mut held = Vec::new();
+    let mut req = vec![0u8; req_size];
+    let resp = [0xa5u8; RESPONSE_SIZE];
+    while !open_done.load(Ordering::Acquire) && Instant::now() < hard_end {
+        let (mut s, peer) = match listener.accept() {
+            Ok(x) => x,
+            Err(e) if is_timeout(&e) => continue,
+            Err(e) => {
+                t.io_error(&e);
+                continue;
+            }
+        };
+        t.peers.insert(peer.ip());
+        let _ = s.set_nodelay(true);
+        let _ = s.set_read_timeout(Some(POLL_SLICE));
+        let started = Instant::now();
+        let r = read_full(&mut s, &mut req, || {
+            started.elapsed() >= IO_TIMEOUT || Instant::now() >= hard_end
+        })
+        .and_then(|full| {
+            if full {
+                s.write_all(&resp)
+            } else {
+                Err(io::ErrorKind::UnexpectedEof.into())
+            }
+        });
+        match r {
+            Ok(()) => held.push(s),
+            Err(e) => t.io_error(&e),
+        }
+    }
+    (held, t)
+}
+
+/// `Ok` when `s` is open with nothing to read (an idle connection as it should be);
+/// else what happened to it: `closed` (EOF), `data`, or the error's kind.
+fn still_open(s: &TcpStream) -> Result<(), &'static str> {
+    if s.set_nonblocking(true).is_err() {
+        return Err("other");
+    }
+    let mut b = [0u8; 1];
+    let r = match s.peek(&mut b) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+        Ok(0) => Err("closed"),
+        Ok(_) => Err("data"),
+        Err(e) => Err(classify(&e)),
+    };
+    let _ = s.set_nonblocking(false);
+    r
+}
+
 /// `tcp-crr`: each client thread loops connect, send `size` bytes, read the
 /// [`RESPONSE_SIZE`] response to EOF (the server closes first, HTTP/1.0 style), close.
-/// The client namespace's port range is narrowed to `spec.crr_ports`.
+/// The client namespace's port range is narrowed to `spec.crr_ports`. With
+/// [`Variant::idle`], that many idle connections are opened first ([`IdleSet`]),
+/// held through the window, checked and closed after it.
 fn tcp_crr(lab: &Lab, v: &Variant, spec: &LoadSpec) -> anyhow::Result<Outcome> {
+    let idle = match v.idle {
+        0 => None,
+        n => Some(IdleSet::open(lab, spec, n, v.size).context("opening the idle connections")?),
+    };
     let (lo, hi) = spec.crr_ports;
     lab.client
         .sysctl("net.ipv4.ip_local_port_range", &format!("{lo} {hi}"))
@@ -955,6 +1370,7 @@ fn tcp_crr(lab: &Lab, v: &Variant, spec: &LoadSpec) -> anyhow::Result<Outcome> {
         t.merge_server_into(&mut out, "");
     }
     out.bytes = out.ops * (req_size + RESPONSE_SIZE) as u64;
+    out.idle = idle.map(|i| i.finish(spec));
     Ok(out)
 }
 
@@ -1204,6 +1620,69 @@ mod tests {
             }
         }
         assert_eq!(crr_port_range(8), crr_port_range(0));
+    }
+
+    #[test]
+    fn idle_ports_and_budget() {
+        // Clear of every tcp-crr window, inside u16, enough for what the fds allow.
+        let (lo, hi) = IDLE_PORTS;
+        for i in 0..8 {
+            assert!(
+                crr_port_range(i).1 < lo,
+                "window {i} overlaps the idle ports"
+            );
+        }
+        assert!(lo < hi);
+        // Different parities, as the kernel prefers for ip_local_port_range.
+        assert_ne!(lo % 2, hi % 2);
+        assert_eq!(max_idle_conns(20000), 9488);
+        assert!(max_idle_conns(20000) <= (hi - lo) as usize + 1);
+        assert_eq!(max_idle_conns(1_000_000), (hi - lo) as usize + 1);
+        assert_eq!(max_idle_conns(1000), 0);
+        assert!(DEFAULT_IDLE_CONNS <= max_idle_conns(20000));
+        assert!(![
+            PORT_TCP_BULK,
+            PORT_TCP_CRR,
+            PORT_TCP_RR,
+            PORT_UDP_PPS,
+            PORT_UDP_RR
+        ]
+        .contains(&PORT_TCP_IDLE));
+    }
+
+    #[test]
+    fn idle_variant_and_shortfall() {
+        let v = Scenario::TcpCrr.variants(Some(8), Some(100)).remove(0);
+        let i = v.with_idle(300);
+        assert_eq!(i.label, "8 clients, idle 300");
+        assert_eq!((i.conns, i.size, i.idle, v.idle), (8, 100, 300, 0));
+        let full = IdleConns {
+            opened: 300,
+            held: 300,
+            server_held: 300,
+            ..IdleConns::default()
+        };
+        assert_eq!(full.shortfall(300, 8), None);
+        // Asked for more than came: with no stated limit, just the counts.
+        let why = full.shortfall(400, 8).unwrap();
+        assert_eq!(
+            why,
+            "idle connections: 300 of 400 held through the window (300 opened, 300 open at \
+             the server)"
+        );
+        // An error alone is enough, and a limit that was not the cause is still named.
+        let mut e = full.clone();
+        e.errors.insert("server_timeout".into(), 1);
+        e.proxy_limit = Some(7308);
+        let why = e.shortfall(300, 8).unwrap();
+        assert!(why.contains("; server_timeout 1)"), "{why}");
+        assert!(
+            why.ends_with("; the proxy's limit is 7308 connections"),
+            "{why}"
+        );
+        e.proxy_limit = Some(305);
+        let why = e.shortfall(300, 8).unwrap();
+        assert!(why.contains("fewer than 300 idle + 8 clients"), "{why}");
     }
 
     #[test]

@@ -11,9 +11,9 @@ use clap::{Args, Parser, Subcommand};
 
 use ringrelay_bench::harness::{self, Config};
 use ringrelay_bench::lab::{self, Lab};
-use ringrelay_bench::load::{Family, Scenario};
+use ringrelay_bench::load::Family;
 use ringrelay_bench::report::Report;
-use ringrelay_bench::targets::{Tools, DEFAULT_PORT};
+use ringrelay_bench::targets::{fd_limit, Tools, DEFAULT_PORT};
 
 #[derive(Parser)]
 #[command(
@@ -64,8 +64,17 @@ enum LabCmd {
 #[derive(Args)]
 struct RunArgs {
     /// Scenario(s): tcp-bulk, tcp-crr, tcp-rr, udp-pps, udp-rr, comma-separated, or all.
+    /// tcp-crr-idle is tcp-crr's idle variant (--idle-conns, default 2000): alone it
+    /// runs without the plain tcp-crr, next to tcp-crr (or all) both run.
     #[arg(long, default_value = "all")]
     scenario: String,
+    /// Also run tcp-crr with N idle connections held open through the router during
+    /// its window (variant `16 clients, idle N`), next to the plain one. The bench holds
+    /// both ends (2 fds each); the proxy must hold N plus the clients: the engine's
+    /// splice relay about 2,400 at RLIMIT_NOFILE 20000, copy about 7,300, HAProxy
+    /// maxconn 7800. 2000 fits every target.
+    #[arg(long, value_name = "N")]
+    idle_conns: Option<usize>,
     /// Target(s): direct, engine-splice, engine-copy, haproxy, base-splice, base-copy
     /// (these two need --baseline-engine), comma-separated, or all (base-* only with
     /// --baseline-engine).
@@ -185,12 +194,15 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 Some(s) => harness::parse_cores(s).context("--server-cores")?,
                 None => load_cores.clone(),
             };
+            let sel = harness::parse_scenarios(&a.scenario, a.idle_conns, fd_limit())?;
             let cfg = Config {
-                scenarios: parse_list(&a.scenario, &Scenario::ALL, Scenario::parse, "scenario")?,
+                scenarios: sel.scenarios,
                 targets: harness::parse_targets(&a.target, a.baseline_engine.is_some())?,
                 duration: harness::parse_duration(&a.duration)?,
                 conns: a.conns,
                 size: a.size,
+                idle_conns: sel.idle_conns,
+                idle_only: sel.idle_only,
                 engine_cores,
                 load_cores,
                 server_cores,
@@ -325,18 +337,4 @@ fn default_out_dir() -> PathBuf {
                 .map(|d| d.join("bench"))
         })
         .unwrap_or_else(|| PathBuf::from("bench-results"))
-}
-
-fn parse_list<T: Copy>(
-    s: &str,
-    all: &[T],
-    parse: fn(&str) -> Option<T>,
-    what: &str,
-) -> anyhow::Result<Vec<T>> {
-    if s == "all" {
-        return Ok(all.to_vec());
-    }
-    s.split(',')
-        .map(|x| parse(x.trim()).ok_or_else(|| anyhow::anyhow!("unknown {what} {x:?}")))
-        .collect()
 }

@@ -7,8 +7,11 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use crate::cpu::CpuUse;
-use crate::load::Scenario;
+use crate::load::{IdleConns, Scenario};
 use crate::targets::Target;
+
+/// A table row: scenario and variant label.
+type Row = (Scenario, String);
 
 /// Outcome class of a record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -45,6 +48,11 @@ pub struct Record {
     pub conns: usize,
     /// Write, request or datagram size in bytes.
     pub size: usize,
+    /// Idle connections held open through the router during the window (`tcp-crr`'s
+    /// idle variant, `--idle-conns`); 0 for every other variant.
+    pub idle_conns: usize,
+    /// What became of them (`null` without idle connections, or when not run).
+    pub idle: Option<IdleConns>,
     /// Payload throughput (tcp-bulk: server-side; udp-pps: delivered).
     pub gbit_s: Option<f64>,
     /// Connections per second (tcp-crr).
@@ -104,6 +112,8 @@ impl Record {
             duration_s: 0.0,
             conns: variant.conns,
             size: variant.size,
+            idle_conns: variant.idle,
+            idle: None,
             gbit_s: None,
             conn_s: None,
             req_s: None,
@@ -429,6 +439,7 @@ impl Report {
         }
 
         self.cpu_table(&mut s, &targets);
+        self.idle_table(&mut s, &targets);
 
         let lat_rows: Vec<_> = self
             .rows()
@@ -613,12 +624,7 @@ impl Report {
                         }
                         cell
                     }
-                    None => match self.find(row, *t) {
-                        Some(r) if r.status == Status::Ok => "-".into(),
-                        Some(r) if r.status == Status::Skipped => "skipped".into(),
-                        Some(_) => "FAILED".into(),
-                        None => "".into(),
-                    },
+                    None => self.status_word(row, *t),
                 };
                 let _ = write!(s, " {cell} |");
             }
@@ -656,6 +662,99 @@ impl Report {
                  sending thread's softirq, on the load and server cores, so it is not the cost \
                  of kernel forwarding; no ratio is taken against it."
             );
+        }
+    }
+
+    /// Rows with idle connections, each with its twin without them (same scenario,
+    /// clients and size): `(idle row, plain row, idle connections)`.
+    fn idle_pairs(&self) -> Vec<(Row, Row, usize)> {
+        let mut out = Vec::new();
+        for r in self.records.iter().filter(|r| r.idle_conns > 0) {
+            let twin = self.records.iter().find(|p| {
+                p.idle_conns == 0
+                    && p.scenario == r.scenario
+                    && p.conns == r.conns
+                    && p.size == r.size
+            });
+            if let Some(p) = twin {
+                let pair = (r.row(), p.row(), r.idle_conns);
+                if !out.contains(&pair) {
+                    out.push(pair);
+                }
+            }
+        }
+        out
+    }
+
+    /// With and without idle connections side by side, per target: what holding
+    /// them costs each new connection on the proxy's core(s), and the rate.
+    fn idle_table(&self, s: &mut String, targets: &[Target]) {
+        for (idle_row, plain_row, n) in self.idle_pairs() {
+            let _ = writeln!(
+                s,
+                "\n{} {} with and without {n} idle connections held open through the router \
+                 (row `{}`): CPU per connection on the proxy core(s) {:?}, and the rate:\n",
+                plain_row.0.name(),
+                plain_row.1,
+                idle_row.1,
+                self.env.engine_cores
+            );
+            let unit = idle_row.0.cpu_unit();
+            let rate = idle_row.0.headline().1;
+            let _ = writeln!(
+                s,
+                "| target | {unit}, no idle | {unit}, idle {n} | idle / no idle | {rate}, no idle \
+                 | {rate}, idle {n} | idle held |\n|---|---:|---:|---:|---:|---:|---:|"
+            );
+            for t in targets {
+                // The median round's figure, and whether other work shared the core.
+                let cpu = |row: &Row| {
+                    let c = self.cpu_find(row, *t)?.0.cpu.as_ref()?;
+                    Some((c.per_unit?, c.contended))
+                };
+                let (without, with) = (cpu(&plain_row), cpu(&idle_row));
+                let cell = |row: &Row, v: Option<(f64, bool)>| match v {
+                    Some((v, contended)) => {
+                        format!("{}{}", fmt_num(v), if contended { " ‡" } else { "" })
+                    }
+                    None => self.status_word(row, *t),
+                };
+                let rate_cell = |row: &Row| match self.find(row, *t) {
+                    Some(r) if r.status == Status::Ok => r.headline().map_or("-".into(), fmt_num),
+                    _ => self.status_word(row, *t),
+                };
+                let ratio = match (without, with) {
+                    (Some((a, _)), Some((b, _))) if a > 0.0 && *t != Target::Direct => {
+                        format!("{:.2}x", b / a)
+                    }
+                    _ => "".into(),
+                };
+                let held = self
+                    .find(&idle_row, *t)
+                    .and_then(|r| Some((r.idle.as_ref()?.held, r.idle_conns)))
+                    .map_or("".into(), |(h, n)| format!("{h}/{n}"));
+                let mark = if *t == Target::Direct { "†" } else { "" };
+                let _ = writeln!(
+                    s,
+                    "| {}{mark} | {} | {} | {ratio} | {} | {} | {held} |",
+                    t.name(),
+                    cell(&plain_row, without),
+                    cell(&idle_row, with),
+                    rate_cell(&plain_row),
+                    rate_cell(&idle_row),
+                );
+            }
+        }
+    }
+
+    /// `skipped`, `FAILED`, `-` (measured, no figure) or empty (not in the run), for
+    /// a cell without a figure.
+    fn status_word(&self, row: &(Scenario, String), t: Target) -> String {
+        match self.find(row, t) {
+            Some(r) if r.status == Status::Ok => "-".into(),
+            Some(r) if r.status == Status::Skipped => "skipped".into(),
+            Some(_) => "FAILED".into(),
+            None => "".into(),
         }
     }
 
@@ -876,6 +975,7 @@ mod tests {
             label: "1 stream".into(),
             conns: 1,
             size: 1,
+            idle: 0,
         };
         let mut r = Record::not_run(
             Scenario::TcpBulk,
@@ -1053,6 +1153,103 @@ mod tests {
         let json = rep.to_json();
         assert!(json.contains("\"per_unit\": 400.0"), "{json}");
         assert!(json.contains("\"unit\": \"ms/GB\""), "{json}");
+    }
+
+    #[test]
+    fn idle_rows_side_by_side() {
+        let plain = Scenario::TcpCrr.variants(None, None).remove(0);
+        let idle = plain.with_idle(2000);
+        let crr = |v: &Variant, t: Target, rate: f64, per: Option<f64>| {
+            let mut r = Record::not_run(Scenario::TcpCrr, v, t, "ipv4", Status::Ok, String::new());
+            r.reason = None;
+            r.conn_s = Some(rate);
+            r.cpu = per.map(|p| {
+                let mut c = cpu(0.9, 0.9, p);
+                c.unit = Scenario::TcpCrr.cpu_unit();
+                c
+            });
+            if v.idle > 0 {
+                r.idle = Some(IdleConns {
+                    opened: v.idle,
+                    held: v.idle,
+                    server_held: v.idle,
+                    ..IdleConns::default()
+                });
+            }
+            r
+        };
+        let mut rep = Report::default();
+        rep.env.engine_cores = vec![1];
+        for (t, a, b) in [
+            (Target::Direct, (17000.0, 5.0), (16500.0, 6.0)),
+            (Target::EngineCopy, (12000.0, 70.0), (11800.0, 72.0)),
+            (Target::BaseCopy, (11000.0, 71.5), (2500.0, 373.5)),
+        ] {
+            rep.records.push(crr(&plain, t, a.0, Some(a.1)));
+            rep.records.push(crr(&idle, t, b.0, Some(b.1)));
+        }
+        // HAProxy at its limit: failed, with what it held.
+        rep.records
+            .push(crr(&plain, Target::Haproxy, 9000.0, Some(72.2)));
+        let mut h = crr(&idle, Target::Haproxy, 8000.0, Some(80.0));
+        h.status = Status::Failed;
+        h.reason = Some("idle connections: 1500 of 2000 held".into());
+        h.idle.as_mut().unwrap().held = 1500;
+        rep.records.push(h);
+        let md = rep.to_markdown();
+        // Both rows in the rate and the CPU tables.
+        assert!(
+            md.contains("| tcp-crr 16 clients, idle 2000 | conn/s |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| tcp-crr 16 clients, idle 2000 | µs/conn |"),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "tcp-crr 16 clients with and without 2000 idle connections held open through \
+                 the router (row `16 clients, idle 2000`)"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "| target | µs/conn, no idle | µs/conn, idle 2000 | idle / no idle | conn/s, no \
+                 idle | conn/s, idle 2000 | idle held |"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains("| direct† | 5.00 | 6.00 |  | 17.0k | 16.5k | 2000/2000 |"),
+            "{md}"
+        );
+        assert!(md.contains("| engine-copy | 70.0 | 72.0 | 1.03x | 12.0k | 11.8k | 2000/2000 |"));
+        assert!(md.contains("| base-copy | 71.5 | 374 | 5.22x | 11.0k | 2500 | 2000/2000 |"));
+        assert!(
+            md.contains("| haproxy | 72.2 | FAILED |  | 9000 | FAILED | 1500/2000 |"),
+            "{md}"
+        );
+        // A figure taken while other work shared the core is marked as in the CPU table.
+        let bc = rep
+            .records
+            .iter_mut()
+            .find(|r| r.target == Target::BaseCopy && r.idle_conns > 0)
+            .unwrap();
+        bc.cpu.as_mut().unwrap().contended = true;
+        let marked = rep.to_markdown();
+        assert!(
+            marked.contains("| base-copy | 71.5 | 374 ‡ | 5.22x |"),
+            "{marked}"
+        );
+        assert!(md.contains("haproxy failed (tcp-crr 16 clients, idle 2000): idle connections"));
+        let json = rep.to_json();
+        assert!(json.contains("\"idle_conns\": 2000"), "{json}");
+        assert!(json.contains("\"idle_conns\": 0"), "{json}");
+        assert!(json.contains("\"held\": 1500"), "{json}");
+        // Without the plain twin there is nothing to set it beside.
+        rep.records.retain(|r| r.idle_conns > 0);
+        assert!(!rep.to_markdown().contains("idle / no idle"));
     }
 
     #[test]

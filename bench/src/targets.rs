@@ -359,6 +359,8 @@ pub struct Armed<'a> {
     pub notes: Vec<String>,
     /// What the proxy printed after `ready` (the engine's exit summary).
     pub summary: Vec<String>,
+    /// The most TCP connections the proxy says it holds (see [`Armed::conn_limit`]).
+    conn_limit: Option<usize>,
 }
 
 static NEXT_TMP: AtomicU32 = AtomicU32::new(0);
@@ -400,6 +402,7 @@ impl<'a> Armed<'a> {
             startup: Vec::new(),
             notes: Vec::new(),
             summary: Vec::new(),
+            conn_limit: None,
         };
         if target == Target::Direct {
             return Ok(armed);
@@ -467,7 +470,13 @@ impl<'a> Armed<'a> {
         };
         let child = NsChild::spawn(format!("{who} --relay {}", self.target.relay()), cmd)?;
         self.child = Some(child);
-        self.wait_up(opts.port, true)
+        self.wait_up(opts.port, true)?;
+        self.conn_limit = self
+            .startup
+            .iter()
+            .find(|l| l.starts_with("ready"))
+            .and_then(|l| ready_max_conns(l));
+        Ok(())
     }
 
     fn start_haproxy(&mut self, haproxy: &Path, opts: &ArmOptions) -> anyhow::Result<()> {
@@ -495,6 +504,7 @@ impl<'a> Armed<'a> {
                 String::from_utf8_lossy(&check.stderr).trim()
             ));
         }
+        self.conn_limit = Some(haproxy_maxconn(fd_limit()) as usize);
         let mut cmd = self.lab.router.command(haproxy);
         cmd.arg("-db").arg("-f").arg(&cfg);
         self.child = Some(NsChild::spawn("haproxy", cmd)?);
@@ -552,6 +562,14 @@ impl<'a> Armed<'a> {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// The most TCP connections the proxy holds at once, as it states it: the
+    /// engine's `max_conns` (its `ready` line; derived from RLIMIT_NOFILE by default),
+    /// HAProxy's `maxconn` (our config). `None` for `direct`, or an engine that did
+    /// not say.
+    pub fn conn_limit(&self) -> Option<usize> {
+        self.conn_limit
     }
 
     /// The proxy's pid (`None` for `direct`).
@@ -671,16 +689,29 @@ pub fn fd_limit() -> u64 {
         .unwrap_or(1024)
 }
 
+/// `max_conns N` of the engine's `ready` line: the connections it holds at most, all
+/// cores together.
+pub fn ready_max_conns(line: &str) -> Option<usize> {
+    let mut words = line.split_whitespace();
+    words.find(|w| *w == "max_conns")?;
+    words.next()?.parse().ok()
+}
+
+/// HAProxy's `maxconn` in our config: each proxied connection holds two sockets
+/// plus, while splicing, half a pipe (maxpipes defaults to maxconn/4, two fds each):
+/// 2.5 fds per connection, and a margin for listeners and logs. HAProxy refuses to
+/// start past the fd limit.
+pub fn haproxy_maxconn(fd_limit: u64) -> u64 {
+    (fd_limit.saturating_sub(500) * 2 / 5).max(100)
+}
+
 /// The HAProxy configuration doing the engine's job: transparent listeners on the
 /// TPROXY port for both families, connect to the original destination
 /// (`server orig 0.0.0.0:0`), splice when it pays (`option splice-auto`), one thread
 /// per engine core pinned like the engine.
 pub fn haproxy_config(cores: &[usize], port: u16, fd_limit: u64) -> String {
     let nbthread = cores.len().max(1);
-    // Each proxied connection holds two sockets plus, while splicing, half a pipe
-    // (maxpipes defaults to maxconn/4, two fds each): 2.5 fds per connection, and a
-    // margin for listeners and logs. HAProxy refuses to start past the fd limit.
-    let maxconn = (fd_limit.saturating_sub(500) * 2 / 5).max(100);
+    let maxconn = haproxy_maxconn(fd_limit);
     let cpu_map = if nbthread == 1 {
         format!("cpu-map 1/1 {}", cores.first().copied().unwrap_or(0))
     } else {
@@ -731,6 +762,23 @@ mod tests {
         assert!(c.contains("server orig 0.0.0.0:0"));
         let c2 = haproxy_config(&[2, 3], 15001, 20000);
         assert!(c2.contains("cpu-map auto:1/1-2 2 3"));
+        assert_eq!(haproxy_maxconn(20000), 7800);
+        assert_eq!(haproxy_maxconn(600), 100);
+    }
+
+    #[test]
+    fn engine_limit_from_its_ready_line() {
+        // The current engine's and the baseline's (bc8cce3) ready lines.
+        let line = "ready: port 15001 tcp+udp ipv4+ipv6 cores 1 relay splice buf 262144 \
+                    mark 0x2 max_conns 2436 udp_max_flows 1827 nofile 20000 ring sqpoll=off";
+        assert_eq!(ready_max_conns(line), Some(2436));
+        assert_eq!(
+            ready_max_conns("ready: port 15001 relay copy max_conns 7308"),
+            Some(7308)
+        );
+        assert_eq!(ready_max_conns("ready: port 15001 relay copy"), None);
+        assert_eq!(ready_max_conns("ready: max_conns lots"), None);
+        assert_eq!(ready_max_conns("ready: max_conns"), None);
     }
 
     #[test]

@@ -276,6 +276,145 @@ fn baseline_engine_targets_run_side_by_side() {
     let _ = std::fs::remove_dir_all(d);
 }
 
+/// `tcp-crr` with idle connections held open on every target: each holds all of
+/// them through the window, a proxy through its own sockets.
+#[test]
+fn idle_connections_held_on_every_target() {
+    let name = "idle_connections_held_on_every_target";
+    if skip(name) {
+        return;
+    }
+    let lab = match Lab::up() {
+        Ok(l) => l,
+        Err(e) if lab::is_need_root(&e) => {
+            println!("SKIPPED: {name}: needs root for network namespaces ({e:#})");
+            return;
+        }
+        Err(e) => panic!("lab: {e:#}"),
+    };
+    let tools = Tools::discover();
+    let mut cfg = Config::all(Duration::from_millis(300));
+    cfg.scenarios = vec![Scenario::TcpCrr];
+    cfg.conns = Some(2);
+    cfg.idle_conns = Some(150);
+    let rep = run_matrix(&lab, &cfg, &tools, &mut |l| println!("{l}"));
+    println!("{}", rep.to_markdown());
+    assert!(!rep.interrupted);
+    for t in Target::ALL {
+        for (label, idle) in [("2 clients", 0), ("2 clients, idle 150", 150)] {
+            let r = rep
+                .records
+                .iter()
+                .find(|r| r.target == t && r.variant == label)
+                .unwrap_or_else(|| panic!("no record for {label} on {}", t.name()));
+            assert_eq!(r.idle_conns, idle);
+            match r.status {
+                Status::Ok => check_ok(r),
+                Status::Skipped => {
+                    println!("SKIPPED: {label} on {}: {:?}", t.name(), r.reason);
+                    continue;
+                }
+                Status::Failed => panic!("{label} on {} FAILED: {:?}", t.name(), r.reason),
+            }
+            if idle == 0 {
+                assert!(r.idle.is_none(), "{r:?}");
+                continue;
+            }
+            let i = r.idle.as_ref().expect("idle figures");
+            assert_eq!((i.opened, i.held, i.server_held), (150, 150, 150), "{i:?}");
+            assert!(i.errors.is_empty(), "{i:?}");
+            assert_eq!(i.close_pending, 0, "{i:?}");
+            let through = if t.is_proxy() { 150 } else { 0 };
+            assert_eq!(i.router_sockets, Some(through), "{}: {i:?}", t.name());
+            assert_eq!(i.proxy_limit.is_some(), t.is_proxy(), "{i:?}");
+        }
+    }
+    assert!(rep
+        .to_markdown()
+        .contains("with and without 150 idle connections"));
+}
+
+/// More idle connections than the proxy holds: the record fails and says so, with
+/// the limit the engine stated, and the lab is gone afterwards.
+#[test]
+fn idle_connections_past_the_proxys_limit_are_reported() {
+    use std::os::unix::fs::PermissionsExt;
+    let name = "idle_connections_past_the_proxys_limit_are_reported";
+    if skip(name) {
+        return;
+    }
+    let tools = Tools::discover();
+    let (engine, setup) = match (&tools.engine, &tools.setup) {
+        (Ok(e), Ok(s)) => (e.clone(), s.clone()),
+        (e, s) => {
+            println!(
+                "SKIPPED: {name}: {:?} {:?}",
+                e.as_ref().err(),
+                s.as_ref().err()
+            );
+            return;
+        }
+    };
+    let d = tmp("idle-limit");
+    let wrapper = d.join("engine");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec {} --max-conns 30 \"$@\"\n",
+            engine.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_bench"))
+        .env("RINGRELAY_ENGINE", &wrapper)
+        .env("RINGRELAY_SETUP", &setup)
+        .args([
+            "run",
+            "--scenario",
+            "tcp-crr-idle",
+            "--idle-conns",
+            "40",
+            "--target",
+            "engine-copy",
+            "--duration",
+            "0.3s",
+            "--conns",
+            "2",
+        ])
+        .arg("--json")
+        .arg(d.join("r.json"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("holds at most 30 connections"), "{stderr}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("r.json")).unwrap()).unwrap();
+    let recs = json["records"].as_array().unwrap();
+    assert_eq!(recs.len(), 1, "only the idle variant: {recs:?}");
+    let r = &recs[0];
+    assert_eq!(r["variant"], "2 clients, idle 40");
+    assert_eq!(r["idle_conns"], 40);
+    assert_eq!(r["status"], "failed", "{r}");
+    let why = r["reason"].as_str().unwrap();
+    assert!(why.contains("limit is 30 connections"), "{why}");
+    let idle = &r["idle"];
+    assert_eq!(idle["proxy_limit"], 30, "{idle}");
+    assert!(idle["opened"].as_u64().unwrap() <= 30, "{idle}");
+    assert!(!idle["errors"].as_object().unwrap().is_empty(), "{idle}");
+    assert!(
+        lab_namespaces_of(pid).is_empty(),
+        "{:?}",
+        lab_namespaces_of(pid)
+    );
+    let _ = std::fs::remove_dir_all(d);
+}
+
 #[test]
 fn demo_tears_down_on_sigint() {
     if skip("demo_tears_down_on_sigint") {

@@ -21,6 +21,10 @@ declare -A PKG=(
     [cc]=gcc
     [pkill]=procps
     [systemd-analyze]=systemd
+    # The package test (scripts/test-package.sh): cargo-deb finds the shared-library
+    # dependencies with dpkg-shlibdeps; the installed man pages are checked with man.
+    [dpkg-shlibdeps]=dpkg-dev
+    [man]=man-db
 )
 
 install_missing() {

@@ -55,6 +55,7 @@ if [ -f dist/engine.toml ]; then
 fi
 
 echo "package: running cargo-deb" >&2
-# cargo-deb prints the path of the .deb it wrote.
-deb=$(cargo deb --quiet -p ringrelay-engine --no-build "${variant[@]}")
+# cargo-deb prints the path of the .deb it wrote on stdout, warnings on stderr (not
+# --quiet: it would hide them, e.g. that dpkg-shlibdeps is missing and libc6 with it).
+deb=$(cargo deb -p ringrelay-engine --no-build "${variant[@]}")
 echo "$deb"

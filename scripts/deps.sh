@@ -24,6 +24,10 @@ declare -A PKG=(
     # promtool validates the engine's /metrics output; the tests also run the
     # prometheus server from the same package (its Debian service is not needed).
     [promtool]=prometheus
+    # The package test (scripts/test-package.sh): cargo-deb finds the shared-library
+    # dependencies with dpkg-shlibdeps; the installed man pages are checked with man.
+    [dpkg-shlibdeps]=dpkg-dev
+    [man]=man-db
 )
 
 install_missing() {

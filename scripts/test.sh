@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The test suite: formatting and lint gates, unit tests, golden tests and the
-# namespace integration tests (real engine, real setup, real sockets). Needs root.
+# The test suite: formatting and lint gates, unit tests, golden tests, the
+# namespace integration tests (real engine, real setup, real sockets) and the Debian
+# package (built, installed, checked, purged: scripts/test-package.sh). Needs root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/deps.sh
@@ -14,4 +15,6 @@ cargo test --workspace --no-fail-fast -- --test-threads=2 "$@"
 if [ $# -eq 0 ]; then
     RINGRELAY_DISABLE=defer-taskrun,multishot-timeout \
         cargo test -p ringrelay-tests --test tcp --test udp -- --test-threads=2
+    # The Debian package: build it, install it, check the installed files, purge it.
+    ./scripts/test-package.sh
 fi

@@ -21,9 +21,13 @@
 //! Every command and every `/proc` or `/sys` access goes through the
 //! [`runner::Runner`] trait, so tests replay the whole flow against a recording fake
 //! and compare the text that would have been sent.
+//!
+//! [`cli`] holds the `setup` binary's command line (clap), so the man page generator
+//! can render it too.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod cli;
 pub mod config;
 pub mod error;
 pub mod host;

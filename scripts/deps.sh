@@ -21,6 +21,9 @@ declare -A PKG=(
     [cc]=gcc
     [pkill]=procps
     [systemd-analyze]=systemd
+    # The policy tests: a TLS client and server (SNI), an HTTP client (Host).
+    [openssl]=openssl
+    [curl]=curl
     # promtool validates the engine's /metrics output; the tests also run the
     # prometheus server from the same package (its Debian service is not needed).
     [promtool]=prometheus

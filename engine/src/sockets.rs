@@ -16,6 +16,10 @@ use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use crate::config::Config;
 use crate::sys;
 
+/// The listen backlog of every TCP listener: at most this many clients wait in one
+/// listener's accept queue (the kernel caps it at `net.core.somaxconn`).
+pub const LISTEN_BACKLOG: usize = 4096;
+
 /// Transport of a listening socket.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Proto {
@@ -70,7 +74,7 @@ pub fn tcp_listener(v6: bool, port: u16, keepalive: Option<u64>) -> io::Result<O
     s.set_reuse_port(true)?;
     set_keepalive(s.as_fd(), keepalive)?;
     s.bind(&sys::unspecified(v6, port).into())?;
-    s.listen(4096)?;
+    s.listen(LISTEN_BACKLOG as i32)?;
     Ok(s.into())
 }
 

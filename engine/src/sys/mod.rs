@@ -497,22 +497,3 @@ pub fn set_bind_address_no_port(fd: BorrowedFd<'_>) -> io::Result<()> {
     })
     .map(drop)
 }
-
-/// Connections waiting in a TCP listener's accept queue (`TCP_INFO`: for a
-/// listening socket `tcpi_unacked` is the current backlog).
-pub fn accept_queue_len(fd: BorrowedFd<'_>) -> io::Result<u32> {
-    // SAFETY: tcp_info is plain data; getsockopt fills at most `len` bytes of it.
-    let mut info: libc::tcp_info = unsafe { mem::zeroed() };
-    let mut len = mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: valid pointers to a local tcp_info and its size.
-    cvt(unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&mut info as *mut libc::tcp_info).cast(),
-            &mut len,
-        )
-    })?;
-    Ok(info.tcpi_unacked)
-}

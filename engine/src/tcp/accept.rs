@@ -5,19 +5,20 @@
 //! across the workers by flow hash). After a takeover a worker may serve several.
 //!
 //! Accepting follows the connection budget. A multishot accept takes everything the
-//! kernel has queued in one pass, so it is armed only while the free slots exceed
-//! [`MULTISHOT_HEADROOM`] plus the listener's current accept queue (`TCP_INFO`).
-//! Otherwise each listener gets single-shot accepts, as many as there are free slots
-//! and at most [`SINGLE_SHOTS`] at a time, so the limit is overshot by at most those
-//! in flight (parked until a slot frees, never reset); at the limit none, and new
-//! clients wait in the kernel's listen backlog. When connections close after a
+//! kernel has queued in one pass (and what arrives during it), so it is armed only
+//! while the free slots exceed a whole accept queue ([`LISTEN_BACKLOG`]) plus
+//! [`MULTISHOT_HEADROOM`]: no burst can then overshoot the limit. Otherwise each
+//! listener gets single-shot accepts, as many as there are free slots and at most
+//! [`SINGLE_SHOTS`] at a time, so the limit is overshot by at most those in flight
+//! (parked until a slot frees, never reset); at the limit none, and new clients wait
+//! in the kernel's listen backlog. When connections close after a
 //! stretch at the limit, exactly as many waiting clients are accepted as slots
 //! freed: nobody who waited is reset because others left. Whoever frees a slot
 //! (`Tcp::free` in `mod.rs`) starts a parked client and re-arms.
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering::Relaxed;
 
 use io_uring::{opcode, types};
@@ -26,10 +27,11 @@ use crate::config::Config;
 use crate::core::ring::Completion;
 use crate::core::token::{Op, Token};
 use crate::core::Core;
+use crate::sockets::LISTEN_BACKLOG;
 use crate::sys;
 
 /// A multishot accept is armed only while at least this many connection slots more
-/// than the accept queue holds are free (see the module documentation).
+/// than a full accept queue holds are free (see the module documentation).
 pub const MULTISHOT_HEADROOM: usize = 64;
 
 /// Most single-shot accepts in flight per listener.
@@ -125,7 +127,7 @@ impl Acceptor {
         } else if headroom > 0 {
             self.at_limit = false;
         }
-        if headroom < MULTISHOT_HEADROOM {
+        if headroom < MULTISHOT_HEADROOM + LISTEN_BACKLOG {
             self.cancel(core, true);
         }
     }
@@ -146,8 +148,7 @@ impl Acceptor {
                 continue;
             }
             let raw = types::Fd(fd.as_raw_fd());
-            let queued = sys::accept_queue_len(fd.as_fd()).unwrap_or(u32::MAX) as usize;
-            if l.singles == 0 && headroom >= MULTISHOT_HEADROOM.saturating_add(queued) {
+            if l.singles == 0 && headroom >= MULTISHOT_HEADROOM + LISTEN_BACKLOG {
                 l.multishot = true;
                 l.cancelling_multi = false;
                 let ud = Token::new(Op::Accept, i as u32, MULTISHOT_GEN).encode();

@@ -10,7 +10,7 @@
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
-use crate::config::{self, Backend, Config, FailMode, Mark};
+use crate::config::{self, Backend, Config, FailMode, Mark, Source};
 use crate::ports::{parse_port_list, PortSel};
 
 const ABOUT: &str =
@@ -154,6 +154,26 @@ pub struct PlanArgs {
     /// Without this option apply and status only report such chains, with the rule.
     #[arg(long)]
     pub accept_input: bool,
+    /// The engine's --source: router (its own address), client-ip (the client's
+    /// address) or client (its address and port); the last two also install the
+    /// return path and need --in-iface
+    ///
+    /// With client-ip or client, servers answer to client addresses. The return path
+    /// delivers those replies (TCP, UDP and the ICMP errors about them) to the engine's
+    /// upstream sockets: packets that arrive on the other interfaces, are routed to a
+    /// client-side interface (nft only) and belong to a transparent socket get the
+    /// interception mark. It never runs on the client side, so --in-iface is required.
+    /// Servers must reach the clients through this box.
+    #[arg(long, value_enum, default_value_t = SourceArg::Router)]
+    pub source: SourceArg,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+#[allow(missing_docs)] // see the module comment
+pub enum SourceArg {
+    Router,
+    ClientIp,
+    Client,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -204,6 +224,11 @@ impl PlanArgs {
             bypass_mark: self.bypass_mark,
             fail_mode,
             accept_input: self.accept_input,
+            source: match self.source {
+                SourceArg::Router => Source::Router,
+                SourceArg::ClientIp => Source::ClientIp,
+                SourceArg::Client => Source::Client,
+            },
         };
         c.normalize();
         let defaulted_closed = explicit.is_none() && fail_mode == FailMode::Closed;

@@ -91,6 +91,53 @@ impl FromStr for FailMode {
     }
 }
 
+/// Which source address the engine's upstream connections and datagrams carry
+/// (`engine --source`), and so whether servers' replies need a return path.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Source {
+    /// The router's own address: replies are addressed to the box and delivered
+    /// locally like any other traffic for it. No return path (the default).
+    #[default]
+    Router,
+    /// The client's address with a port the engine picks: servers see the client.
+    /// Replies are addressed to the client and need the return path.
+    ClientIp,
+    /// The client's address and port: the upstream flow has the client's own 4-tuple.
+    /// Needs the same return path as `ClientIp`.
+    Client,
+}
+
+impl Source {
+    /// The name used on the command line (`--source`) and in the state file.
+    pub fn name(self) -> &'static str {
+        match self {
+            Source::Router => "router",
+            Source::ClientIp => "client-ip",
+            Source::Client => "client",
+        }
+    }
+
+    /// Whether upstream sockets are bound to client addresses, so that replies from
+    /// servers must be delivered to them by the return-path rule.
+    pub fn needs_return_path(self) -> bool {
+        self != Source::Router
+    }
+}
+
+impl FromStr for Source {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "router" => Ok(Source::Router),
+            "client-ip" => Ok(Source::ClientIp),
+            "client" => Ok(Source::Client),
+            other => Err(format!(
+                "unknown source {other:?}: use router, client-ip or client"
+            )),
+        }
+    }
+}
+
 /// A packet mark value and the mask of the bits it owns (`fwmark 0x1/0x1`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Mark {
@@ -162,6 +209,9 @@ pub struct Config {
     /// Insert `meta mark & MASK == VALUE accept` into input-hook chains that would
     /// drop intercepted packets (`--accept-input`).
     pub accept_input: bool,
+    /// The engine's `--source`: with `client-ip` or `client` the plan also holds the
+    /// return path for replies addressed to client addresses.
+    pub source: Source,
 }
 
 impl Default for Config {
@@ -181,6 +231,7 @@ impl Default for Config {
             bypass_mark: DEFAULT_BYPASS_MARK,
             fail_mode: FailMode::Open,
             accept_input: false,
+            source: Source::Router,
         }
     }
 }
@@ -235,6 +286,13 @@ pub enum ConfigError {
     /// Explicit fail-open with the iptables backend, which cannot do it.
     #[error("--fail-mode open is not possible with --backend iptables: the iptables TPROXY target drops intercepted packets when nothing listens on the port; use --backend nft for fail-open, or --fail-mode closed")]
     FailOpenNeedsNft,
+    /// `--source client-ip|client` without `--in-iface`: the return path has no side
+    /// it could safely run on.
+    #[error("--source {given} needs --in-iface: the return path matches replies to client addresses on the interfaces clients do not arrive on (the server side); with every interface intercepted there is no such side, and a socket match on the client side breaks port reuse (a SYN that reuses a client port goes to the engine's TIME_WAIT socket, which resets it) and diverts client datagrams to the engine's UDP reply sockets; name the client-side interfaces, e.g. `--in-iface lan0`")]
+    ReturnPathNeedsInIface {
+        /// The `--source` given.
+        given: &'static str,
+    },
 }
 
 impl Config {
@@ -269,6 +327,11 @@ impl Config {
         }
         if self.backend == Backend::Iptables && self.fail_mode == FailMode::Open {
             return Err(ConfigError::FailOpenNeedsNft);
+        }
+        if self.source.needs_return_path() && self.in_ifaces.is_empty() {
+            return Err(ConfigError::ReturnPathNeedsInIface {
+                given: self.source.name(),
+            });
         }
         Ok(())
     }
@@ -367,5 +430,31 @@ mod tests {
             ConfigError::FailOpenNeedsNft
         );
         assert_eq!(with(&|c| c.port = 0), ConfigError::ZeroPort);
+        assert_eq!(
+            with(&|c| c.source = Source::ClientIp),
+            ConfigError::ReturnPathNeedsInIface { given: "client-ip" }
+        );
+        assert_eq!(
+            with(&|c| c.source = Source::Client),
+            ConfigError::ReturnPathNeedsInIface { given: "client" }
+        );
+        let mut ok = base.clone();
+        ok.source = Source::ClientIp;
+        ok.in_ifaces = vec!["lan0".into()];
+        assert_eq!(ok.validate(), Ok(()));
+    }
+
+    #[test]
+    fn sources_parse_and_name_themselves() {
+        for s in [Source::Router, Source::ClientIp, Source::Client] {
+            assert_eq!(s.name().parse::<Source>(), Ok(s));
+        }
+        assert_eq!(Source::default(), Source::Router);
+        assert!(!Source::Router.needs_return_path());
+        assert!(Source::ClientIp.needs_return_path() && Source::Client.needs_return_path());
+        assert!("client_ip"
+            .parse::<Source>()
+            .unwrap_err()
+            .contains("client-ip"));
     }
 }

@@ -78,6 +78,14 @@ pub fn render_apply(plan: &Plan, family: Family, add_jump: bool) -> String {
         write_rule(&mut s, IPT_CHAIN, rule, family);
     }
     write_dispatch(&mut s, fw);
+    // After the dispatch, which sent the client-side interfaces away for good (`-g`):
+    // what reaches these rules arrived on another interface.
+    for rule in &fw.return_path {
+        write_comment(&mut s, &format!("{}\n{RETURN_PATH_NOTE}", rule.why));
+        for line in render_rule(IPT_CHAIN, rule, family) {
+            let _ = writeln!(s, "{line}");
+        }
+    }
     for rule in fw.intercept.iter().filter(|r| r.family() == Some(family)) {
         write_rule(&mut s, IPT_TPROXY_CHAIN, rule, family);
     }
@@ -95,6 +103,15 @@ pub fn render_apply(plan: &Plan, family: Family, add_jump: bool) -> String {
     s
 }
 
+/// What the iptables form of the return-path rule tests, and what it cannot.
+const RETURN_PATH_NOTE: &str =
+    "-m socket skips sockets bound to the wildcard address, so the engine's\n\
+listeners never take server-side traffic. iptables has no route lookup match\n\
+(nft also requires the destination to be routed to a client-side interface):\n\
+a datagram that arrives on another non-client interface for a destination\n\
+clients talk to over UDP goes to the engine's reply socket bound to it.\n\
+MARK does not end the chain, but RINGRELAY ends here: the mark routes it.";
+
 fn write_comment(s: &mut String, why: &str) {
     for line in why.lines() {
         let _ = writeln!(s, "# {line}");
@@ -109,6 +126,18 @@ fn write_dispatch(s: &mut String, fw: &FirewallPlan) {
                 "Every interface but lo is intercepted (lo returned above).",
             );
             let _ = writeln!(s, "-A {IPT_CHAIN} -j {IPT_TPROXY_CHAIN}");
+        }
+        IfaceSel::Only(names) if fw.has_return_path() => {
+            write_comment(
+                s,
+                &format!(
+                    "Only traffic arriving on {} is intercepted. Goto (-g), not jump: it never\ncomes back to the return path below, which is for the other interfaces.",
+                    names.join(", ")
+                ),
+            );
+            for name in names {
+                let _ = writeln!(s, "-A {IPT_CHAIN} -i {name} -g {IPT_TPROXY_CHAIN}");
+            }
         }
         IfaceSel::Only(names) => {
             write_comment(
@@ -137,37 +166,55 @@ fn write_rule(s: &mut String, chain: &str, rule: &Rule, family: Family) {
 }
 
 /// The `-A` lines of one rule: several when a port list needs more than one
-/// multiport match, or when several address types need one addrtype match each.
+/// multiport match, when several address types need one addrtype match each, or when
+/// several protocols need one `-p` each. Matches keep their order, so the lines come
+/// out in the canonical form `iptables-save` prints.
 pub fn render_rule(chain: &str, rule: &Rule, family: Family) -> Vec<String> {
-    // Each alternative is one rule line; the fixed matches are shared.
-    let mut fixed: Vec<String> = Vec::new();
-    let mut alternatives: Vec<String> = vec![String::new()];
+    // Each match is one slot of words; at most one slot has alternatives, and each
+    // alternative makes one rule line.
+    let mut slots: Vec<Vec<String>> = Vec::new();
     let mut proto = "";
     for m in &rule.matches {
         match m {
-            Match::IifName(name) => fixed.push(format!("-i {name}")),
-            Match::MarkBits(bits) => fixed.push(format!("-m mark --mark {bits:#x}/{bits:#x}")),
-            Match::DstAddrType(types) => {
-                alternatives = types
+            Match::IifName(name) => slots.push(vec![format!("-i {name}")]),
+            Match::MarkBits(bits) => {
+                slots.push(vec![format!("-m mark --mark {bits:#x}/{bits:#x}")])
+            }
+            Match::DstAddrType(types) => slots.push(
+                types
                     .iter()
                     .filter(|t| t.in_family(family))
                     .map(|t| format!("-m addrtype --dst-type {}", t.iptables()))
-                    .collect();
-            }
+                    .collect(),
+            ),
             // The binary (iptables or ip6tables) selects the family.
             Match::Family(_) => {}
             Match::L4(p) => {
                 proto = p.name();
-                fixed.push(format!("-p {proto}"));
+                slots.push(vec![format!("-p {proto}")]);
             }
-            Match::DstPorts(ranges) => {
-                alternatives = multiport_chunks(ranges)
+            Match::DstPorts(ranges) => slots.push(
+                multiport_chunks(ranges)
                     .iter()
                     .map(|chunk| port_match(proto, chunk))
-                    .collect();
-            }
+                    .collect(),
+            ),
+            // The interface dispatch before the rule took the client-side interfaces
+            // away with `-g` (see `render_apply`).
+            Match::IifNameNot(_) => {}
+            // No route lookup match in iptables (see RETURN_PATH_NOTE).
+            Match::RouteOifName(_) => {}
+            Match::Protos(protos) => slots.push(
+                protos
+                    .iter()
+                    .filter(|p| p.in_family(family))
+                    .map(|p| format!("-p {}", p.name()))
+                    .collect(),
+            ),
+            Match::TransparentSocket => slots.push(vec!["-m socket --transparent".to_string()]),
         }
     }
+    debug_assert!(slots.iter().filter(|s| s.len() > 1).count() <= 1);
     let target = match &rule.verdict {
         Verdict::Return => "-j RETURN".to_string(),
         Verdict::Drop => "-j DROP".to_string(),
@@ -178,14 +225,24 @@ pub fn render_rule(chain: &str, rule: &Rule, family: Family) -> Vec<String> {
                 Family::V6 => "::",
             }
         ),
+        // --set-xmark clears the mask's bits, then sets the value's: other bits stay.
+        Verdict::Mark(mark) => format!("-j MARK --set-xmark {mark}"),
     };
-    alternatives
-        .iter()
-        .map(|alt| {
+    let alternatives = slots.iter().position(|s| s.len() != 1);
+    let choices: Vec<usize> = match alternatives {
+        Some(i) => (0..slots[i].len()).collect(),
+        None => vec![0],
+    };
+    choices
+        .into_iter()
+        .map(|choice| {
             let mut words = vec![format!("-A {chain}")];
-            words.extend(fixed.iter().cloned());
-            if !alt.is_empty() {
-                words.push(alt.clone());
+            for (i, slot) in slots.iter().enumerate() {
+                words.push(if Some(i) == alternatives {
+                    slot[choice].clone()
+                } else {
+                    slot[0].clone()
+                });
             }
             words.push(target.clone());
             words.join(" ")

@@ -47,6 +47,13 @@ pub fn render_apply(plan: &Plan) -> String {
         "# port {}, interception mark {}, policy table {}, bypass mark {:#x}.",
         c.port, c.fwmark, c.table, c.bypass_mark
     );
+    if fw.has_return_path() {
+        let _ = writeln!(
+            s,
+            "# Source {}: upstream connections carry the client's address; the return path\n# below delivers the servers' replies to them.",
+            c.source.name()
+        );
+    }
     match fw.fail_mode {
         FailMode::Open => {
             let _ = writeln!(
@@ -93,6 +100,13 @@ pub fn render_apply(plan: &Plan) -> String {
     for rule in &fw.exclusions {
         write_rule(&mut s, rule);
     }
+    for rule in &fw.return_path {
+        write_comment(
+            &mut s,
+            &format!("{}\n{}", rule.why, return_path_note(c.port)),
+        );
+        let _ = writeln!(s, "\t\t{}", render_rule(rule));
+    }
     write_iface_filter(&mut s, fw);
     for rule in &fw.intercept {
         write_rule(&mut s, rule);
@@ -100,6 +114,17 @@ pub fn render_apply(plan: &Plan) -> String {
     let _ = writeln!(s, "\t}}");
     let _ = writeln!(s, "}}");
     s
+}
+
+/// What the nft form of the return-path rule tests beyond the socket, and why.
+fn return_path_note(port: u16) -> String {
+    format!(
+        "`fib daddr oifname`: only packets routed to the client side, so a datagram from\n\
+         another non-client interface to a destination clients talk to is not taken by\n\
+         the engine's reply socket bound to that destination.\n\
+         `socket wildcard 0`: never the engine's listeners on 0.0.0.0 and :: port {port},\n\
+         which would take server-side connections to port {port} of any address."
+    )
 }
 
 fn write_comment(s: &mut String, why: &str) {
@@ -160,6 +185,15 @@ fn render_match(m: &Match) -> String {
             let refs: Vec<&str> = items.iter().map(String::as_str).collect();
             format!("th dport {}", set_or_single(&refs))
         }
+        Match::IifNameNot(names) => format!("iifname != {}", set_of_names(names)),
+        Match::RouteOifName(names) => format!("fib daddr oifname {}", set_of_names(names)),
+        Match::Protos(protos) => {
+            let names: Vec<&str> = protos.iter().map(|p| p.name()).collect();
+            format!("meta l4proto {}", set_or_single(&names))
+        }
+        // Each `socket` expression looks the socket up; `wildcard` needs a full socket
+        // (not TIME_WAIT) and is false for one bound to a specific address.
+        Match::TransparentSocket => "socket transparent 1 socket wildcard 0".to_string(),
     }
 }
 
@@ -174,6 +208,7 @@ fn render_verdict(v: &Verdict) -> String {
             port,
             mark_set_expr(*mark)
         ),
+        Verdict::Mark(mark) => format!("meta mark set {} accept", mark_set_expr(*mark)),
     }
 }
 
@@ -268,6 +303,30 @@ mod tests {
             .lines()
             .filter(|l| !l.trim_start().starts_with('#'))
             .any(|l| l.contains("socket")));
+    }
+
+    #[test]
+    fn return_path_rule_comes_before_the_interface_filter() {
+        let config = Config {
+            source: crate::config::Source::ClientIp,
+            in_ifaces: vec!["lan0".into(), "lan1".into()],
+            ..Config::default()
+        };
+        let script = render_apply(&build(&config, &[]));
+        let rules: Vec<&str> = script
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .collect();
+        let rp = "iifname != { \"lan0\", \"lan1\" } fib daddr oifname { \"lan0\", \"lan1\" } meta l4proto { tcp, udp, icmp, ipv6-icmp } socket transparent 1 socket wildcard 0 meta mark set meta mark | 0x1 accept";
+        let at = |needle: &str| rules.iter().position(|l| *l == needle).unwrap();
+        assert!(at("meta mark & 0x2 == 0x2 return") < at(rp), "{script}");
+        assert!(
+            at(rp) < at("iifname != { \"lan0\", \"lan1\" } return"),
+            "{script}"
+        );
+        // Only that one rule looks at sockets.
+        assert_eq!(rules.iter().filter(|l| l.contains("socket")).count(), 1);
     }
 
     #[test]

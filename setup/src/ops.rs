@@ -562,8 +562,9 @@ fn apply_steps(
                 run_checked(runner, &nft::apply_cmd(nft::render_apply(plan)))
             })?;
             report.line(format!(
-                "nft: table inet {} installed in one transaction",
-                plan::NFT_TABLE
+                "nft: table inet {} installed in one transaction{}",
+                plan::NFT_TABLE,
+                return_path_note(plan)
             ));
         }
         Backend::Iptables => {
@@ -582,10 +583,11 @@ fn apply_steps(
                 txn.step(undo, || apply_iptables_family(runner, plan, family))?;
                 mangle.extend(origin);
                 report.line(format!(
-                    "{}: chains {} and {} installed in one commit",
+                    "{}: chains {} and {} installed in one commit{}",
                     family.iptables(),
                     plan::IPT_CHAIN,
-                    plan::IPT_TPROXY_CHAIN
+                    plan::IPT_TPROXY_CHAIN,
+                    return_path_note(plan)
                 ));
             }
         }
@@ -766,6 +768,20 @@ fn apply_steps(
         apply_id: None,
         fingerprint,
     })
+}
+
+/// ` (with the return path of --source client-ip: ...)` for the apply report, or
+/// nothing without one.
+fn return_path_note(plan: &Plan) -> String {
+    let c = &plan.config;
+    if !plan.firewall.has_return_path() {
+        return String::new();
+    }
+    format!(
+        " (with the return path of --source {}: replies to client addresses arriving on interfaces other than {})",
+        c.source.name(),
+        c.in_ifaces.join(", ")
+    )
 }
 
 /// What intercepted packets look like to the input hook under `plan`.
@@ -1384,8 +1400,13 @@ pub fn dry_run(
     let plan = plan::build(&config, &host_ifaces);
     let c = &plan.config;
     let mut s = String::new();
+    let source = if c.source.needs_return_path() {
+        format!("source {}, ", c.source.name())
+    } else {
+        String::new()
+    };
     s.push_str(&format!(
-        "# setup apply --dry-run: nothing below has been run.\n# backend {}, port {}, fail-{}, state file {}\n",
+        "# setup apply --dry-run: nothing below has been run.\n# backend {}, port {}, fail-{}, {source}state file {}\n",
         c.backend.name(),
         c.port,
         c.fail_mode.name(),
@@ -1510,6 +1531,12 @@ pub fn dry_run(
                 item.key
             )),
         }
+    }
+    if plan.firewall.has_return_path() {
+        s.push_str(&format!(
+            "# The return path of --source {} needs no sysctl of its own: rp_filter on the\n# server-facing interfaces checks the server's address, which is routed back out of\n# the interface the reply arrived on (strict, loose and off all let replies through\n# in the lab). src_valid_mark=1 there would drop them (status reports it).\n",
+            c.source.name()
+        ));
     }
     Ok(s)
 }

@@ -125,6 +125,49 @@ impl L4 {
     }
 }
 
+/// An IP protocol the return path matches: the engine's transports, and the ICMP
+/// errors that quote their packets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum IpProto {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+    /// ICMP (IPv4).
+    Icmp,
+    /// ICMPv6.
+    Icmpv6,
+}
+
+impl IpProto {
+    /// The name nft (`meta l4proto`) and iptables (`-p`) use.
+    pub fn name(self) -> &'static str {
+        match self {
+            IpProto::Tcp => "tcp",
+            IpProto::Udp => "udp",
+            IpProto::Icmp => "icmp",
+            IpProto::Icmpv6 => "ipv6-icmp",
+        }
+    }
+
+    /// Whether the protocol exists in the family (ICMP is IPv4's, ICMPv6 IPv6's).
+    pub fn in_family(self, family: Family) -> bool {
+        !matches!(
+            (self, family),
+            (IpProto::Icmp, Family::V6) | (IpProto::Icmpv6, Family::V4)
+        )
+    }
+}
+
+impl From<L4> for IpProto {
+    fn from(l4: L4) -> IpProto {
+        match l4 {
+            L4::Tcp => IpProto::Tcp,
+            L4::Udp => IpProto::Udp,
+        }
+    }
+}
+
 /// A destination address type from the FIB (`RTN_*`), for "is this for the box itself".
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AddrType {
@@ -188,6 +231,22 @@ pub enum Match {
     /// Destination ports: nft `th dport { 80, 8000-8100 }`, iptables
     /// `-m multiport --dports 80,8000:8100` (split at 15 slots).
     DstPorts(Vec<PortRange>),
+    /// Did not arrive on any of these interfaces: nft `iifname != { "lan0" }`.
+    /// iptables has no negated interface set: there the interface dispatch goes to
+    /// the tproxy chain first (`-g`), so only the other interfaces reach such a rule.
+    IifNameNot(Vec<String>),
+    /// The destination is routed out of one of these interfaces: nft
+    /// `fib daddr oifname { "lan0" }` (a lookup in the routing table, as forwarding
+    /// would do). iptables has no match for it and renders nothing.
+    RouteOifName(Vec<String>),
+    /// One of these protocols: nft `meta l4proto { tcp, udp }`, iptables one rule
+    /// per protocol of the family (`-p tcp`).
+    Protos(Vec<IpProto>),
+    /// The packet belongs to a transparent socket of this box bound to a specific
+    /// address (an ICMP error: the socket of the packet it quotes). nft
+    /// `socket transparent 1 socket wildcard 0`; iptables `-m socket --transparent`,
+    /// which skips sockets bound to the wildcard address unless `--nowildcard`.
+    TransparentSocket,
 }
 
 /// What a matching rule does.
@@ -209,6 +268,11 @@ pub enum Verdict {
     },
     /// Drop (fail-closed: reached only when tproxy found no socket).
     Drop,
+    /// Set the interception mark, so the policy rule routes the packet to `lo` and it
+    /// is delivered to the socket it belongs to, and stop looking at our rules: nft
+    /// `meta mark set ... accept`; iptables `-j MARK --set-xmark MARK/MASK` (not
+    /// terminal, but our chain ends right after it).
+    Mark(Mark),
 }
 
 /// One firewall rule with the reason it exists, rendered as a comment above it.
@@ -247,6 +311,10 @@ pub enum IfaceSel {
 pub struct FirewallPlan {
     /// Rules that let traffic through untouched, evaluated first.
     pub exclusions: Vec<Rule>,
+    /// The return path of `--source client-ip|client`: replies addressed to clients
+    /// that belong to the engine's upstream sockets, evaluated after the exclusions
+    /// and before the interface filter. Empty with `--source router`.
+    pub return_path: Vec<Rule>,
     /// The interfaces whose traffic reaches `intercept`.
     pub ifaces: IfaceSel,
     /// The tproxy rules, then the fail-closed drops if any.
@@ -327,6 +395,13 @@ pub struct Plan {
     pub rp_ifaces: Vec<String>,
 }
 
+impl FirewallPlan {
+    /// Whether the plan holds the return path of `--source client-ip|client`.
+    pub fn has_return_path(&self) -> bool {
+        !self.return_path.is_empty()
+    }
+}
+
 impl Plan {
     /// Families the plan covers.
     pub fn families(&self) -> &[Family] {
@@ -337,6 +412,56 @@ impl Plan {
 const WHY_LOOPBACK: &str = "Loopback is never intercepted: local traffic, and anything the engine\nsends to itself, re-enters prerouting on lo.";
 const WHY_TCP: &str = "TCP: no `socket transparent 1` pre-match on purpose. tproxy itself first finds an\nestablished socket, then handles a SYN that hits a TIME_WAIT socket\n(nf_tproxy_handle_time_wait), then the listener. A blanket socket pre-match would\nhand a SYN that reuses a client port to the engine's TIME_WAIT socket, which\nanswers with a reset (docs/deployment.md, port reuse).";
 const WHY_UDP: &str = "UDP: no socket pre-match either: it would divert client datagrams to the\nengine's reply sockets bound to original destinations.";
+
+/// Why the return-path rule exists and why it never runs on the client side. The
+/// renderers add what is particular to their match (nft: the route and wildcard
+/// tests; iptables: what it cannot test).
+fn why_return_path(config: &Config) -> String {
+    format!(
+        "Return path (--source {source}): the engine's upstream sockets are transparent\n\
+         and bound to the client's address, so servers answer to that address. Replies\n\
+         arrive on the server side (not on {ifaces}) and would be forwarded to the\n\
+         client, whose stack resets them, or dropped. When one belongs to a transparent\n\
+         socket of this box (an engine upstream socket), the interception mark routes it\n\
+         to lo (table {table}) and it is delivered to that socket. ICMP errors (port\n\
+         unreachable, fragmentation needed) are looked up by the packet they quote and\n\
+         delivered too, so path MTU discovery works for upstream connections.\n\
+         Never on the client side: there the engine's client-facing sockets match too,\n\
+         and a socket match breaks port reuse (a SYN that reuses a client port goes to\n\
+         the engine's TIME_WAIT socket, which resets it) and diverts client datagrams to\n\
+         the engine's reply sockets. The engine's own packets (on lo, or carrying the\n\
+         bypass mark) were returned above.",
+        source = config.source.name(),
+        ifaces = config.in_ifaces.join(", "),
+        table = config.table,
+    )
+}
+
+/// The return-path rule for `config` (which names the client-side interfaces).
+fn return_path_rule(config: &Config, families: &[Family]) -> Rule {
+    let mut matches = Vec::new();
+    if families == [Family::V4] {
+        matches.push(Match::Family(Family::V4));
+    }
+    matches.push(Match::IifNameNot(config.in_ifaces.clone()));
+    matches.push(Match::RouteOifName(config.in_ifaces.clone()));
+    let mut protos: Vec<IpProto> = [(L4::Tcp, &config.tcp), (L4::Udp, &config.udp)]
+        .into_iter()
+        .filter(|(_, sel)| sel.is_some())
+        .map(|(l4, _)| IpProto::from(l4))
+        .collect();
+    protos.push(IpProto::Icmp);
+    if families.contains(&Family::V6) {
+        protos.push(IpProto::Icmpv6);
+    }
+    matches.push(Match::Protos(protos));
+    matches.push(Match::TransparentSocket);
+    Rule {
+        why: why_return_path(config),
+        matches,
+        verdict: Verdict::Mark(config.fwmark),
+    }
+}
 
 /// Builds the plan. `host_ifaces` are the interfaces present now; with the default
 /// "every interface but lo" they are the ones whose `rp_filter` is managed.
@@ -371,6 +496,14 @@ pub fn build(config: &Config, host_ifaces: &[String]) -> Plan {
             verdict: Verdict::Return,
         },
     ];
+
+    // Validation refuses a return path without --in-iface; without interfaces there
+    // is no side it could run on.
+    let return_path = if config.source.needs_return_path() && !config.in_ifaces.is_empty() {
+        vec![return_path_rule(config, &families)]
+    } else {
+        Vec::new()
+    };
 
     let ifaces = if config.in_ifaces.is_empty() {
         IfaceSel::AllButLo
@@ -479,6 +612,7 @@ pub fn build(config: &Config, host_ifaces: &[String]) -> Plan {
         config: config.clone(),
         firewall: FirewallPlan {
             exclusions,
+            return_path,
             ifaces,
             intercept,
             fail_mode: config.fail_mode,
@@ -494,7 +628,7 @@ pub fn build(config: &Config, host_ifaces: &[String]) -> Plan {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Backend;
+    use crate::config::{Backend, Source};
     use crate::ports::parse_port_list;
 
     fn ifaces() -> Vec<String> {
@@ -566,6 +700,63 @@ mod tests {
         assert_eq!(plan.rp_ifaces, vec!["eth2"]);
         assert_eq!(plan.ip_rules.len(), 1);
         assert!(!plan.sysctls.iter().any(|s| s.key.rel().contains("default")));
+    }
+
+    #[test]
+    fn return_path_only_with_a_client_source() {
+        let plan = build(&Config::default(), &ifaces());
+        assert!(!plan.firewall.has_return_path());
+        let config = Config {
+            source: Source::ClientIp,
+            in_ifaces: vec!["eth0".into()],
+            ..Config::default()
+        };
+        let plan = build(&config, &ifaces());
+        assert_eq!(plan.firewall.return_path.len(), 1);
+        let rule = &plan.firewall.return_path[0];
+        assert_eq!(
+            rule.matches,
+            vec![
+                Match::IifNameNot(vec!["eth0".into()]),
+                Match::RouteOifName(vec!["eth0".into()]),
+                Match::Protos(vec![
+                    IpProto::Tcp,
+                    IpProto::Udp,
+                    IpProto::Icmp,
+                    IpProto::Icmpv6
+                ]),
+                Match::TransparentSocket,
+            ]
+        );
+        assert_eq!(rule.verdict, Verdict::Mark(config.fwmark));
+        // The same sysctls as without it: the return path needs none (see
+        // docs/deployment.md, full transparency).
+        assert_eq!(
+            plan.sysctls,
+            build(
+                &Config {
+                    source: Source::Router,
+                    ..config.clone()
+                },
+                &ifaces()
+            )
+            .sysctls
+        );
+        // IPv4 only, TCP only: the rule says so.
+        let v4tcp = Config {
+            ipv6: false,
+            udp: None,
+            source: Source::Client,
+            ..config
+        };
+        let rule = &build(&v4tcp, &ifaces()).firewall.return_path[0];
+        assert_eq!(rule.matches[0], Match::Family(Family::V4));
+        assert_eq!(
+            rule.matches[3],
+            Match::Protos(vec![IpProto::Tcp, IpProto::Icmp])
+        );
+        assert!(IpProto::Icmpv6.in_family(Family::V6) && !IpProto::Icmpv6.in_family(Family::V4));
+        assert!(IpProto::Icmp.in_family(Family::V4) && !IpProto::Icmp.in_family(Family::V6));
     }
 
     #[test]

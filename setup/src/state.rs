@@ -10,7 +10,7 @@
 //! The format is line-based text (`key value...`), one object per line, readable by
 //! an operator who has to clean up by hand.
 
-use crate::config::{parse_mark, parse_u32, Backend, Config, FailMode};
+use crate::config::{parse_mark, parse_u32, Backend, Config, FailMode, Source};
 use crate::error::SetupError;
 use crate::input::InputTarget;
 use crate::plan::{self, Family, Plan};
@@ -254,6 +254,11 @@ impl State {
             "accept-input {}",
             if c.accept_input { "on" } else { "off" }
         );
+        // Only when not the default, so that a state without a return path reads the
+        // same as before `--source` existed (and an older setup can tear it down).
+        if c.source != Source::Router {
+            let _ = writeln!(s, "source {}", c.source.name());
+        }
         let _ = writeln!(s, "rp-ifaces {}", list(&self.rp_ifaces));
         for r in &self.rules {
             let pref = r.pref.map_or("-".to_string(), |p| p.to_string());
@@ -369,6 +374,7 @@ impl State {
                     config.fail_mode = one()?.parse::<FailMode>().map_err(|e| bad(&e))?
                 }
                 "rp-ifaces" => st.rp_ifaces = list(one()?),
+                "source" => config.source = one()?.parse::<Source>().map_err(|e| bad(&e))?,
                 "accept-input" => config.accept_input = one()? == "on",
                 "input-rule" => st.input_rules.push(InputTarget::parse(&w).ok_or_else(|| {
                     bad("expected: input-rule nft FAMILY TABLE CHAIN | iptables FAMILY")
@@ -511,6 +517,7 @@ mod tests {
                 bypass_mark: 0x200,
                 fail_mode: FailMode::Closed,
                 accept_input: true,
+                source: Source::ClientIp,
             },
             rp_ifaces: vec!["eth1".into(), "eth2.100".into()],
             rules: vec![RuleRecord {
@@ -569,6 +576,9 @@ mod tests {
         d.rp_ifaces.clear();
         d.fingerprint = vec!["table inet ringrelay {".into()];
         assert_eq!(State::parse(&d.render()).unwrap(), d);
+        // The default source is not written: such a state reads as before.
+        assert!(!d.render().contains("source"));
+        assert!(text.contains("\nsource client-ip\n"));
     }
 
     #[test]

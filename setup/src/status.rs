@@ -163,10 +163,15 @@ pub fn status(
     };
     let plan = match &state {
         Some(st) => {
+            let source = if st.config.source.needs_return_path() {
+                format!(", source {}", st.config.source.name())
+            } else {
+                String::new()
+            };
             r.push(
                 Level::Ok,
                 format!(
-                    "applied: backend {}, port {}, fail-{} (state {})",
+                    "applied: backend {}, port {}, fail-{}{source} (state {})",
                     st.config.backend.name(),
                     st.config.port,
                     st.config.fail_mode.name(),
@@ -300,6 +305,7 @@ fn check_firewall(
                 ),
                 Some(_) => compare(r, &what, recorded, &live),
             }
+            check_return_path_nft(plan, &live, r);
         }
         Backend::Iptables => {
             let mut live_all = Vec::new();
@@ -327,6 +333,9 @@ fn check_firewall(
                     ),
                 }
                 live_all.extend(saved.lines.iter().map(|l| format!("{} {l}", family.name())));
+                if !saved.chains.is_empty() {
+                    check_return_path_iptables(plan, family, &saved.lines, r);
+                }
             }
             compare(r, "iptables mangle chains", recorded, &live_all);
         }
@@ -372,6 +381,99 @@ fn check_firewall(
         }
     }
     Ok(())
+}
+
+/// The fix for a missing return path: the apply that installs it.
+fn return_path_fix(plan: &Plan) -> String {
+    let c = &plan.config;
+    format!(
+        "re-run `setup apply --source {} --in-iface {}` with the other options of the last apply",
+        c.source.name(),
+        c.in_ifaces.join(",")
+    )
+}
+
+/// What happens to replies without the return path (measured in the lab: the first
+/// SYN-ACK is forwarded to the client, which resets it; retransmissions and UDP
+/// replies are dropped in the router, where early demux attached the socket).
+const WITHOUT_RETURN_PATH: &str = "servers' replies to client addresses are forwarded to the clients or dropped instead of reaching the engine's upstream sockets: no relayed connection or flow gets an answer";
+
+fn return_path_ok(plan: &Plan, how: &str) -> String {
+    let c = &plan.config;
+    format!(
+        "return path of --source {}: replies to client addresses that arrive on interfaces other than {} go to the engine's upstream sockets ({how})",
+        c.source.name(),
+        c.in_ifaces.join(", ")
+    )
+}
+
+/// `--source client-ip|client`: the nft table must hold the socket rule.
+fn check_return_path_nft(plan: &Plan, live: &[String], r: &mut StatusReport) {
+    if !plan.firewall.has_return_path() {
+        return;
+    }
+    let present = live.iter().any(|l| {
+        l.contains("socket transparent 1")
+            && l.contains("socket wildcard 0")
+            && l.contains("meta mark set")
+    });
+    if present {
+        r.push(
+            Level::Ok,
+            return_path_ok(plan, "nft socket rule in chain prerouting"),
+        );
+    } else {
+        r.push(
+            Level::Missing,
+            format!(
+                "return path of --source {}: nft table inet {} has no `socket transparent 1 socket wildcard 0 ... meta mark set` rule, so {WITHOUT_RETURN_PATH}; fix: {}",
+                plan.config.source.name(),
+                plan::NFT_TABLE,
+                return_path_fix(plan)
+            ),
+        );
+    }
+}
+
+/// `--source client-ip|client`: RINGRELAY must hold the `-m socket` rules of the family.
+fn check_return_path_iptables(
+    plan: &Plan,
+    family: Family,
+    saved_lines: &[String],
+    r: &mut StatusReport,
+) {
+    let wanted: Vec<String> = plan
+        .firewall
+        .return_path
+        .iter()
+        .flat_map(|rule| iptables::render_rule(plan::IPT_CHAIN, rule, family))
+        .collect();
+    if wanted.is_empty() {
+        return;
+    }
+    let missing: Vec<&String> = wanted.iter().filter(|w| !saved_lines.contains(w)).collect();
+    let tool = family.iptables();
+    if missing.is_empty() {
+        r.push(
+            Level::Ok,
+            return_path_ok(
+                plan,
+                &format!("{tool} -m socket rules in chain {}", plan::IPT_CHAIN),
+            ),
+        );
+    } else {
+        let shown: Vec<String> = missing.iter().map(|l| format!("`{l}`")).collect();
+        r.push(
+            Level::Missing,
+            format!(
+                "return path of --source {}: {tool} mangle chain {} lacks {}, so {WITHOUT_RETURN_PATH}; fix: {}",
+                plan.config.source.name(),
+                plan::IPT_CHAIN,
+                shown.join(" and "),
+                return_path_fix(plan)
+            ),
+        );
+    }
 }
 
 /// Compares the live listing with the one recorded right after apply.
@@ -517,8 +619,8 @@ pub fn data_path(runner: &dyn Runner, plan: &Plan) -> Result<Vec<Finding>, Setup
     // client's address uses the interception mark, the policy rule sends it to the
     // table whose `local default` route makes every address local, and the packet is
     // dropped as a martian. accept_local (also OR-ed) lets a local source through.
+    let on = |iface: &str, leaf: &str| read("all", leaf) == "1" || read(iface, leaf) == "1";
     if plan.families().contains(&Family::V4) {
-        let on = |iface: &str, leaf: &str| read("all", leaf) == "1" || read(iface, leaf) == "1";
         let hit: Vec<&str> = intercepted
             .iter()
             .map(String::as_str)
@@ -537,6 +639,38 @@ pub fn data_path(runner: &dyn Runner, plan: &Plan) -> Result<Vec<Finding>, Setup
                     "src_valid_mark=1 ({}) on intercepted interfaces {}: the reverse-path check routes the client's address with the interception mark, finds `local default dev lo` in table {} and drops intercepted IPv4 packets as martians (some VPN tools such as wg-quick set it); fix: `{}`, or if a VPN needs it, `sysctl -w net.ipv4.conf.IF.accept_local=1` on those interfaces",
                     keys.join(", "),
                     hit.join(", "),
+                    c.table,
+                    fix.join("` and `")
+                ),
+            ));
+        }
+    }
+
+    // The same trap for the return path: the replies carry the interception mark when
+    // their source (the server) is checked. Measured in the lab: src_valid_mark=1 on
+    // `all` or on the server-facing interface drops them, accept_local=1 lets them
+    // through, and rp_filter (0, 1 or 2) makes no difference.
+    if plan.firewall.has_return_path() && plan.families().contains(&Family::V4) {
+        let server_side: Vec<String> = host::interfaces(runner)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|i| i != "lo" && !c.in_ifaces.contains(i))
+            .filter(|i| on(i, "src_valid_mark") && !on(i, "accept_local"))
+            .collect();
+        if !server_side.is_empty() {
+            let keys: Vec<String> = std::iter::once("all")
+                .chain(server_side.iter().map(String::as_str))
+                .filter(|i| read(i, "src_valid_mark") == "1")
+                .map(|i| SysctlKey::conf("ipv4", i, "src_valid_mark").dotted())
+                .collect();
+            let fix: Vec<String> = keys.iter().map(|k| format!("sysctl -w {k}=0")).collect();
+            out.push((
+                Level::Blocked,
+                format!(
+                    "src_valid_mark=1 ({}) on server-facing interfaces {}: the return path of --source {} marks servers' replies to client addresses, and the reverse-path check then routes the server's address with that mark, finds `local default dev lo` in table {} and drops the replies as martians, so no upstream connection from a client address completes; fix: `{}`, or if a VPN needs it, `sysctl -w net.ipv4.conf.IF.accept_local=1` on those interfaces",
+                    keys.join(", "),
+                    server_side.join(", "),
+                    c.source.name(),
                     c.table,
                     fix.join("` and `")
                 ),

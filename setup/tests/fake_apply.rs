@@ -2,7 +2,7 @@
 //! commands are sent, in which order, with which stdin; idempotency; rollback; and
 //! bad input that must change nothing. No root needed.
 
-use ringrelay_setup::config::{Backend, Config, FailMode};
+use ringrelay_setup::config::{Backend, Config, FailMode, Source};
 use ringrelay_setup::plan::{Family, L4};
 use ringrelay_setup::runner::{Event, Output, RecordingRunner};
 use ringrelay_setup::sockdiag::{DiagSocket, STATE_CLOSE, STATE_LISTEN};
@@ -762,4 +762,240 @@ fn foreign_table_is_refused_and_left_alone() {
     );
     ops::apply(&r, &Config::default(), &path, NS).unwrap();
     ops::apply(&r, &Config::default(), &path, NS).unwrap();
+}
+
+/// `--source client-ip --in-iface eth1`: the client side is eth1, eth0 faces servers.
+fn client_ip(backend: Backend) -> Config {
+    Config {
+        backend,
+        fail_mode: FailMode::default_for(backend),
+        in_ifaces: vec!["eth1".into()],
+        source: Source::ClientIp,
+        ..Config::default()
+    }
+}
+
+/// The nft listing of a table with the return-path rule (as `nft list` prints it).
+fn listing_with_return_path(with_rule: bool) -> String {
+    let rule = if with_rule {
+        "\t\tiifname != \"eth1\" fib daddr oifname \"eth1\" meta l4proto { icmp, tcp, udp, ipv6-icmp } socket transparent 1 socket wildcard 0 meta mark set meta mark | 0x00000001 accept\n"
+    } else {
+        ""
+    };
+    format!("table inet ringrelay {{\n\t{MARKER}\n\tchain prerouting {{\n{rule}\t\tiifname != \"eth1\" return\n\t}}\n}}\n")
+}
+
+/// The return path is one more rule in setup's own table: apply sends it in the same
+/// transaction, writes no extra sysctl (rp_filter on the server side makes no
+/// difference, measured in the lab), records the source, and teardown removes it
+/// with the table.
+#[test]
+fn client_ip_apply_sends_the_return_path_and_teardown_removes_it() {
+    let router = {
+        let r = fake_host();
+        let (_dir, path) = state_path("router-eth1");
+        let config = Config {
+            in_ifaces: vec!["eth1".into()],
+            ..Config::default()
+        };
+        ops::apply(&r, &config, &path, NS).unwrap();
+        changes(&r)
+    };
+    let r = fake_host();
+    let (_dir, path) = state_path("client-ip");
+    let report = ops::apply(&r, &client_ip(Backend::Nft), &path, NS).unwrap();
+    assert_eq!(changes(&r), router, "the same steps, the same sysctls");
+    let script = stdin_of(&r, "nft").remove(0);
+    assert!(script.contains("\t\tiifname != \"eth1\" fib daddr oifname \"eth1\" meta l4proto { tcp, udp, icmp, ipv6-icmp } socket transparent 1 socket wildcard 0 meta mark set meta mark | 0x1 accept\n"), "{script}");
+    assert!(
+        report.lines[0].contains("with the return path of --source client-ip: replies to client addresses arriving on interfaces other than eth1"),
+        "{report:?}"
+    );
+    let st = State::load(&path).unwrap().unwrap();
+    assert_eq!(st.config.source, Source::ClientIp);
+    assert!(st.plan().firewall.has_return_path());
+
+    // Back to --source router: the same table without the rule.
+    show_ours(&r);
+    r.clear_events();
+    let config = Config {
+        source: Source::Router,
+        ..client_ip(Backend::Nft)
+    };
+    ops::apply(&r, &config, &path, NS).unwrap();
+    assert_eq!(changes(&r), vec!["nft -f -"]);
+    assert!(!stdin_of(&r, "nft")[0]
+        .lines()
+        .any(|l| !l.trim_start().starts_with('#') && l.contains("socket")));
+
+    ops::apply(&r, &client_ip(Backend::Nft), &path, NS).unwrap();
+    r.clear_events();
+    ops::teardown(&r, &path, NS).unwrap();
+    assert_eq!(
+        stdin_of(&r, "nft"),
+        vec![ringrelay_setup::nft::teardown_script()]
+    );
+    assert!(!path.exists());
+}
+
+/// iptables: the dispatch becomes a goto and the `-m socket` rules follow it, per
+/// family; the golden files hold the whole input.
+#[test]
+fn client_ip_iptables_sends_golden_input() {
+    let r = fake_host();
+    r.respond("iptables -V", Output::ok("iptables v1.8.9 (nf_tables)\n"));
+    let (_dir, path) = state_path("client-ip-ipt");
+    ops::apply(&r, &client_ip(Backend::Iptables), &path, NS).unwrap();
+    let v4 = stdin_of(&r, "iptables-restore").remove(0);
+    let v6 = stdin_of(&r, "ip6tables-restore").remove(0);
+    for (input, icmp) in [(&v4, "icmp"), (&v6, "ipv6-icmp")] {
+        assert!(
+            input.contains("-A RINGRELAY -i eth1 -g RINGRELAY_TPROXY\n"),
+            "{input}"
+        );
+        for proto in ["tcp", "udp", icmp] {
+            let line = format!(
+                "-A RINGRELAY -p {proto} -m socket --transparent -j MARK --set-xmark 0x1/0x1\n"
+            );
+            assert!(input.contains(&line), "{input}");
+        }
+    }
+    assert!(!v4.contains("ipv6-icmp") && !v6.contains("-p icmp "));
+}
+
+/// Without --in-iface there is no server side to match replies on: refused before
+/// anything changes, naming why and the fix.
+#[test]
+fn client_ip_without_in_iface_changes_nothing() {
+    for source in [Source::ClientIp, Source::Client] {
+        let r = fake_host();
+        let config = Config {
+            source,
+            ..Config::default()
+        };
+        assert_refused_untouched(
+            &r,
+            &config,
+            &format!("--source {} needs --in-iface: the return path matches replies to client addresses on the interfaces clients do not arrive on (the server side); with every interface intercepted there is no such side, and a socket match on the client side breaks port reuse (a SYN that reuses a client port goes to the engine's TIME_WAIT socket, which resets it) and diverts client datagrams to the engine's UDP reply sockets; name the client-side interfaces, e.g. `--in-iface lan0`", source.name()),
+        );
+        let err = ops::dry_run(&r, &config, Path::new("/run/ringrelay/x.state")).unwrap_err();
+        assert!(err.to_string().starts_with("--source"), "{err}");
+    }
+}
+
+/// status with `--source client-ip`: ok while the rule is there, MISSING (exit 1)
+/// with the fix when it is gone, BLOCKED (exit 3) when src_valid_mark would drop the
+/// replies on the server side; for iptables per family.
+#[test]
+fn status_checks_the_return_path() {
+    let r = fake_host();
+    let (_dir, path) = state_path("status-rp");
+    r.respond(
+        "nft list table inet ringrelay",
+        Output::ok(&listing_with_return_path(true)),
+    );
+    ops::apply(&r, &client_ip(Backend::Nft), &path, NS).unwrap();
+    show_ours(&r);
+    r.set_sockets(engine_sockets(15001));
+    let rep = status::status(&r, &path, NS, &Config::default()).unwrap();
+    let text = rep.render();
+    assert_eq!(rep.exit_code(), status::EXIT_READY, "{text}");
+    assert!(
+        text.contains("ok: applied: backend nft, port 15001, fail-open, source client-ip (state"),
+        "{text}"
+    );
+    assert!(text.contains("ok: return path of --source client-ip: replies to client addresses that arrive on interfaces other than eth1 go to the engine's upstream sockets (nft socket rule in chain prerouting)"), "{text}");
+
+    // The rule is gone (someone deleted it by handle).
+    r.respond(
+        "nft list table inet ringrelay",
+        Output::ok(&listing_with_return_path(false)),
+    );
+    let rep = status::status(&r, &path, NS, &Config::default()).unwrap();
+    let text = rep.render();
+    assert_eq!(rep.exit_code(), status::EXIT_NOT_READY, "{text}");
+    assert!(text.contains("MISSING: return path of --source client-ip: nft table inet ringrelay has no `socket transparent 1 socket wildcard 0 ... meta mark set` rule, so servers' replies to client addresses are forwarded to the clients or dropped instead of reaching the engine's upstream sockets: no relayed connection or flow gets an answer; fix: re-run `setup apply --source client-ip --in-iface eth1` with the other options of the last apply"), "{text}");
+
+    // src_valid_mark on the server-facing eth0 (not on the intercepted eth1).
+    r.respond(
+        "nft list table inet ringrelay",
+        Output::ok(&listing_with_return_path(true)),
+    );
+    r.set_file("/proc/sys/net/ipv4/conf/eth0/src_valid_mark", "1");
+    r.set_file("/proc/sys/net/ipv4/conf/all/accept_local", "0");
+    r.set_file("/proc/sys/net/ipv4/conf/eth0/accept_local", "0");
+    let rep = status::status(&r, &path, NS, &Config::default()).unwrap();
+    let text = rep.render();
+    assert_eq!(rep.exit_code(), status::EXIT_NOT_DELIVERING, "{text}");
+    assert!(text.contains("BLOCKED: src_valid_mark=1 (net.ipv4.conf.eth0.src_valid_mark) on server-facing interfaces eth0: the return path of --source client-ip marks servers' replies to client addresses"), "{text}");
+    assert!(text.contains("fix: `sysctl -w net.ipv4.conf.eth0.src_valid_mark=0`, or if a VPN needs it, `sysctl -w net.ipv4.conf.IF.accept_local=1` on those interfaces"), "{text}");
+    assert!(!text.contains("on intercepted interfaces"), "{text}");
+    r.set_file("/proc/sys/net/ipv4/conf/eth0/accept_local", "1");
+    let rep = status::status(&r, &path, NS, &Config::default()).unwrap();
+    assert_eq!(rep.exit_code(), status::EXIT_READY, "{}", rep.render());
+
+    // Without the return path (--source router) eth0's src_valid_mark is no concern.
+    r.set_file("/proc/sys/net/ipv4/conf/eth0/accept_local", "0");
+    let config = Config {
+        source: Source::Router,
+        ..client_ip(Backend::Nft)
+    };
+    r.respond(
+        "nft list table inet ringrelay",
+        Output::ok(&listing_with_return_path(false)),
+    );
+    ops::apply(&r, &config, &path, NS).unwrap();
+    let rep = status::status(&r, &path, NS, &Config::default()).unwrap();
+    assert_eq!(rep.exit_code(), status::EXIT_READY, "{}", rep.render());
+    assert!(!rep.render().contains("return path"), "{}", rep.render());
+}
+
+#[test]
+fn status_checks_the_return_path_iptables() {
+    let r = fake_host();
+    r.respond("iptables -V", Output::ok("iptables v1.8.9 (nf_tables)\n"));
+    let chains = ":PREROUTING ACCEPT [0:0]\n:RINGRELAY - [0:0]\n:RINGRELAY_TPROXY - [0:0]\n-A PREROUTING -j RINGRELAY\n-A RINGRELAY -i eth1 -g RINGRELAY_TPROXY\n";
+    let rp = |icmp: &str| {
+        format!("-A RINGRELAY -p tcp -m socket --transparent -j MARK --set-xmark 0x1/0x1\n-A RINGRELAY -p udp -m socket --transparent -j MARK --set-xmark 0x1/0x1\n-A RINGRELAY -p {icmp} -m socket --transparent -j MARK --set-xmark 0x1/0x1\n")
+    };
+    r.respond(
+        "iptables-save -t mangle",
+        Output::ok(&format!("*mangle\n{chains}{}COMMIT\n", rp("icmp"))),
+    );
+    r.respond(
+        "ip6tables-save -t mangle",
+        Output::ok(&format!("*mangle\n{chains}{}COMMIT\n", rp("ipv6-icmp"))),
+    );
+    let (_dir, path) = state_path("status-rp-ipt");
+    ops::apply(&r, &client_ip(Backend::Iptables), &path, NS).unwrap();
+    show_ours(&r);
+    r.set_sockets(engine_sockets(15001));
+    let rep = status::status(&r, &path, NS, &Config::default()).unwrap();
+    let text = rep.render();
+    assert_eq!(rep.exit_code(), status::EXIT_READY, "{text}");
+    assert!(
+        text.contains("(iptables -m socket rules in chain RINGRELAY)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("(ip6tables -m socket rules in chain RINGRELAY)"),
+        "{text}"
+    );
+
+    // The IPv6 UDP rule is gone.
+    r.respond(
+        "ip6tables-save -t mangle",
+        Output::ok(&format!(
+            "*mangle\n{chains}{}COMMIT\n",
+            rp("ipv6-icmp").replace(
+                "-A RINGRELAY -p udp -m socket --transparent -j MARK --set-xmark 0x1/0x1\n",
+                ""
+            )
+        )),
+    );
+    let rep = status::status(&r, &path, NS, &Config::default()).unwrap();
+    let text = rep.render();
+    assert_eq!(rep.exit_code(), status::EXIT_NOT_READY, "{text}");
+    assert!(text.contains("MISSING: return path of --source client-ip: ip6tables mangle chain RINGRELAY lacks `-A RINGRELAY -p udp -m socket --transparent -j MARK --set-xmark 0x1/0x1`, so servers' replies"), "{text}");
+    assert!(text.contains("ok: return path of --source client-ip: replies to client addresses that arrive on interfaces other than eth1 go to the engine's upstream sockets (iptables -m socket rules"), "{text}");
 }

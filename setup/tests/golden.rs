@@ -4,7 +4,7 @@
 //! The goldens live in `tests/golden/`. After an intended change, review the diff and
 //! accept it with `UPDATE_GOLDEN=1 cargo test -p ringrelay-setup --test golden`.
 
-use ringrelay_setup::config::{parse_mark, Backend, Config, FailMode};
+use ringrelay_setup::config::{parse_mark, Backend, Config, FailMode, Source};
 use ringrelay_setup::ops;
 use ringrelay_setup::plan::{build, Family, Plan};
 use ringrelay_setup::ports::parse_port_list;
@@ -218,6 +218,46 @@ fn custom_marks_ipv4_only() {
     check_iptables("custom-v4only", &ipt);
 }
 
+/// `--source client-ip` adds the return path: one nft rule before the interface
+/// filter; with iptables the dispatch becomes a goto and one `-m socket` rule per
+/// protocol follows it.
+fn client_ip() -> Config {
+    Config {
+        source: Source::ClientIp,
+        ..ports_and_ifaces()
+    }
+}
+
+#[test]
+fn client_ip_return_path_nft() {
+    check_golden("client-ip.nft", &nft::render_apply(&plan_of(client_ip())));
+    // IPv4 only, TCP only, the client's port too, other marks: the rule follows.
+    let narrow = Config {
+        source: Source::Client,
+        ipv6: false,
+        udp: None,
+        fwmark: parse_mark("0x10/0xf0").unwrap(),
+        bypass_mark: 0x200,
+        table: 123,
+        in_ifaces: vec!["eth0".into()],
+        ..Config::default()
+    };
+    check_golden(
+        "client-v4only-tcp.nft",
+        &nft::render_apply(&plan_of(narrow)),
+    );
+}
+
+#[test]
+fn client_ip_return_path_iptables() {
+    let config = Config {
+        backend: Backend::Iptables,
+        fail_mode: FailMode::Closed,
+        ..client_ip()
+    };
+    check_iptables("client-ip", &plan_of(config));
+}
+
 /// The whole `--dry-run` output against a fake host: strict rp_filter on `all` and
 /// eth1, forwarding off, the ip rule for IPv4 already present.
 #[test]
@@ -253,6 +293,33 @@ fn dry_run_output() {
         .events()
         .iter()
         .all(|e| matches!(e, ringrelay_setup::runner::Event::Run(c) if c.stdin.is_none())));
+}
+
+/// `--dry-run --source client-ip --in-iface eth1`: the header names the source, the
+/// script holds the return path, and step 3 says why it needs no sysctl.
+#[test]
+fn dry_run_output_client_ip() {
+    let r = RecordingRunner::new();
+    for iface in ["lo", "eth0", "eth1"] {
+        let flags = if iface == "lo" { "0x9" } else { "0x1003" };
+        r.set_file(&format!("/sys/class/net/{iface}/flags"), flags);
+    }
+    for (key, value) in [
+        ("net/ipv4/ip_forward", "1"),
+        ("net/ipv6/conf/all/forwarding", "1"),
+        ("net/ipv4/conf/all/rp_filter", "0"),
+        ("net/ipv4/conf/eth1/rp_filter", "1"),
+    ] {
+        r.set_file(&format!("/proc/sys/{key}"), value);
+    }
+    r.set_file("/proc/self/status", "CapEff:\t000001ffffffffff\n");
+    let config = Config {
+        source: Source::ClientIp,
+        in_ifaces: vec!["eth1".into()],
+        ..Config::default()
+    };
+    let text = ops::dry_run(&r, &config, Path::new("/run/ringrelay/x.state")).unwrap();
+    check_golden("client-ip.dry-run", &text);
 }
 
 #[test]

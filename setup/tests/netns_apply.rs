@@ -392,6 +392,104 @@ fn iptables_backend_apply_status_teardown() {
     lifecycle(&ns, &["apply", "--backend", "iptables"]);
 }
 
+/// `--source client-ip`: the return path is part of setup's own rules, so the same
+/// lifecycle (apply, status, apply again, teardown twice) leaves every snapshot as it
+/// was; while applied status checks the rule, and says MISSING (exit 1) with the fix
+/// once it is deleted.
+fn client_ip_lifecycle(backend: &str, delete_rule: &str, rule_text: &str) {
+    let ns = Netns::new();
+    add_foreign(&ns);
+    let apply = [
+        "apply",
+        "--backend",
+        backend,
+        "--source",
+        "client-ip",
+        "--in-iface",
+        "rrv0",
+    ];
+    let before = ns.stable_snapshot();
+    lifecycle(&ns, &apply);
+
+    ns.setup_ok(&apply);
+    let listing = ns.sh("nft list ruleset; iptables-save -t mangle; ip6tables-save -t mangle");
+    assert!(listing.contains(rule_text), "{listing}");
+    {
+        let _engine = StandIn::engine(&ns, 15001);
+        let st = ns.setup_ok(&["status"]);
+        assert!(
+            st.contains("ok: applied: backend ") && st.contains(", source client-ip (state"),
+            "{st}"
+        );
+        assert!(
+            st.contains("ok: return path of --source client-ip: replies to client addresses that arrive on interfaces other than rrv0 go to the engine's upstream sockets"),
+            "{st}"
+        );
+        ns.sh(delete_rule);
+        let out = ns.setup(&["status"]);
+        let text = stdout(&out);
+        assert_eq!(out.status.code(), Some(1), "{text}");
+        assert!(
+            text.contains("MISSING: return path of --source client-ip: ")
+                && text.contains("fix: re-run `setup apply --source client-ip --in-iface rrv0`"),
+            "{text}"
+        );
+    }
+    // A re-apply puts it back; teardown restores the namespace exactly.
+    ns.setup_ok(&apply);
+    assert!(ns
+        .sh("nft list ruleset; iptables-save -t mangle; ip6tables-save -t mangle")
+        .contains(rule_text));
+    ns.setup_ok(&["teardown"]);
+    assert_same(&before, &ns.snapshot(), "after the client-ip teardown");
+    assert!(ns.state_files().is_empty());
+}
+
+#[test]
+fn nft_backend_client_ip_apply_status_teardown() {
+    if !need_root("nft_backend_client_ip_apply_status_teardown") {
+        return;
+    }
+    client_ip_lifecycle(
+        "nft",
+        "h=$(nft -a list chain inet ringrelay prerouting | sed -n 's/.*socket transparent 1.* handle \\([0-9]*\\)$/\\1/p') && [ -n \"$h\" ] && nft delete rule inet ringrelay prerouting handle $h",
+        "iifname != \"rrv0\" fib daddr oifname \"rrv0\" meta l4proto { icmp, tcp, udp, ipv6-icmp } socket transparent 1 socket wildcard 0 meta mark set meta mark | 0x00000001 accept",
+    );
+}
+
+#[test]
+fn iptables_backend_client_ip_apply_status_teardown() {
+    if !need_root("iptables_backend_client_ip_apply_status_teardown") {
+        return;
+    }
+    require_iptables();
+    client_ip_lifecycle(
+        "iptables",
+        "ip6tables -t mangle -D RINGRELAY -p udp -m socket --transparent -j MARK --set-xmark 0x1/0x1",
+        "-A RINGRELAY -p ipv6-icmp -m socket --transparent -j MARK --set-xmark 0x1/0x1",
+    );
+}
+
+/// `--source client-ip` without `--in-iface`: refused with one line, nothing changed.
+#[test]
+fn client_ip_without_in_iface_changes_nothing() {
+    if !need_root("client_ip_without_in_iface_changes_nothing") {
+        return;
+    }
+    let ns = Netns::new();
+    let before = ns.stable_snapshot();
+    let out = ns.setup(&["apply", "--source", "client-ip"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with("setup: error: --source client-ip needs --in-iface"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert_same(&before, &ns.snapshot(), "after a refused apply");
+    assert!(ns.state_files().is_empty());
+}
+
 #[test]
 fn iptables_backend_keeps_foreign_mangle_rules_and_rules_it_found() {
     if !need_root("iptables_backend_keeps_foreign_mangle_rules_and_rules_it_found") {

@@ -129,6 +129,14 @@ pub struct Args {
     #[arg(long, value_name = "PATH")]
     pub takeover: Option<std::path::PathBuf>,
 
+    /// Log lines as `text` (key=value) or `json` (one object per line), on stderr.
+    #[arg(long, value_enum, default_value_t = crate::log::Format::Text)]
+    pub log_format: crate::log::Format,
+
+    /// Drop log lines below this level: error, warn, info, debug.
+    #[arg(long, value_enum, default_value_t = crate::log::Level::Info)]
+    pub log_level: crate::log::Level,
+
     /// Print the version, git revision, build profile, kernel and the io_uring
     /// features found, then exit.
     #[arg(short = 'V', long)]

@@ -141,7 +141,7 @@ fn writer(
                     line.clear();
                     format_record(&r, &mut line);
                     if let Err(e) = out.write_all(line.as_bytes()) {
-                        eprintln!("engine: flow log: {e}");
+                        crate::log::warn("flow_log", format_args!("flow log: {e}"), &[]);
                     }
                     wrote = true;
                 }
@@ -157,7 +157,11 @@ fn writer(
             let _ = out.flush();
             match target.open() {
                 Ok(w) => *out = BufWriter::new(w),
-                Err(e) => eprintln!("engine: flow log: reopening {target:?}: {e}"),
+                Err(e) => crate::log::error(
+                    "flow_log",
+                    format_args!("flow log: reopening {target:?}: {e}"),
+                    &[],
+                ),
             }
         }
         if !wrote {

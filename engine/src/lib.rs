@@ -31,6 +31,7 @@ pub mod config;
 pub mod core;
 pub mod cpus;
 pub mod flowlog;
+pub mod log;
 pub mod metrics;
 pub mod notify;
 pub mod policy;

@@ -20,7 +20,9 @@ use socket2::{Domain, Socket, Type};
 use ringrelay_engine::config::{self, Args, Config, RelayMode};
 use ringrelay_engine::notify::{self, Notifier};
 use ringrelay_engine::policy::{rules::Rules, RulesHandle};
-use ringrelay_engine::{core::ring, cpus, flowlog, metrics, policy, stats, sys, takeover, Engine};
+use ringrelay_engine::{
+    core::ring, cpus, flowlog, log, metrics, policy, stats, sys, takeover, Engine,
+};
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -115,14 +117,18 @@ fn check_pipe_size(cfg: &Config) -> Result<()> {
                 .map(|s| s.trim().to_string())
                 .unwrap_or_else(|_| "?".into())
         };
-        eprintln!(
-            "engine: warning: --pipe-size {want} not granted, pipes get {} bytes: without \
+        log::warn(
+            "pipe_size_not_granted",
+            format_args!(
+                "--pipe-size {want} not granted, pipes get {} bytes: without \
              CAP_SYS_RESOURCE the kernel caps a pipe at fs.pipe-max-size ({}) and shrinks new \
              pipes once this user's add up to fs.pipe-user-pages-soft ({} pages); raise \
              those sysctls, grant CAP_SYS_RESOURCE, or pass a smaller --pipe-size",
-            pipe.capacity,
-            read("pipe-max-size"),
-            read("pipe-user-pages-soft"),
+                pipe.capacity,
+                read("pipe-max-size"),
+                read("pipe-user-pages-soft"),
+            ),
+            &[],
         );
     }
     Ok(())
@@ -176,10 +182,14 @@ fn resolve(args: &Args, features: ring::Features) -> Result<(Config, u64)> {
     if let Some(m) = args.max_conns {
         let need = m * config::fds_per_conn(args.relay) + config::FD_RESERVE;
         if need as u64 > nofile {
-            eprintln!(
-                "engine: warning: --max-conns {m} may need {need} fds in {} mode but \
-                 RLIMIT_NOFILE is {nofile}; accepts will pause on EMFILE",
-                args.relay
+            log::warn(
+                "max_conns_over_budget",
+                format_args!(
+                    "--max-conns {m} may need {need} fds in {} mode but RLIMIT_NOFILE is \
+                     {nofile}; accepts will pause on EMFILE",
+                    args.relay
+                ),
+                &[],
             );
         }
     }
@@ -235,9 +245,11 @@ fn status_line(engine: &Engine) -> String {
 
 /// Starts draining: no new connections or flows, live ones finish.
 fn begin_stop(engine: &Engine, notifier: &Notifier, why: &str) {
-    eprintln!(
-        "engine: {why}; draining for up to {} s",
-        engine.config().drain_timeout_s
+    let drain_s = engine.config().drain_timeout_s;
+    log::info(
+        "stopping",
+        format_args!("{why}; draining for up to {drain_s} s"),
+        &[("drain_timeout_s", &drain_s)],
     );
     let _ = notifier.send("STOPPING=1\nSTATUS=draining");
     engine.stop();
@@ -369,13 +381,21 @@ fn reload(path: &std::path::Path, handle: &RulesHandle) {
             let n = r.len();
             handle.replace(r);
             policy::RELOADS.0.fetch_add(1, Relaxed);
-            eprintln!("engine: reloaded {}: {n} rules", path.display());
+            log::info(
+                "reload",
+                format_args!("reloaded {}: {n} rules", path.display()),
+                &[("path", &path.display()), ("rules", &n)],
+            );
         }
         Err(e) => {
             policy::RELOADS.1.fetch_add(1, Relaxed);
-            eprintln!(
-                "engine: reload of {} refused, the old rules stay:\n{e}",
-                path.display()
+            log::error(
+                "reload_refused",
+                format_args!(
+                    "reload of {} refused, the old rules stay:\n{e}",
+                    path.display()
+                ),
+                &[("path", &path.display())],
             );
         }
     }
@@ -386,6 +406,7 @@ fn run(args: Args) -> Result<()> {
         print_version();
         return Ok(());
     }
+    log::init(args.log_level, args.log_format);
     let features = ring::probe(disabled_features().as_deref()).map_err(|e| anyhow::anyhow!(e))?;
     let (cfg, nofile) = resolve(&args, features)?;
     let mut inherited = match &args.takeover {
@@ -393,7 +414,11 @@ fn run(args: Args) -> Result<()> {
         None => None,
     };
     if !(features.defer_taskrun && features.multishot_timeout) {
-        eprintln!("engine: io_uring features: {}", features.describe());
+        log::warn(
+            "kernel_fallback",
+            format_args!("io_uring features: {}", features.describe()),
+            &[],
+        );
     }
     check_privileges(cfg.mark)?;
     match &inherited {
@@ -465,8 +490,16 @@ fn run(args: Args) -> Result<()> {
     if let Some(inh) = inherited {
         let pid = inh.pid;
         match inh.release() {
-            Ok(()) => eprintln!("engine: took the sockets over from pid {pid}; it drains"),
-            Err(e) => eprintln!("engine: warning: {e} (pid {pid} may still be accepting)"),
+            Ok(()) => log::info(
+                "takeover",
+                format_args!("took the sockets over from pid {pid}; it drains"),
+                &[("from_pid", &pid)],
+            ),
+            Err(e) => log::warn(
+                "takeover_release",
+                format_args!("{e} (pid {pid} may still be accepting)"),
+                &[("from_pid", &pid)],
+            ),
         }
     }
     let (takeover_tx, takeover_rx) = std::sync::mpsc::channel();
@@ -502,9 +535,11 @@ fn run(args: Args) -> Result<()> {
                     );
                 }
                 takeover::Event::HandedOver { .. } => {}
-                takeover::Event::Failed(e) => {
-                    eprintln!("engine: a takeover failed ({e}); still serving")
-                }
+                takeover::Event::Failed(e) => log::warn(
+                    "takeover_failed",
+                    format_args!("a takeover failed ({e}); still serving"),
+                    &[],
+                ),
             }
         }
         for sig in signals.pending() {
@@ -517,26 +552,42 @@ fn run(args: Args) -> Result<()> {
                     engine.reopen_logs();
                     match (&args.config, &rules) {
                         (Some(path), Some(handle)) => reload(path, handle),
-                        _ => eprintln!(
-                            "engine: SIGHUP: flow log reopened; no rules file to reload \
-                             (--config); still running"
+                        _ => log::info(
+                            "sighup",
+                            format_args!(
+                                "SIGHUP: flow log reopened; no rules file to reload \
+                                 (--config); still running"
+                            ),
+                            &[],
                         ),
                     }
                 }
-                SIGUSR2 if stopping => eprintln!("engine: SIGUSR2 while stopping: ignored"),
+                SIGUSR2 if stopping => log::warn(
+                    "sigusr2",
+                    format_args!("SIGUSR2 while stopping: ignored"),
+                    &[],
+                ),
                 SIGUSR2 => match restart_in_place(&args) {
                     Ok(child) => {
-                        eprintln!("engine: SIGUSR2: started pid {} to take over", child.id());
+                        log::info(
+                            "restart_in_place",
+                            format_args!("SIGUSR2: started pid {} to take over", child.id()),
+                            &[("pid", &child.id())],
+                        );
                         successor = Some(child);
                     }
-                    Err(e) => eprintln!("engine: SIGUSR2: cannot restart in place: {e:#}"),
+                    Err(e) => log::error(
+                        "restart_in_place",
+                        format_args!("SIGUSR2: cannot restart in place: {e:#}"),
+                        &[],
+                    ),
                 },
                 _ if !stopping => {
                     stopping = true;
                     begin_stop(&engine, &notifier, "stopping: no new connections");
                 }
                 _ => {
-                    eprintln!("engine: second signal: exiting now");
+                    log::warn("exit_now", format_args!("second signal: exiting now"), &[]);
                     print_counters(&engine.counters());
                     std::process::exit(1);
                 }
@@ -545,10 +596,14 @@ fn run(args: Args) -> Result<()> {
         if let Some(child) = successor.as_mut() {
             if let Ok(Some(status)) = child.try_wait() {
                 if !stopping {
-                    eprintln!(
-                        "engine: the successor (pid {}) exited ({status}) before taking \
-                         over; still serving",
-                        child.id()
+                    log::warn(
+                        "takeover_failed",
+                        format_args!(
+                            "the successor (pid {}) exited ({status}) before taking over; \
+                             still serving",
+                            child.id()
+                        ),
+                        &[("pid", &child.id())],
                     );
                 }
                 successor = None;
@@ -558,7 +613,11 @@ fn run(args: Args) -> Result<()> {
             break;
         }
         if !stopping && engine.any_finished() {
-            eprintln!("engine: a worker exited unexpectedly; stopping the others");
+            log::error(
+                "worker_exited",
+                format_args!("a worker exited unexpectedly; stopping the others"),
+                &[],
+            );
             stopping = true;
             engine.stop();
         }

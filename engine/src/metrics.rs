@@ -1075,10 +1075,14 @@ impl Server {
             .spawn(move || {
                 if !cpus.is_empty() {
                     if let Err(e) = pin_current_thread(&cpus) {
-                        eprintln!(
-                            "engine: warning: cannot pin the metrics thread to CPUs {}: \
-                             {e}; it runs unpinned",
-                            cpus::format(&cpus)
+                        crate::log::warn(
+                            "metrics_pin",
+                            format_args!(
+                                "cannot pin the metrics thread to CPUs {}: {e}; it runs \
+                                 unpinned",
+                                cpus::format(&cpus)
+                            ),
+                            &[],
                         );
                     }
                 }

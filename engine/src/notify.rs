@@ -79,7 +79,11 @@ pub fn spawn_watchdog(
                     let _ = notifier.send("WATCHDOG=1");
                 }
                 Err(why) => {
-                    eprintln!("engine: watchdog: {why}; no more pings");
+                    crate::log::error(
+                        "watchdog_stuck",
+                        format_args!("watchdog: {why}; no more pings"),
+                        &[],
+                    );
                     let _ = notifier.send(&format!("STATUS=stuck: {why}"));
                     return;
                 }

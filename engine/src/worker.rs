@@ -183,9 +183,10 @@ impl Worker {
 
     fn dispatch(&mut self, c: Completion) {
         let Some(tok) = Token::decode(c.user_data) else {
-            eprintln!(
-                "cpu {}: completion with unknown user_data {:#x}",
-                self.core.cpu, c.user_data
+            crate::log::error(
+                "unknown_completion",
+                format_args!("completion with unknown user_data {:#x}", c.user_data),
+                &[("cpu", &self.core.cpu)],
             );
             return;
         };

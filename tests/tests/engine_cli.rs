@@ -252,3 +252,54 @@ fn engine_survives_sighup() {
     assert!(stdout.contains("summary:"), "{stdout}");
     assert!(stderr.contains("SIGHUP"), "{stderr}");
 }
+
+/// `--log-format json`: every log line is one JSON object with a level, an event
+/// name and a message; `--log-level warn` drops the info lines.
+#[test]
+fn engine_logs_structured_lines() {
+    let test = "engine_logs_structured_lines";
+    let Some(mut rig) = Rig::start(test, RigConfig::new().without_engine()) else {
+        return;
+    };
+    let args = |level: &str| -> Vec<String> {
+        [
+            "--cores",
+            "0",
+            "--drain-timeout-s",
+            "1",
+            "--log-format",
+            "json",
+            "--log-level",
+            level,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    for level in ["info", "warn"] {
+        rig.engine = Some(Engine::start(&rig.lab.router, &args(level)).unwrap());
+        let e = rig.engine_mut();
+        e.child.signal(nix::sys::signal::Signal::SIGHUP).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        let (status, _, stderr) = e.stop(Duration::from_secs(5));
+        assert!(status.expect("exited").success(), "{stderr}");
+        let lines: Vec<serde_json::Value> = stderr
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect();
+        for l in &lines {
+            assert!(l["ts"].is_string() && l["msg"].is_string(), "{l}");
+            assert!(["error", "warn", "info", "debug"].contains(&l["level"].as_str().unwrap()));
+        }
+        let events: Vec<&str> = lines.iter().filter_map(|l| l["event"].as_str()).collect();
+        if level == "info" {
+            assert!(events.contains(&"sighup"), "{events:?}");
+            assert!(events.contains(&"stopping"), "{events:?}");
+        } else {
+            assert!(
+                !events.contains(&"sighup") && !events.contains(&"stopping"),
+                "{events:?}"
+            );
+        }
+    }
+}

@@ -627,7 +627,8 @@ fn policy_twenty_reloads_under_load_lose_nothing() {
         .run(move || try_echo(SocketAddr::new(a, 7401)));
     assert!(is_reset(&r1), "the broken file replaced the rules: {r1:?}");
     let stderr = rig.engine_mut().child.stderr();
-    assert_eq!(stderr.matches("engine: reloaded ").count(), 20, "{stderr}");
+    assert_eq!(stderr.matches("event=reload ").count(), 20, "{stderr}");
+    assert!(stderr.contains("event=reload_refused"), "{stderr}");
     assert!(stderr.contains("refused, the old rules stay"), "{stderr}");
     assert!(
         stderr.contains("rules.toml:1:"),

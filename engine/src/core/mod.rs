@@ -149,10 +149,14 @@ impl Core {
     /// Unwinding or returning would free that memory under the kernel, so the only
     /// sound way out is to end the process here.
     pub fn dead_ring(&self, e: DeadRing) -> ! {
-        eprintln!(
-            "cpu {}: {e} with {} ops in flight: aborting (freeing their memory would \
-             be unsound)",
-            self.cpu, self.in_flight
+        crate::log::error(
+            "dead_ring",
+            format_args!(
+                "{e} with {} ops in flight: aborting (freeing their memory would be \
+                 unsound)",
+                self.in_flight
+            ),
+            &[("cpu", &self.cpu)],
         );
         std::process::abort();
     }
@@ -177,7 +181,7 @@ impl Core {
     pub fn log_limited(&mut self, msg: std::fmt::Arguments<'_>) {
         if self.last_log_tick != self.tick {
             self.last_log_tick = self.tick;
-            eprintln!("cpu {}: {msg}", self.cpu);
+            crate::log::warn("data_plane", msg, &[("cpu", &self.cpu)]);
         }
     }
 }
@@ -187,9 +191,13 @@ impl Drop for Core {
         if self.in_flight > 0 {
             // Only reachable through a panic on the worker thread (the loop ends
             // with nothing in flight): the same argument as `dead_ring`.
-            eprintln!(
-                "cpu {}: worker ending with {} ops in flight: aborting",
-                self.cpu, self.in_flight
+            crate::log::error(
+                "dead_worker",
+                format_args!(
+                    "worker ending with {} ops in flight: aborting",
+                    self.in_flight
+                ),
+                &[("cpu", &self.cpu)],
             );
             std::process::abort();
         }

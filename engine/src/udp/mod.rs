@@ -20,8 +20,8 @@
 //!   datagrams then bypass the engine, or go to the successor after a takeover),
 //!   keeps the flows so that answers to what was
 //!   already forwarded still reach their clients, ends answered single exchanges at
-//!   the next tick and other flows once quiet for the single-exchange timeout, and
-//!   ends the rest at the drain deadline.
+//!   the next tick and other flows once quiet for a second, and ends the rest at the
+//!   drain deadline.
 
 pub mod flows;
 pub mod replies;
@@ -47,6 +47,9 @@ use crate::sys::{self, cmsg};
 use crate::upstream::{self, Bound, UpstreamError};
 use flows::{ClientAddr, Dir, FlowId, FlowKey, FlowTable, InsertOutcome, OrigDst};
 use replies::Replies;
+
+/// While stopping, a flow that has been quiet this long ends.
+const STOPPING_QUIET_MS: u64 = 1000;
 
 /// Provided buffer group of UDP receives (tproxy sockets and upstream sockets).
 pub const GROUP_UDP: u16 = 1;
@@ -691,9 +694,11 @@ impl Udp {
             }
         } else {
             // While stopping, an answered single exchange has nothing left to wait
-            // for, and any other flow ends once quiet for the shorter timeout.
+            // for, and any other flow ends once quiet for a second (an answer to
+            // what was forwarded comes within that, or the client asks again, and
+            // that new datagram bypasses a fail-open engine or goes to its successor).
             let (idle_ms, single_ms) = if core.stopping {
-                (self.idle_ms.min(self.single_ms), 0)
+                (self.idle_ms.min(self.single_ms).min(STOPPING_QUIET_MS), 0)
             } else {
                 (self.idle_ms, self.single_ms)
             };

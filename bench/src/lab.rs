@@ -762,7 +762,8 @@ impl Lab {
         }
         let r = &self.router;
         // Forwarding for both families; rp_filter off because the router will carry
-        // TPROXY-diverted flows whose reverse path is `lo` (kernel.md pitfall 2).
+        // TPROXY-diverted flows whose reverse path is `lo` (docs/deployment.md, "Sysctl
+        // traps").
         // The per-interface value counts too (the kernel uses max(all, iface)), and
         // `default` is what veth-c/veth-s inherit when created below.
         r.sysctl("net.ipv4.ip_forward", "1")?;

@@ -49,7 +49,7 @@ pub const PORT_TCP_IDLE: u16 = 5006;
 pub const RESPONSE_SIZE: usize = 128;
 /// Client ephemeral ports for `tcp-crr`: windows of 4000, so at thousands of
 /// connections per second every port comes around within a second or two and meets
-/// the TIME_WAIT its previous connection left (kernel.md pitfall 1).
+/// the TIME_WAIT its previous connection left (docs/benchmarks.md, "Port reuse check").
 pub const CRR_PORT_WINDOW: u16 = 4000;
 /// First port of the first `tcp-crr` window; target `i` of a run gets window `i`.
 pub const CRR_PORT_BASE: u16 = 20000;

@@ -27,7 +27,6 @@
 
 pub mod addrs;
 pub mod config;
-#[allow(unsafe_code)]
 pub mod core;
 pub mod cpus;
 pub mod flowlog;

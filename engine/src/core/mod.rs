@@ -5,6 +5,7 @@
 //! the worker can hand its fields out as disjoint borrows (`self.tcp.on_cqe(&mut
 //! self.core, ..)`) instead of taking a subsystem out and putting it back.
 
+#[allow(unsafe_code)]
 pub mod ring;
 pub mod token;
 

@@ -1502,6 +1502,32 @@ pub fn relay_tcp_and_udp_once(rig: &Rig, tcp_port: u16, udp_port: u16) -> anyhow
     })
 }
 
+/// dnsmasq in `ns` listening on the A addresses (v4 and v6), port 53, with `extra`
+/// options (e.g. `--address=/example.test/192.0.2.7`); killed on drop. Returns once
+/// its TCP listener (which it opens next to UDP 53) is up.
+pub fn dnsmasq(ns: &Netns, extra: &[&str]) -> NsChild {
+    let listen = format!(
+        "--listen-address={},{}",
+        Family::V4.server_a(),
+        Family::V6.server_a()
+    );
+    let mut args = vec![
+        "--no-daemon",
+        "--conf-file=/dev/null",
+        "--pid-file=",
+        "--user=root",
+        "--no-resolv",
+        "--no-hosts",
+        "--bind-interfaces",
+        listen.as_str(),
+        "--port=53",
+    ];
+    args.extend_from_slice(extra);
+    let child = ns.spawn_child("dnsmasq", args).expect("starting dnsmasq");
+    wait_tcp_listen(ns, 53, std::time::Duration::from_secs(10)).expect("dnsmasq listening");
+    child
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

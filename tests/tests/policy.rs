@@ -460,31 +460,7 @@ action = "relay"
     let Some((mut rig, _)) = rig_with_rules(test, &rules, &[]) else {
         return;
     };
-    let listen = format!(
-        "--listen-address={},{}",
-        Family::V4.server_a(),
-        Family::V6.server_a()
-    );
-    let _dnsmasq = rig
-        .lab
-        .server
-        .spawn_child(
-            "dnsmasq",
-            [
-                "--no-daemon",
-                "--conf-file=/dev/null",
-                "--pid-file=",
-                "--user=root",
-                "--no-resolv",
-                "--no-hosts",
-                "--bind-interfaces",
-                listen.as_str(),
-                "--port=53",
-                "--address=/example.test/192.0.2.7",
-            ],
-        )
-        .unwrap();
-    wait_tcp_listen(&rig.lab.server, 53, Duration::from_secs(10)).unwrap();
+    let _dnsmasq = dnsmasq(&rig.lab.server, &["--address=/example.test/192.0.2.7"]);
     let dig = |server: String| {
         let mut cmd = rig.lab.client.command("dig");
         cmd.args([

@@ -35,30 +35,13 @@ fn exchange(
 /// dnsmasq in the server namespace answering `example.test` A and AAAA on the A
 /// addresses, port 53. Returned child is killed on drop.
 fn start_dnsmasq(rig: &Rig) -> NsChild {
-    let listen = format!("--listen-address={},{}", addrs::SERVER4_A, addrs::SERVER6_A);
-    let child = rig
-        .lab
-        .server
-        .spawn_child(
-            "dnsmasq",
-            [
-                "--no-daemon",
-                "--conf-file=/dev/null",
-                "--pid-file=",
-                "--user=root",
-                "--no-resolv",
-                "--no-hosts",
-                "--bind-interfaces",
-                listen.as_str(),
-                "--port=53",
-                "--address=/example.test/192.0.2.7",
-                "--address=/example.test/2001:db8::7",
-            ],
-        )
-        .expect("starting dnsmasq");
-    // dnsmasq opens TCP 53 next to UDP 53: its listener says it is up.
-    wait_tcp_listen(&rig.lab.server, 53, Duration::from_secs(10)).expect("dnsmasq listening");
-    child
+    dnsmasq(
+        &rig.lab.server,
+        &[
+            "--address=/example.test/192.0.2.7",
+            "--address=/example.test/2001:db8::7",
+        ],
+    )
 }
 
 fn dns(test: &str, family: Family) {

@@ -424,12 +424,7 @@ impl Udp {
         }
         // Symmetric: the one destination answers from itself. Full cone: the first
         // destination's verdict is the first entry of the flow's list.
-        if let Err(e) = self
-            .replies
-            .acquire(&core.stats, OrigDst(orig), core.cfg.mark)
-        {
-            core.stats.udp_drop_no_socket.fetch_add(1, Relaxed);
-            core.log_limited(format_args!("udp: reply socket on {orig}: {e}"));
+        if !self.take_reply(core, orig) {
             return None;
         }
         let cone = cone.then(|| {
@@ -490,26 +485,16 @@ impl Udp {
             return *t;
         }
         let target = Self::verdict(core, client, orig).map(|(t, _)| t);
-        if target.is_some() {
-            if let Err(e) = self
-                .replies
-                .acquire(&core.stats, OrigDst(orig), core.cfg.mark)
-            {
-                core.stats.udp_drop_no_socket.fetch_add(1, Relaxed);
-                core.log_limited(format_args!("udp: reply socket on {orig}: {e}"));
-                return None;
-            }
+        if target.is_some() && !self.take_reply(core, orig) {
+            return None;
         }
         let cone = self.flows.get_mut(id)?.cone.as_mut()?;
-        if cone.dsts.len() >= CONE_PEERS {
-            let (old, t) = cone.dsts.remove(0);
+        if let Some((old, t)) = push_bounded(&mut cone.dsts, (orig, target)) {
             core.stats.udp_cone_evictions.fetch_add(1, Relaxed);
             if t.is_some() {
                 self.replies.release(&core.stats, OrigDst(old));
             }
         }
-        let cone = self.flows.get_mut(id)?.cone.as_mut()?;
-        cone.dsts.push((orig, target));
         target
     }
 
@@ -530,23 +515,31 @@ impl Udp {
         if cone.remotes.contains(&remote) {
             return Some(remote);
         }
-        if let Err(e) = self
-            .replies
-            .acquire(&core.stats, OrigDst(remote), core.cfg.mark)
-        {
-            core.stats.udp_drop_no_socket.fetch_add(1, Relaxed);
-            core.log_limited(format_args!("udp: reply socket on {remote}: {e}"));
+        if !self.take_reply(core, remote) {
             return None;
         }
         let cone = self.flows.get_mut(id)?.cone.as_mut()?;
-        if cone.remotes.len() >= CONE_PEERS {
-            let old = cone.remotes.remove(0);
+        if let Some(old) = push_bounded(&mut cone.remotes, remote) {
             core.stats.udp_cone_evictions.fetch_add(1, Relaxed);
             self.replies.release(&core.stats, OrigDst(old));
         }
-        let cone = self.flows.get_mut(id)?.cone.as_mut()?;
-        cone.remotes.push(remote);
         Some(remote)
+    }
+
+    /// Takes a reference on the reply socket that answers from `from`; on failure
+    /// (fds, permissions) counts and logs it and returns false.
+    fn take_reply(&mut self, core: &mut Core, from: SocketAddr) -> bool {
+        match self
+            .replies
+            .acquire(&core.stats, OrigDst(from), core.cfg.mark)
+        {
+            Ok(()) => true,
+            Err(e) => {
+                core.stats.udp_drop_no_socket.fetch_add(1, Relaxed);
+                core.log_limited(format_args!("udp: reply socket on {from}: {e}"));
+                false
+            }
+        }
     }
 
     /// Drops the reply socket references a flow holds.
@@ -730,6 +723,14 @@ impl Udp {
     pub fn is_drained(&self) -> bool {
         self.flows.is_empty() && self.closing.is_empty() && self.sockets.iter().all(|s| !s.armed)
     }
+}
+
+/// Appends `item`, first taking out (and returning) the oldest entry when `v`
+/// already holds [`CONE_PEERS`].
+fn push_bounded<T>(v: &mut Vec<T>, item: T) -> Option<T> {
+    let evicted = (v.len() >= CONE_PEERS).then(|| v.remove(0));
+    v.push(item);
+    evicted
 }
 
 /// The flow key's destination part for a full-cone flow: one flow per client

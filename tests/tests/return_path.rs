@@ -559,3 +559,80 @@ fn engine_source_client_end_to_end_nft() {
         "client",
     );
 }
+
+/// `--source client-ip` in both relay modes, IPv4 and IPv6: a 2 MB transfer each
+/// way arrives intact with the server seeing the client; the client's half-close
+/// reaches the server before the answer, and a server reset reaches the client.
+fn engine_client_ip_relays(test: &str, relay: &str) {
+    if !engine_has_source_flag() {
+        let _ = writeln!(
+            io::stderr(),
+            "SKIPPED: {test}: the engine under test has no --source"
+        );
+        return;
+    }
+    let rig_config = RigConfig::new()
+        .setup_args(&["--source", "client-ip", "--in-iface", "veth-c"])
+        .engine_args(&["--source", "client-ip", "--relay", relay]);
+    let Some(rig) = Rig::start(test, rig_config) else {
+        return;
+    };
+    const LEN: u64 = 2_000_000;
+    for (i, family) in [Family::V4, Family::V6].into_iter().enumerate() {
+        let bulk = SocketAddr::new(family.server_a(), 6600 + 10 * i as u16);
+        let srv = TcpServer::start(&rig.lab.server, bulk, |s, info| {
+            // Reads to EOF first: the client's half-close must have been relayed.
+            let got = read_digest(&mut &s)?;
+            anyhow::ensure!(got == pattern_digest(41, LEN), "request corrupted");
+            write_pattern(&mut &s, 42, LEN)?;
+            let _ = info;
+            Ok(())
+        })
+        .unwrap();
+        let got = rig
+            .lab
+            .client
+            .run(move || -> anyhow::Result<Digest> {
+                let mut s = tcp_connect(bulk)?;
+                write_pattern(&mut s, 41, LEN)?;
+                s.shutdown(Shutdown::Write)?;
+                Ok(read_digest(&mut s)?)
+            })
+            .unwrap_or_else(|e| panic!("{family:?} {relay}: {e:#}"));
+        assert_eq!(got, pattern_digest(42, LEN), "{family:?} {relay}: response");
+        assert!(srv.wait_finished(1, Duration::from_secs(5)));
+        assert_eq!(srv.errors(), Vec::<String>::new());
+        assert_eq!(srv.accepted()[0].peer.ip(), family.client(), "{family:?}");
+
+        // A server that resets: the client sees the reset.
+        let rst = SocketAddr::new(family.server_a(), 6601 + 10 * i as u16);
+        let _r = TcpServer::start(&rig.lab.server, rst, |s, _| {
+            let mut b = [0u8; 4];
+            (&s).read_exact(&mut b)?;
+            socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO))?;
+            Ok(())
+        })
+        .unwrap();
+        let seen = rig.lab.client.run(move || -> std::io::Result<usize> {
+            let mut s = tcp_connect(rst)?;
+            s.write_all(b"ping")?;
+            s.set_read_timeout(Some(Duration::from_secs(3)))?;
+            let mut b = [0u8; 4];
+            s.read(&mut b)
+        });
+        assert!(
+            matches!(&seen, Err(e) if e.kind() == io::ErrorKind::ConnectionReset),
+            "{family:?} {relay}: the server's reset did not reach the client: {seen:?}"
+        );
+    }
+}
+
+#[test]
+fn engine_source_client_ip_relays_splice() {
+    engine_client_ip_relays("engine_source_client_ip_relays_splice", "splice");
+}
+
+#[test]
+fn engine_source_client_ip_relays_copy() {
+    engine_client_ip_relays("engine_source_client_ip_relays_copy", "copy");
+}

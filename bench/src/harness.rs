@@ -203,12 +203,34 @@ pub fn parse_cores(s: &str) -> anyhow::Result<Vec<usize>> {
 /// baseline engine (`with_baseline`); `all` includes them only then, each right
 /// after its current-engine twin.
 pub fn parse_targets(s: &str, with_baseline: bool) -> anyhow::Result<Vec<Target>> {
+    parse_targets_with(s, with_baseline, &[])
+}
+
+/// [`parse_targets`] where `all` also includes `variants` (engine-splice's variants
+/// picked by `--policy` and `--source-variant`), right after engine-splice (and its
+/// baseline twin), so that they run back to back with it. Named, the variants need
+/// no flag.
+pub fn parse_targets_with(
+    s: &str,
+    with_baseline: bool,
+    variants: &[Target],
+) -> anyhow::Result<Vec<Target>> {
     if s.trim() == "all" {
-        return Ok(if with_baseline {
+        let mut all = if with_baseline {
             Target::ALL_WITH_BASELINE.to_vec()
         } else {
             Target::ALL.to_vec()
-        });
+        };
+        let after = all
+            .iter()
+            .rposition(|t| t.current() == Target::EngineSplice)
+            .map_or(all.len(), |i| i + 1);
+        let vs: Vec<Target> = Target::SPLICE_VARIANTS
+            .into_iter()
+            .filter(|t| variants.contains(t))
+            .collect();
+        all.splice(after..after, vs);
+        return Ok(all);
     }
     let mut out = Vec::new();
     for name in s.split(',').map(str::trim) {
@@ -362,7 +384,7 @@ fn run_round(
         if target.is_engine() {
             // The current engine's keys stay `splice` / `copy`; the baseline's are
             // its target names.
-            let key = if target.is_baseline() {
+            let key = if target.is_baseline() || target.is_splice_variant() {
                 target.name()
             } else {
                 target.relay()
@@ -383,6 +405,7 @@ fn run_round(
                 pid: armed.pid(),
             },
             proxy_limit: armed.conn_limit(),
+            preamble: (target == Target::EngineSni).then(crate::policy::bench_client_hello),
         };
         if let Some(w) = limit_warning(target, armed.conn_limit(), plan) {
             log(&format!("[{}] warning: {w}", target.name()));
@@ -393,6 +416,17 @@ fn run_round(
                 if crate::stop_requested() {
                     rep.interrupted = true;
                     break;
+                }
+                if let Some(why) = target.skips(*scenario, v.idle > 0) {
+                    rep.records.push(Record::not_run(
+                        *scenario,
+                        v,
+                        target,
+                        family,
+                        Status::Skipped,
+                        why.into(),
+                    ));
+                    continue;
                 }
                 if target == Target::Haproxy && scenario.is_udp() {
                     rep.records.push(Record::not_run(
@@ -649,6 +683,61 @@ mod tests {
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
         assert!(parse_duration("x").is_err());
+    }
+
+    #[test]
+    fn splice_variants_join_all_only_when_asked() {
+        use Target::*;
+        assert_eq!(
+            parse_targets_with("all", false, &[]).unwrap(),
+            Target::ALL.to_vec()
+        );
+        assert_eq!(
+            parse_targets_with("all", false, &[EngineClientIp, EngineRules10k, EngineSni]).unwrap(),
+            vec![
+                Direct,
+                EngineSplice,
+                EngineRules10k,
+                EngineSni,
+                EngineClientIp,
+                EngineCopy,
+                Haproxy
+            ]
+        );
+        assert_eq!(
+            parse_targets_with("all", true, &Target::SOURCE_VARIANT).unwrap(),
+            vec![
+                Direct,
+                EngineSplice,
+                BaseSplice,
+                EngineClientIp,
+                EngineCopy,
+                BaseCopy,
+                Haproxy
+            ]
+        );
+        // Named, they need no flag.
+        assert_eq!(
+            parse_targets(
+                "engine-splice,engine-rules10k,engine-sni,engine-clientip",
+                false
+            )
+            .unwrap(),
+            vec![EngineSplice, EngineRules10k, EngineSni, EngineClientIp]
+        );
+        for t in Target::SPLICE_VARIANTS {
+            assert_eq!(t.relay(), "splice");
+            assert!(t.is_engine() && !t.is_baseline() && t.is_splice_variant());
+            assert_eq!(Target::parse(t.name()), Some(t));
+        }
+        // engine-sni runs only the loads that send a ClientHello.
+        assert!(EngineSni.skips(Scenario::TcpCrr, false).is_none());
+        assert!(EngineSni.skips(Scenario::TcpRr, false).is_none());
+        assert!(EngineSni.skips(Scenario::TcpCrr, true).is_some());
+        assert!(EngineSni.skips(Scenario::TcpBulk, false).is_some());
+        assert!(EngineSni.skips(Scenario::UdpRr, false).is_some());
+        assert!(EngineRules10k.skips(Scenario::UdpPps, false).is_none());
+        assert!(EngineClientIp.skips(Scenario::TcpBulk, false).is_none());
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod cpu;
 pub mod harness;
 pub mod lab;
 pub mod load;
+pub mod policy;
 pub mod report;
 pub mod targets;
 

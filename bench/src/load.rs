@@ -326,6 +326,11 @@ pub struct LoadSpec {
     pub cpu: CpuProbe,
     /// The connection limit the proxy states, if any (recorded with idle connections).
     pub proxy_limit: Option<usize>,
+    /// Bytes each `tcp-crr` and `tcp-rr` connection sends first, before its first
+    /// request (a TLS ClientHello for `engine-sni`); the server reads and drops them.
+    /// `tcp-crr` sends them with the request in one write, `tcp-rr` alone right
+    /// after connecting, before the window.
+    pub preamble: Option<&'static [u8]>,
 }
 
 /// What one run measured.
@@ -879,6 +884,7 @@ fn tcp_rr(lab: &Lab, v: &Variant, spec: &LoadSpec) -> anyhow::Result<Outcome> {
         .context("server listen")?;
     let sh = Shared::new(spec.duration);
     let req_size = v.size;
+    let preamble = spec.preamble.unwrap_or_default();
     let server = {
         let (sh, cores) = (sh.clone(), spec.server_cores.clone());
         lab.server.spawn(move || {
@@ -889,6 +895,19 @@ fn tcp_rr(lab: &Lab, v: &Variant, spec: &LoadSpec) -> anyhow::Result<Outcome> {
                 let _ = s.set_read_timeout(Some(POLL_SLICE));
                 let mut req = vec![0u8; req_size];
                 let resp = [0xa5u8; RESPONSE_SIZE];
+                if !preamble.is_empty() {
+                    let mut first = vec![0u8; preamble.len()];
+                    match read_full(&mut s, &mut first, || Instant::now() >= sh.hard_end) {
+                        Ok(true) => {}
+                        Ok(false) => return t,
+                        Err(e) => {
+                            if !sh.done.load(Ordering::Relaxed) {
+                                t.io_error(&e);
+                            }
+                            return t;
+                        }
+                    }
+                }
                 loop {
                     match read_full(&mut s, &mut req, || Instant::now() >= sh.hard_end) {
                         Ok(true) => {}
@@ -918,7 +937,12 @@ fn tcp_rr(lab: &Lab, v: &Variant, spec: &LoadSpec) -> anyhow::Result<Outcome> {
             lab.client.spawn(move || {
                 pin(&cores, i);
                 let mut t = Tally::with_histogram();
-                let conn = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT);
+                let conn = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).and_then(|mut s| {
+                    if !preamble.is_empty() {
+                        s.write_all(preamble)?;
+                    }
+                    Ok(s)
+                });
                 sh.ready.fetch_add(1, Ordering::Release);
                 let mut s = match conn {
                     Ok(s) => s,
@@ -1261,6 +1285,9 @@ fn tcp_crr(lab: &Lab, v: &Variant, spec: &LoadSpec) -> anyhow::Result<Outcome> {
         .context("server listen")?;
     let sh = Shared::new(spec.duration);
     let req_size = v.size;
+    // The preamble comes in front of each request, in the same write.
+    let preamble = spec.preamble.unwrap_or_default();
+    let first_size = preamble.len() + req_size;
     // A pool of acceptors, each serving one connection at a time: no thread per
     // connection at tens of thousands of connections per second.
     let acceptors = v.conns.clamp(1, 32);
@@ -1278,7 +1305,7 @@ fn tcp_crr(lab: &Lab, v: &Variant, spec: &LoadSpec) -> anyhow::Result<Outcome> {
                         return t;
                     }
                 };
-                let mut req = vec![0u8; req_size];
+                let mut req = vec![0u8; first_size];
                 let resp = [0xa5u8; RESPONSE_SIZE];
                 while !sh.server_over() {
                     let (mut s, peer) = match listener.accept() {
@@ -1323,7 +1350,8 @@ fn tcp_crr(lab: &Lab, v: &Variant, spec: &LoadSpec) -> anyhow::Result<Outcome> {
             lab.client.spawn(move || {
                 pin(&cores, i);
                 let mut t = Tally::with_histogram();
-                let req = vec![0x5au8; req_size];
+                let mut req = preamble.to_vec();
+                req.resize(first_size, 0x5a);
                 let mut resp = Vec::with_capacity(RESPONSE_SIZE * 2);
                 sh.ready.fetch_add(1, Ordering::Release);
                 if !sh.wait_go() {

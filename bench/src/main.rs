@@ -13,7 +13,7 @@ use ringrelay_bench::harness::{self, Config};
 use ringrelay_bench::lab::{self, Lab};
 use ringrelay_bench::load::Family;
 use ringrelay_bench::report::Report;
-use ringrelay_bench::targets::{fd_limit, Tools, DEFAULT_PORT};
+use ringrelay_bench::targets::{fd_limit, Target, Tools, DEFAULT_PORT};
 
 #[derive(Parser)]
 #[command(
@@ -76,10 +76,21 @@ struct RunArgs {
     #[arg(long, value_name = "N")]
     idle_conns: Option<usize>,
     /// Target(s): direct, engine-splice, engine-copy, haproxy, base-splice, base-copy
-    /// (these two need --baseline-engine), comma-separated, or all (base-* only with
-    /// --baseline-engine).
+    /// (these two need --baseline-engine), engine-rules10k, engine-sni,
+    /// engine-clientip, comma-separated, or all (base-* only with --baseline-engine,
+    /// the engine-splice variants only with --policy / --source-variant).
     #[arg(long, default_value = "all")]
     target: String,
+    /// Add the policy variants of engine-splice to `all`: engine-rules10k (a rules
+    /// file of 10,000 rules, the relaying one last) and engine-sni (one SNI rule; its
+    /// tcp-crr and tcp-rr clients send a TLS ClientHello first; other scenarios are
+    /// skipped there).
+    #[arg(long)]
+    policy: bool,
+    /// Add engine-clientip to `all`: engine-splice with `engine --source client-ip`
+    /// and `setup apply --source client-ip --in-iface veth-c`.
+    #[arg(long)]
+    source_variant: bool,
     /// An engine binary built from an older commit: adds the targets base-splice and
     /// base-copy (engine-splice / engine-copy run with this binary), for before/after
     /// figures taken side by side in one run.
@@ -197,7 +208,16 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             let sel = harness::parse_scenarios(&a.scenario, a.idle_conns, fd_limit())?;
             let cfg = Config {
                 scenarios: sel.scenarios,
-                targets: harness::parse_targets(&a.target, a.baseline_engine.is_some())?,
+                targets: {
+                    let mut variants = Vec::new();
+                    if a.policy {
+                        variants.extend(Target::POLICY);
+                    }
+                    if a.source_variant {
+                        variants.extend(Target::SOURCE_VARIANT);
+                    }
+                    harness::parse_targets_with(&a.target, a.baseline_engine.is_some(), &variants)?
+                },
                 duration: harness::parse_duration(&a.duration)?,
                 conns: a.conns,
                 size: a.size,

@@ -548,6 +548,13 @@ impl Report {
                 }
             }
         }
+        // Each variant of engine-splice against engine-splice itself.
+        for t in Target::SPLICE_VARIANTS {
+            if have.contains(&t) && have.contains(&Target::EngineSplice) {
+                let e = Target::EngineSplice;
+                v.push((format!("{} / {}", t.name(), e.name()), t, e));
+            }
+        }
         v
     }
 
@@ -783,6 +790,9 @@ impl Report {
             Target::BaseSplice => "#2ca02c",
             Target::BaseCopy => "#98df8a",
             Target::Haproxy => "#ff7f0e",
+            Target::EngineRules10k => "#9467bd",
+            Target::EngineSni => "#c5b0d5",
+            Target::EngineClientIp => "#17becf",
         };
         // Each group's bars are scaled to the best target of that group, or to direct.
         let base = |row: &(Scenario, String)| -> Option<f64> {

@@ -5,6 +5,7 @@
 //! and the proxy is up; dropping it stops the proxy and runs `setup teardown`, so the
 //! next target starts from a router without rules.
 
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -15,6 +16,8 @@ use nix::sys::signal::Signal;
 use serde::Serialize;
 
 use crate::lab::{self, Lab, NsChild};
+use crate::load::Scenario;
+use crate::policy;
 
 /// The transparent port (docs/CONTRACTS.md).
 pub const DEFAULT_PORT: u16 = 15001;
@@ -44,6 +47,18 @@ pub enum Target {
     /// HAProxy, transparent bind, `option splice-auto`, behind `setup apply`.
     #[serde(rename = "haproxy")]
     Haproxy,
+    /// [`Target::EngineSplice`] with a rules file of [`policy::RULES_10K`] rules, the
+    /// one that relays the lab's traffic last (`--policy`).
+    #[serde(rename = "engine-rules10k")]
+    EngineRules10k,
+    /// [`Target::EngineSplice`] with one SNI rule: every connection waits for its
+    /// ClientHello; the `tcp-crr` and `tcp-rr` clients send one (`--policy`).
+    #[serde(rename = "engine-sni")]
+    EngineSni,
+    /// [`Target::EngineSplice`] with `--source client-ip` (and its return path:
+    /// `setup apply --source client-ip --in-iface veth-c`) (`--source-variant`).
+    #[serde(rename = "engine-clientip")]
+    EngineClientIp,
 }
 
 impl Target {
@@ -67,6 +82,34 @@ impl Target {
         Target::Haproxy,
     ];
 
+    /// The policy variants of engine-splice, added to `all` by `--policy`.
+    pub const POLICY: [Target; 2] = [Target::EngineRules10k, Target::EngineSni];
+
+    /// The `--source client-ip` variant of engine-splice, added to `all` by
+    /// `--source-variant`.
+    pub const SOURCE_VARIANT: [Target; 1] = [Target::EngineClientIp];
+
+    /// The variants of engine-splice: each differs from it in one thing, and the
+    /// report divides its figures by engine-splice's.
+    pub const SPLICE_VARIANTS: [Target; 3] = [
+        Target::EngineRules10k,
+        Target::EngineSni,
+        Target::EngineClientIp,
+    ];
+
+    /// Every target, for parsing names.
+    pub const EVERY: [Target; 9] = [
+        Target::Direct,
+        Target::EngineSplice,
+        Target::BaseSplice,
+        Target::EngineCopy,
+        Target::BaseCopy,
+        Target::Haproxy,
+        Target::EngineRules10k,
+        Target::EngineSni,
+        Target::EngineClientIp,
+    ];
+
     /// CLI and report name.
     pub fn name(self) -> &'static str {
         match self {
@@ -76,21 +119,26 @@ impl Target {
             Target::EngineCopy => "engine-copy",
             Target::BaseCopy => "base-copy",
             Target::Haproxy => "haproxy",
+            Target::EngineRules10k => "engine-rules10k",
+            Target::EngineSni => "engine-sni",
+            Target::EngineClientIp => "engine-clientip",
         }
     }
 
     /// Parses a CLI name.
     pub fn parse(s: &str) -> Option<Target> {
-        Target::ALL_WITH_BASELINE
-            .into_iter()
-            .find(|t| t.name() == s)
+        Target::EVERY.into_iter().find(|t| t.name() == s)
     }
 
     /// The relay mode recorded with each result.
     pub fn relay(self) -> &'static str {
         match self {
             Target::Direct => "kernel-forwarding",
-            Target::EngineSplice | Target::BaseSplice => "splice",
+            Target::EngineSplice
+            | Target::BaseSplice
+            | Target::EngineRules10k
+            | Target::EngineSni
+            | Target::EngineClientIp => "splice",
             Target::EngineCopy | Target::BaseCopy => "copy",
             Target::Haproxy => "haproxy-splice-auto",
         }
@@ -100,8 +148,55 @@ impl Target {
     pub fn is_engine(self) -> bool {
         matches!(
             self,
-            Target::EngineSplice | Target::EngineCopy | Target::BaseSplice | Target::BaseCopy
+            Target::EngineSplice
+                | Target::EngineCopy
+                | Target::BaseSplice
+                | Target::BaseCopy
+                | Target::EngineRules10k
+                | Target::EngineSni
+                | Target::EngineClientIp
         )
+    }
+
+    /// True for the variants of engine-splice ([`Target::SPLICE_VARIANTS`]).
+    pub fn is_splice_variant(self) -> bool {
+        Target::SPLICE_VARIANTS.contains(&self)
+    }
+
+    /// Why this target does not run `scenario` (`idle`: its idle-connection variant),
+    /// if it does not: only the `tcp-crr` and `tcp-rr` clients of `engine-sni` send a
+    /// ClientHello, and its rules reject everything else.
+    pub fn skips(self, scenario: Scenario, idle: bool) -> Option<&'static str> {
+        let sni_load = matches!(scenario, Scenario::TcpCrr | Scenario::TcpRr) && !idle;
+        (self == Target::EngineSni && !sni_load).then_some(
+            "engine-sni measures tcp-crr and tcp-rr only: other clients send no ClientHello",
+        )
+    }
+
+    /// What the engine gets besides `--cores --port --relay`, and `setup apply`
+    /// besides `--port`.
+    fn extra_args(self) -> (&'static [&'static str], &'static [&'static str]) {
+        match self {
+            Target::EngineClientIp => (
+                &["--source", "client-ip"],
+                &[
+                    "--source",
+                    "client-ip",
+                    "--in-iface",
+                    lab::addrs::ROUTER_IFACE_CLIENT,
+                ],
+            ),
+            _ => (&[], &[]),
+        }
+    }
+
+    /// The rules file this target runs the engine with, if any.
+    fn rules_file(self) -> Option<String> {
+        match self {
+            Target::EngineRules10k => Some(policy::rules_file(policy::RULES_10K)),
+            Target::EngineSni => Some(policy::sni_rules_file()),
+            _ => None,
+        }
     }
 
     /// True for the targets that run the `--baseline-engine` binary.
@@ -219,7 +314,13 @@ impl Tools {
         let reason = |f: &Found| f.as_ref().err().cloned();
         match target {
             Target::Direct => None,
-            Target::EngineSplice | Target::EngineCopy | Target::BaseSplice | Target::BaseCopy => {
+            Target::EngineSplice
+            | Target::EngineCopy
+            | Target::BaseSplice
+            | Target::BaseCopy
+            | Target::EngineRules10k
+            | Target::EngineSni
+            | Target::EngineClientIp => {
                 reason(&self.engine_for(target)).or_else(|| reason(&self.setup))
             }
             Target::Haproxy => reason(&self.haproxy).or_else(|| {
@@ -352,6 +453,8 @@ pub struct Armed<'a> {
     target: Target,
     setup: Option<PathBuf>,
     state_dir: Option<PathBuf>,
+    /// Where the target's rules file was written, removed on disarm.
+    rules_dir: Option<PathBuf>,
     child: Option<NsChild>,
     /// Startup output of the proxy (the engine prints its ring flags there).
     pub startup: Vec<String>,
@@ -398,6 +501,7 @@ impl<'a> Armed<'a> {
             target,
             setup: None,
             state_dir: None,
+            rules_dir: None,
             child: None,
             startup: Vec::new(),
             notes: Vec::new(),
@@ -409,20 +513,21 @@ impl<'a> Armed<'a> {
         }
         let setup = tools.setup.clone().map_err(ArmError::Skipped)?;
         armed.state_dir = Some(temp_dir("setup-state").map_err(ArmError::Failed)?);
-        armed
-            .setup_cmd(&setup, &["apply", "--port", &opts.port.to_string()])
-            .map_err(ArmError::Failed)?;
+        let port = opts.port.to_string();
+        let mut apply = vec!["apply", "--port", &port];
+        apply.extend_from_slice(target.extra_args().1);
+        armed.setup_cmd(&setup, &apply).map_err(ArmError::Failed)?;
         armed.setup = Some(setup);
         let started = match target {
-            Target::EngineSplice | Target::EngineCopy | Target::BaseSplice | Target::BaseCopy => {
-                let engine = tools.engine_for(target).map_err(ArmError::Skipped)?;
-                armed.start_engine(&engine, opts)
-            }
             Target::Haproxy => {
                 let haproxy = tools.haproxy.clone().map_err(ArmError::Skipped)?;
                 armed.start_haproxy(&haproxy, opts)
             }
             Target::Direct => Ok(()),
+            _ => {
+                let engine = tools.engine_for(target).map_err(ArmError::Skipped)?;
+                armed.start_engine(&engine, opts)
+            }
         };
         // On failure `armed` drops here: proxy stopped, rules torn down.
         started.map_err(ArmError::Failed)?;
@@ -463,12 +568,25 @@ impl<'a> Armed<'a> {
             "--relay",
             self.target.relay(),
         ]);
+        cmd.args(self.target.extra_args().0);
+        let mut label = format!("--relay {}", self.target.relay());
+        if let Some(rules) = self.target.rules_file() {
+            let dir = temp_dir("rules")?;
+            let path = dir.join(format!("{}.toml", self.target.name()));
+            self.rules_dir = Some(dir);
+            std::fs::write(&path, rules).with_context(|| format!("writing {}", path.display()))?;
+            cmd.arg("--config").arg(&path);
+            let _ = write!(label, " --config {}", path.display());
+        }
+        for a in self.target.extra_args().0 {
+            let _ = write!(label, " {a}");
+        }
         let who = if self.target.is_baseline() {
             "baseline engine"
         } else {
             "engine"
         };
-        let child = NsChild::spawn(format!("{who} --relay {}", self.target.relay()), cmd)?;
+        let child = NsChild::spawn(format!("{who} {label}"), cmd)?;
         self.child = Some(child);
         self.wait_up(opts.port, true)?;
         self.conn_limit = self
@@ -641,7 +759,10 @@ impl<'a> Armed<'a> {
                 self.notes.push(format!("{e:#}"));
             }
         }
-        if let Some(d) = self.state_dir.take() {
+        for d in [self.state_dir.take(), self.rules_dir.take()]
+            .into_iter()
+            .flatten()
+        {
             let _ = std::fs::remove_dir_all(d);
         }
     }

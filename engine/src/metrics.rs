@@ -395,6 +395,13 @@ pub fn per_core_families() -> Vec<PerCore> {
             &[("splice_bytes", "splice"), ("copy_bytes", "copy")],
         ),
         PerCore::one(
+            "ringrelay_tcp_copy_spills_total",
+            Counter,
+            "Copy-relay sends that could not deliver everything at once: the rest moved \
+             out of the shared provided-buffer pool into the connection's own buffer.",
+            "copy_spills",
+        ),
+        PerCore::one(
             "ringrelay_source_fallback_total",
             Counter,
             "Upstream sockets bound from the router although --source asked for the \

@@ -415,6 +415,9 @@ counters! {
     splice_bytes,
     /// Bytes moved by copy relays.
     copy_bytes,
+    /// Copy-relay sends that could not deliver everything at once: the rest moved
+    /// out of the shared buffer pool into the direction's own buffer.
+    copy_spills,
     /// Connections accepted past the limit (multishot burst) that waited for a slot.
     accept_parked,
     /// Times the connection limit was reached and accepting paused.

@@ -33,8 +33,9 @@ pub struct ConnIo {
     pub rule: Option<RuleName>,
     /// The TLS SNI or HTTP Host the sniff found.
     pub name: Option<Box<str>>,
-    /// The client's first bytes, read while sniffing, until they are sent upstream.
-    pub sniffed: Vec<u8>,
+    /// Each direction's own buffer: direction 0's sniffed bytes until they are sent
+    /// upstream, or what a copy-relay send could not deliver at once.
+    pub spill: [Vec<u8>; 2],
 }
 
 /// One relayed TCP connection.

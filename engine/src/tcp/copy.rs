@@ -75,7 +75,9 @@ pub fn recv_sqe(fd: i32, bufs: &BufRing, user_data: u64) -> squeue::Entry {
 }
 
 /// A send of `len` bytes of buffer `bid` from `off`. The pointer stays valid until
-/// the send's final completion: the machine returns the buffer only after it.
+/// the send's final completion: the machine returns the buffer only after it. No
+/// `MSG_WAITALL`: a full destination ends the send at once (short, or `EAGAIN` on the
+/// non-blocking socket), and the machine moves what is left out of the shared pool.
 pub fn send_sqe(
     fd: i32,
     bufs: &BufRing,
@@ -86,9 +88,8 @@ pub fn send_sqe(
 ) -> squeue::Entry {
     let ptr = bufs.ptr(bid).wrapping_add(off);
     // MSG_NOSIGNAL: a peer that went away yields EPIPE, not SIGPIPE.
-    // MSG_WAITALL: io_uring retries short sends itself.
     opcode::Send::new(types::Fd(fd), ptr, len as u32)
-        .flags(libc::MSG_NOSIGNAL | libc::MSG_WAITALL)
+        .flags(libc::MSG_NOSIGNAL)
         .build()
         .user_data(ud)
 }

@@ -217,19 +217,19 @@ impl Effects for Driver<'_> {
         let mut eof = false;
         if !timed_out {
             // Everything the client has sent so far, up to the sniffing limit.
-            while self.io.sniffed.len() < sniff::MAX_SNIFF_BYTES {
-                let have = self.io.sniffed.len();
-                self.io.sniffed.resize(sniff::MAX_SNIFF_BYTES, 0);
-                let r = sys::recv(self.io.client.as_raw_fd(), &mut self.io.sniffed[have..]);
+            while self.io.spill[0].len() < sniff::MAX_SNIFF_BYTES {
+                let have = self.io.spill[0].len();
+                self.io.spill[0].resize(sniff::MAX_SNIFF_BYTES, 0);
+                let r = sys::recv(self.io.client.as_raw_fd(), &mut self.io.spill[0][have..]);
                 match r {
                     Ok(0) => {
-                        self.io.sniffed.truncate(have);
+                        self.io.spill[0].truncate(have);
                         eof = true;
                         break;
                     }
-                    Ok(n) => self.io.sniffed.truncate(have + n),
+                    Ok(n) => self.io.spill[0].truncate(have + n),
                     Err(e) => {
-                        self.io.sniffed.truncate(have);
+                        self.io.spill[0].truncate(have);
                         if e.kind() == std::io::ErrorKind::WouldBlock {
                             break;
                         }
@@ -238,8 +238,8 @@ impl Effects for Driver<'_> {
                 }
             }
         }
-        let found = sniff::sniff(&self.io.sniffed);
-        let full = self.io.sniffed.len() >= sniff::MAX_SNIFF_BYTES;
+        let found = sniff::sniff(&self.io.spill[0]);
+        let full = self.io.spill[0].len() >= sniff::MAX_SNIFF_BYTES;
         if found == sniff::Sniffed::NeedMore && !(timed_out || eof || full) {
             return SniffStep::More;
         }
@@ -260,18 +260,26 @@ impl Effects for Driver<'_> {
         self.io.rule = decided.rule;
         match self.io.connect_to(self.core, decided.verdict) {
             Ok(()) => SniffStep::Connect {
-                prefix: self.io.sniffed.len(),
+                prefix: self.io.spill[0].len(),
             },
             Err((reason, _)) => SniffStep::Refuse(reason),
         }
     }
 
-    fn write_prefix(&mut self, off: usize, len: usize) -> Io {
-        let fd = self.upstream().as_raw_fd();
-        Io::from_result(sys::send(fd, &self.io.sniffed[off..off + len]))
+    fn write_prefix(&mut self, d: usize, off: usize, len: usize) -> Io {
+        let fd = self.dst(d);
+        Io::from_result(sys::send(fd, &self.io.spill[d][off..off + len]))
     }
 
-    fn drop_prefix(&mut self) {
-        self.io.sniffed = Vec::new();
+    fn drop_prefix(&mut self, d: usize) {
+        self.io.spill[d] = Vec::new();
+    }
+
+    fn spill(&mut self, d: usize, bid: u16, off: usize, len: usize) {
+        let bufs = self.core.ring.buffers(GROUP_TCP_COPY);
+        let data = bufs.data(bid, off + len);
+        self.io.spill[d].clear();
+        self.io.spill[d].extend_from_slice(&data[off..off + len]);
+        self.core.stats.copy_spills.fetch_add(1, Relaxed);
     }
 }

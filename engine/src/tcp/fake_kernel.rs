@@ -489,6 +489,9 @@ struct Kernel {
     pipes: [Option<Span>; 2],
     pipe_cap: [usize; 2],
     bufs: Vec<Buf>,
+    /// Copy relay: what a direction moved out of a provided buffer after a send
+    /// that could not deliver everything (its own buffer), not yet written.
+    spills: [Option<Span>; 2],
     phantom_left: u32,
     poll_ends_left: u32,
     spurious_left: u32,
@@ -540,6 +543,7 @@ impl Kernel {
             peers: Default::default(),
             pipes: [None; 2],
             pipe_cap: [0; 2],
+            spills: [None, None],
             bufs: vec![
                 Buf {
                     owner: Owner::Free,
@@ -1292,12 +1296,82 @@ impl Effects for Kernel {
         self.fail("sniff() outside a sniffing connection")
     }
 
-    fn write_prefix(&mut self, _off: usize, _len: usize) -> Io {
-        self.fail("write_prefix() without a sniffed prefix")
+    fn write_prefix(&mut self, d: usize, _off: usize, len: usize) -> Io {
+        let Some(spill) = self.spills[d] else {
+            self.fail(&format!("direction {d} writes its own buffer without one"));
+        };
+        if len == 0 || len != spill.len() {
+            self.fail(&format!(
+                "direction {d} writes {len} bytes of its own buffer holding {}",
+                spill.len()
+            ));
+        }
+        let t = 1 - d;
+        if self.socks[t].tx_fin {
+            self.fail(&format!(
+                "direction {d} writes after shutting its destination down"
+            ));
+        }
+        let r = if self.socks[t].reset {
+            Io::Err(self.write_err(t))
+        } else if self.socks[t].room() == 0 {
+            Io::WouldBlock
+        } else {
+            let n = self.amount(len.min(self.socks[t].room()));
+            self.write_dst(
+                d,
+                Span {
+                    start: spill.start,
+                    end: spill.start + n as u64,
+                },
+            );
+            self.spills[d] = Some(Span {
+                start: spill.start + n as u64,
+                end: spill.end,
+            });
+            Io::Done(n)
+        };
+        self.note(|| format!("  write_prefix {d} {len} -> {r:?}"));
+        r
     }
 
-    fn drop_prefix(&mut self) {
-        self.fail("drop_prefix() without a sniffed prefix")
+    fn drop_prefix(&mut self, d: usize) {
+        if self.spills[d].is_none() {
+            self.fail(&format!(
+                "direction {d} frees an own buffer it does not have"
+            ));
+        }
+        self.spills[d] = None;
+        self.note(|| format!("  drop_prefix {d}"));
+    }
+
+    fn spill(&mut self, d: usize, bid: u16, off: usize, len: usize) {
+        if self.p.mode != RelayMode::Copy {
+            self.fail("spill in splice mode");
+        }
+        let Some(b) = self.bufs.get(bid as usize).copied() else {
+            self.fail(&format!("spill of unknown buffer {bid}"));
+        };
+        if b.owner != Owner::Conn(d) || b.data_of != d || b.acked != off {
+            self.fail(&format!(
+                "direction {d} spills buffer {bid} from {off} ({b:?})"
+            ));
+        }
+        if off + len != b.data.len() || len == 0 {
+            self.fail(&format!(
+                "spill of {len} bytes from {off} of a buffer with {}",
+                b.data.len()
+            ));
+        }
+        if self.spills[d].is_some() {
+            self.fail(&format!("direction {d} spills twice"));
+        }
+        self.spills[d] = Some(Span {
+            start: b.data.start + off as u64,
+            end: b.data.end,
+        });
+        self.cov.spills += 1;
+        self.note(|| format!("  spill {d} {bid} {off}+{len}"));
     }
 }
 
@@ -1353,6 +1427,7 @@ struct Coverage {
     poll_ends: u32,
     cancel_races: u32,
     short_sends: u32,
+    spills: u32,
     pipes: u32,
     wakes: u32,
     idle_aborts: u32,
@@ -1372,6 +1447,7 @@ impl Coverage {
         self.poll_ends += o.poll_ends;
         self.cancel_races += o.cancel_races;
         self.short_sends += o.short_sends;
+        self.spills += o.spills;
         self.pipes += o.pipes;
         self.wakes += o.wakes;
         self.idle_aborts += o.idle_aborts;
@@ -1884,7 +1960,19 @@ impl Sim {
                         ));
                     }
                 }
-                (RelayMode::Copy, Held::Nothing) => {}
+                (RelayMode::Copy, Held::Nothing) => {
+                    if k.spills[d].is_some() {
+                        k.fail(&format!("direction {d} dropped its own buffer unfreed"));
+                    }
+                }
+                (RelayMode::Copy, Held::Prefix { .. }) => match k.spills[d] {
+                    // Its own buffer holds exactly what is left to write.
+                    Some(s) if m.phase() != Phase::Relaying || s.len() == m.buffered(d) => {}
+                    s => k.fail(&format!(
+                        "direction {d} has {} bytes buffered in its own buffer; kernel: {s:?}",
+                        m.buffered(d)
+                    )),
+                },
                 (mode, held) => k.fail(&format!("direction {d} holds {held:?} in {mode:?}")),
             }
             let owned = k.bufs.iter().filter(|b| b.owner == Owner::Conn(d)).count();
@@ -1903,6 +1991,9 @@ impl Sim {
         let k = &mut self.k;
         if k.pipes.iter().any(Option::is_some) {
             k.fail(&format!("freed holding pipes {:?}", k.pipes));
+        }
+        if k.spills.iter().any(Option::is_some) {
+            k.fail(&format!("freed holding its own buffers {:?}", k.spills));
         }
         if let Some(b) = k
             .bufs
@@ -2046,7 +2137,10 @@ fn assert_coverage(cov: &Coverage, mode: RelayMode) {
         RelayMode::Splice => {
             assert!(cov.reason(CloseReason::LocalError) > 0 && cov.requeues > 0);
         }
-        RelayMode::Copy => assert!(cov.enobufs > 0 && cov.wakes > 0 && cov.eagain > 0),
+        RelayMode::Copy => assert!(
+            cov.enobufs > 0 && cov.wakes > 0 && cov.eagain > 0 && cov.spills > 0,
+            "{cov:?}"
+        ),
     }
 }
 
@@ -2179,10 +2273,12 @@ fn enobufs_then_buffer_returned() {
 }
 
 #[test]
-fn error_while_send_in_flight_resets_without_waiting() {
-    // The server reads nothing, so Send(0) stays in flight. A first recv that
-    // found nothing (EAGAIN) left a multishot POLLIN on the client, which sees the
-    // client's reset: direction 0 fails with its own send in flight.
+fn error_while_blocked_on_the_destination_resets_without_waiting() {
+    // The server reads nothing: direction 0's send delivers 10 bytes, the rest
+    // moves into the direction's own buffer (the provided one goes back) and it
+    // waits for POLLOUT. A first recv that found nothing (EAGAIN) left a multishot
+    // POLLIN on the client, which sees the client's reset: direction 0 fails while
+    // blocked on its destination.
     let mut s = directed(RelayMode::Copy, |p| {
         p.len = [1000, 0];
         p.tx_cap[SERVER] = 10;
@@ -2194,7 +2290,10 @@ fn error_while_send_in_flight_resets_without_waiting() {
     s.k.p.eagain = false;
     s.ev(Ev::PeerSend(CLIENT));
     s.settle();
-    assert!(s.m.is_armed(ConnOp::Send(0)), "send blocked on the server");
+    assert!(
+        s.m.is_armed(ConnOp::PollOut(0)) && matches!(s.m.held(0), Held::Prefix { .. }),
+        "blocked on the server, holding no provided buffer"
+    );
     assert_eq!(s.k.socks[SERVER].tx.end, 10);
     s.k.peer_reset(CLIENT, libc::ECONNRESET);
     s.settle();
@@ -2203,9 +2302,9 @@ fn error_while_send_in_flight_resets_without_waiting() {
 }
 
 #[test]
-fn error_in_the_other_direction_does_not_wait_for_a_send() {
-    // The server reads nothing, so Send(0) stays in flight; the client's reset,
-    // seen by Send(1), must not wait for it.
+fn error_in_the_other_direction_does_not_wait_for_a_blocked_one() {
+    // The server reads nothing, so direction 0 waits on it; the client's reset,
+    // seen by Send(1), must not wait for that.
     let mut s = directed(RelayMode::Copy, |p| {
         p.len = [1000, 50];
         p.tx_cap[SERVER] = 10;
@@ -2214,7 +2313,10 @@ fn error_in_the_other_direction_does_not_wait_for_a_send() {
     s.connect();
     s.ev(Ev::PeerSend(CLIENT));
     s.settle();
-    assert!(s.m.is_armed(ConnOp::Send(0)), "send blocked on the server");
+    assert!(
+        s.m.is_armed(ConnOp::PollOut(0)) && matches!(s.m.held(0), Held::Prefix { .. }),
+        "blocked on the server, holding no provided buffer"
+    );
     assert_eq!(s.k.socks[SERVER].tx.end, 10);
     s.ev(Ev::PeerSend(SERVER));
     s.settle_where(|op| op == ConnOp::Recv(1));

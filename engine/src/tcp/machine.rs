@@ -89,7 +89,9 @@ pub enum Held {
     Pipe,
     /// Copy: provided buffer `bid`, of which bytes before `off` are sent.
     Buf { bid: u16, off: usize },
-    /// Direction 0 after sniffing: the sniffed bytes, of which `off` are sent.
+    /// Bytes in the direction's own buffer, of which `off` are sent: direction 0's
+    /// sniffed bytes, or what a copy-relay send could not deliver at once (spilled
+    /// out of the provided buffer so that a stalled reader holds none of the pool).
     Prefix { off: usize },
 }
 
@@ -166,10 +168,14 @@ pub trait Effects {
     /// Sniffing: reads what the client sent so far and decides if it can, or, with
     /// `timed_out`, decides with what there is.
     fn sniff(&mut self, timed_out: bool) -> SniffStep;
-    /// Writes `len` sniffed bytes from `off` to the server (non-blocking).
-    fn write_prefix(&mut self, off: usize, len: usize) -> Io;
-    /// The sniffed bytes are all sent (or the connection is gone): free them.
-    fn drop_prefix(&mut self);
+    /// Writes `len` bytes of direction `d`'s own buffer from `off` to its
+    /// destination (non-blocking).
+    fn write_prefix(&mut self, d: usize, off: usize, len: usize) -> Io;
+    /// Direction `d`'s own buffer is all sent (or the connection is gone): free it.
+    fn drop_prefix(&mut self, d: usize);
+    /// Copies `len` bytes of provided buffer `bid` from `off` into direction `d`'s own
+    /// buffer (the buffer itself is returned separately with `put_buf`).
+    fn spill(&mut self, d: usize, bid: u16, off: usize, len: usize);
 }
 
 #[derive(Debug)]
@@ -490,12 +496,20 @@ impl ConnMachine {
         }
         self.after_write(d, Io::from_cqe(res));
         let dir = &mut self.dirs[d];
-        if dir.flow.buffered() == 0 || dir.flow.is_finished() {
-            // The send is complete, so the kernel no longer reads the buffer.
-            if let Held::Buf { bid, .. } = dir.held {
+        if let Held::Buf { bid, off } = dir.held {
+            // The send is over, so the kernel no longer reads the buffer. If bytes
+            // are left (the destination is full: a short send or EAGAIN), they move
+            // to the direction's own buffer and the provided one goes back at once:
+            // a peer that does not read must not hold buffers every other
+            // connection of the core needs.
+            let left = dir.flow.buffered();
+            if left > 0 && !dir.flow.is_finished() {
+                fx.spill(d, bid, off, left);
+                dir.held = Held::Prefix { off: 0 };
+            } else {
                 dir.held = Held::Nothing;
-                fx.put_buf(bid);
             }
+            fx.put_buf(bid);
         }
         if self.phase == Phase::Relaying {
             self.pump(d, fx);
@@ -600,13 +614,13 @@ impl ConnMachine {
                     let Held::Prefix { off } = self.dirs[d].held else {
                         unreachable!()
                     };
-                    let r = fx.write_prefix(off, len);
+                    let r = fx.write_prefix(d, off, len);
                     self.after_write(d, r);
                     if let Io::Done(n) = r {
                         self.last_active = fx.now();
                         fx.delivered(d, n);
                         self.dirs[d].held = if self.dirs[d].flow.buffered() == 0 {
-                            fx.drop_prefix();
+                            fx.drop_prefix(d);
                             Held::Nothing
                         } else {
                             Held::Prefix { off: off + n }
@@ -743,7 +757,7 @@ impl ConnMachine {
                 // Only an empty pipe may be reused; one with stale bytes is closed.
                 Held::Pipe => fx.put_pipe(d, self.dirs[d].flow.buffered() == 0),
                 Held::Buf { bid, .. } => fx.put_buf(bid),
-                Held::Prefix { .. } => fx.drop_prefix(),
+                Held::Prefix { .. } => fx.drop_prefix(d),
             }
         }
         self.phase = Phase::Freed;

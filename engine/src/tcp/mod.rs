@@ -303,7 +303,7 @@ impl Tcp {
             started_us: core.now_us(),
             rule: None,
             name: None,
-            sniffed: Vec::new(),
+            spill: [Vec::new(), Vec::new()],
         };
         let sniff = match decision {
             TcpDecision::NeedsName => true,

@@ -188,6 +188,13 @@ pub struct Args {
     #[arg(long, default_value_t = 120, value_name = "SECONDS")]
     pub half_closed_timeout_s: u64,
 
+    /// Bound what one relayed direction keeps queued in the kernel when its reader
+    /// stalls: TCP_WINDOW_CLAMP and TCP_NOTSENT_LOWAT of this many bytes on both
+    /// sockets; 0 leaves it to the kernel's autotuning. Raise it for long fat paths:
+    /// a connection cannot move more than about this much per round trip.
+    #[arg(long, default_value_t = 256 * 1024, value_name = "BYTES")]
+    pub stall_buffer_bytes: usize,
+
     /// TCP keepalive on both sockets of every connection: first probe after this
     /// long without traffic, then every 15 s, reset after 4 unanswered probes (a dead
     /// peer is found after about SECONDS + 60 s); 0 turns keepalive off.
@@ -264,6 +271,9 @@ pub struct Config {
     pub half_closed_timeout_s: Option<u64>,
     /// TCP keepalive idle time; `None`: keepalive off.
     pub keepalive_s: Option<u64>,
+    /// Per-socket bound on what a stalled direction keeps queued in the kernel;
+    /// `None`: the kernel's autotuning alone.
+    pub stall_buffer_bytes: Option<usize>,
     /// Per core.
     pub max_conns_per_core: usize,
     /// Per core: [`PARK_TOTAL`] split over the cores.

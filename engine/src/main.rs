@@ -206,6 +206,7 @@ fn resolve(args: &Args, features: ring::Features) -> Result<(Config, u64)> {
             half_closed_timeout_s: (args.half_closed_timeout_s != 0)
                 .then_some(args.half_closed_timeout_s),
             keepalive_s: (args.keepalive_s != 0).then_some(args.keepalive_s),
+            stall_buffer_bytes: (args.stall_buffer_bytes != 0).then_some(args.stall_buffer_bytes),
             max_conns_per_core: max_conns.div_ceil(n).max(1),
             park_max_per_core: (config::PARK_TOTAL / n).max(1),
             drain_timeout_s: args.drain_timeout_s,

@@ -60,7 +60,12 @@ impl Listen {
 /// transparent sockets. Keepalive set here is inherited by every accepted socket (the
 /// kernel copies the listener's options and starts the timer on the child), so the
 /// client side costs no setsockopt per connection.
-pub fn tcp_listener(v6: bool, port: u16, keepalive: Option<u64>) -> io::Result<OwnedFd> {
+pub fn tcp_listener(
+    v6: bool,
+    port: u16,
+    keepalive: Option<u64>,
+    stall_bytes: Option<usize>,
+) -> io::Result<OwnedFd> {
     let domain = if v6 { Domain::IPV6 } else { Domain::IPV4 };
     let s = Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
     if v6 {
@@ -73,6 +78,9 @@ pub fn tcp_listener(v6: bool, port: u16, keepalive: Option<u64>) -> io::Result<O
     s.set_reuse_address(true)?;
     s.set_reuse_port(true)?;
     set_keepalive(s.as_fd(), keepalive)?;
+    if let Some(b) = stall_bytes {
+        sys::set_stall_bounds(s.as_fd(), b)?;
+    }
     s.bind(&sys::unspecified(v6, port).into())?;
     s.listen(LISTEN_BACKLOG as i32)?;
     Ok(s.into())
@@ -150,6 +158,11 @@ impl ListenSet {
                     if proto == Proto::Tcp {
                         set_keepalive(l.fd.as_fd(), cfg.keepalive_s)
                             .map_err(|e| format!("keepalive on an inherited listener: {e}"))?;
+                        if let Some(b) = cfg.stall_buffer_bytes {
+                            sys::set_stall_bounds(l.fd.as_fd(), b).map_err(|e| {
+                                format!("buffer bounds on an inherited listener: {e}")
+                            })?;
+                        }
                     }
                     l.v6 = v6;
                     per_worker[i % n].push(l);
@@ -160,7 +173,9 @@ impl ListenSet {
                         Proto::Udp => "UDP socket",
                     };
                     let fd = match proto {
-                        Proto::Tcp => tcp_listener(v6, cfg.port, cfg.keepalive_s),
+                        Proto::Tcp => {
+                            tcp_listener(v6, cfg.port, cfg.keepalive_s, cfg.stall_buffer_bytes)
+                        }
                         Proto::Udp => udp_tproxy(v6, cfg.port),
                     }
                     .map_err(|e| format!("{what} on {}: {e}", sys::unspecified(v6, cfg.port)))?;

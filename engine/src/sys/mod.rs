@@ -497,3 +497,30 @@ pub fn set_bind_address_no_port(fd: BorrowedFd<'_>) -> io::Result<()> {
     })
     .map(drop)
 }
+
+/// Bounds what one stalled relay direction can keep queued in the kernel:
+/// `SO_RCVBUF` (the receive queue a peer can fill while the engine is not reading
+/// it; setting it also stops the kernel's receive autotuning from growing it, and
+/// with it the window, past this), `TCP_WINDOW_CLAMP` (the advertised window) and
+/// `TCP_NOTSENT_LOWAT` (how much unsent data the send queue takes before a write
+/// would block). All are copied to accepted sockets from their listener.
+pub fn set_stall_bounds(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
+    let v = bytes.min(i32::MAX as usize / 2) as libc::c_int;
+    for (level, opt) in [
+        (libc::SOL_SOCKET, libc::SO_RCVBUF),
+        (libc::IPPROTO_TCP, libc::TCP_WINDOW_CLAMP),
+        (libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT),
+    ] {
+        // SAFETY: setsockopt with a pointer to a local c_int and its exact size.
+        cvt(unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                level,
+                opt,
+                (&v as *const libc::c_int).cast(),
+                mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        })?;
+    }
+    Ok(())
+}

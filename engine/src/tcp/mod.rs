@@ -516,6 +516,9 @@ impl ConnIo {
         if core.cfg.keepalive_s.is_some() {
             let _ = crate::sockets::set_keepalive(upstream.as_fd(), core.cfg.keepalive_s);
         }
+        if let Some(b) = core.cfg.stall_buffer_bytes {
+            let _ = sys::set_stall_bounds(upstream.as_fd(), b);
+        }
         self.upstream = Some(upstream);
         self.upstream_addr = UpstreamAddr(target);
         self.connect_addr = sys::cmsg::encode_sockaddr(&target);

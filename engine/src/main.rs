@@ -169,24 +169,34 @@ fn resolve(args: &Args, features: ring::Features) -> Result<(Config, u64)> {
         bail!("--no-tcp and --no-udp together leave nothing to relay");
     }
     let nofile = sys::raise_nofile_to_hard().context("raising RLIMIT_NOFILE")?;
-    let (tcp_budget, udp_budget) = config::fd_budget(nofile as usize, args.relay, !args.no_udp);
+    let budget = config::fd_budget(nofile as usize, args.relay, !args.no_udp);
     let n = cores.len();
-    let max_conns = args.max_conns.unwrap_or(tcp_budget);
-    let max_flows = args.udp_max_flows.unwrap_or(udp_budget);
+    let max_conns = args.max_conns.unwrap_or(budget.conns);
+    let max_flows = args.udp_max_flows.unwrap_or(budget.flows);
+    let max_pipes = args.max_pipes.unwrap_or(budget.pipes);
     if !args.no_tcp && max_conns < n {
         bail!(
-            "RLIMIT_NOFILE is {nofile}: room for only {tcp_budget} connections, fewer than \
-             one per core; raise LimitNOFILE (systemd) or `ulimit -n`"
+            "RLIMIT_NOFILE is {nofile}: room for only {} connections, fewer than one per \
+             core; raise LimitNOFILE (systemd) or `ulimit -n`",
+            budget.conns
         );
     }
-    if let Some(m) = args.max_conns {
-        let need = m * config::fds_per_conn(args.relay) + config::FD_RESERVE;
+    if args.max_pipes == Some(0) {
+        bail!("--max-pipes 0 leaves the splice relay no pipe; use --relay copy instead");
+    }
+    if args.max_conns.is_some() || args.max_pipes.is_some() {
+        let pipes = if args.relay == RelayMode::Splice {
+            max_pipes
+        } else {
+            0
+        };
+        let need = max_conns * config::FDS_PER_CONN + pipes * 2 + config::FD_RESERVE;
         if need as u64 > nofile {
             log::warn(
                 "max_conns_over_budget",
                 format_args!(
-                    "--max-conns {m} may need {need} fds in {} mode but RLIMIT_NOFILE is \
-                     {nofile}; accepts will pause on EMFILE",
+                    "--max-conns {max_conns} and {pipes} pipes may need {need} fds in {} \
+                     mode but RLIMIT_NOFILE is {nofile}; accepts will pause on EMFILE",
                     args.relay
                 ),
                 &[],
@@ -208,6 +218,7 @@ fn resolve(args: &Args, features: ring::Features) -> Result<(Config, u64)> {
             keepalive_s: (args.keepalive_s != 0).then_some(args.keepalive_s),
             stall_buffer_bytes: (args.stall_buffer_bytes != 0).then_some(args.stall_buffer_bytes),
             max_conns_per_core: max_conns.div_ceil(n).max(1),
+            max_pipes_per_core: max_pipes.div_ceil(n).max(1),
             park_max_per_core: (config::PARK_TOTAL / n).max(1),
             drain_timeout_s: args.drain_timeout_s,
             pipe_size: (args.pipe_size != 0).then_some(args.pipe_size),
@@ -473,7 +484,7 @@ fn run(args: Args) -> Result<()> {
     };
     println!(
         "ready: port {} {protos} {} cores {} relay {} buf {} mark {:#x} max_conns {} \
-         udp_max_flows {} nofile {nofile} ring {}",
+         max_pipes {} udp_max_flows {} nofile {nofile} ring {}",
         cfg.port,
         if cfg.ipv6 { "ipv4+ipv6" } else { "ipv4" },
         cpus::format(&cfg.cores),
@@ -484,6 +495,10 @@ fn run(args: Args) -> Result<()> {
         },
         cfg.mark,
         cfg.max_conns_per_core * cfg.cores.len(),
+        match cfg.relay {
+            RelayMode::Splice => cfg.max_pipes_per_core * cfg.cores.len(),
+            RelayMode::Copy => 0,
+        },
         cfg.udp_max_flows_per_core * cfg.cores.len(),
         engine.ring_flags(),
     );

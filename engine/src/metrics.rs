@@ -468,6 +468,13 @@ pub fn per_core_families() -> Vec<PerCore> {
             "pipes_created",
         ),
         PerCore::one(
+            "ringrelay_splice_copy_fallbacks_total",
+            Counter,
+            "Splice-relay reads that found no pipe (every --max-pipes pipe in use, or \
+             none could be made) and copied through the connection's own buffer.",
+            "splice_copy_fallbacks",
+        ),
+        PerCore::one(
             "ringrelay_pipes_undersized_total",
             Counter,
             "Pipes the kernel made smaller than --pipe-size (fs.pipe-user-pages-soft \

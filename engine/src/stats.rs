@@ -428,6 +428,9 @@ counters! {
     pipes_created,
     /// Pipes the kernel made smaller than `--pipe-size` (fs.pipe-user-pages-soft).
     pipes_undersized,
+    /// Splice-relay reads that found no pipe (all `--max-pipes` in use, or none
+    /// could be made) and copied through the direction's own buffer instead.
+    splice_copy_fallbacks,
     /// UDP datagrams relayed client to server.
     udp_dgrams_c2s,
     /// UDP datagrams relayed server to client.

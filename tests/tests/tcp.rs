@@ -1253,12 +1253,41 @@ fn tcp_reset_while_blocked_on_a_stalled_reader_copy() {
 #[test]
 fn tcp_copy_relay_not_starved_by_slow_readers() {
     const STALLED: usize = 300;
-    const LEN: u64 = 5_000_000;
     let test = "tcp_copy_relay_not_starved_by_slow_readers";
     let cfg = RigConfig::new().cores("0").relay("copy");
-    let Some(mut rig) = Rig::start(test, cfg) else {
+    let Some(c) = transfer_next_to_slow_readers(test, cfg, STALLED) else {
         return;
     };
+    // Both directions of every stalled connection are blocked, and hold no buffer.
+    assert!(c.get("copy_spills") >= STALLED as u64, "{c:?}");
+}
+
+/// The splice relay's pipes come from a bounded pool (`--max-pipes`), and stalled
+/// directions keep theirs. Here 4 stalled connections want 8 pipes of a pool of 2:
+/// the other directions, and a normal transfer next to them, read without a pipe
+/// (through their own buffer, counted) instead of waiting for one that never comes
+/// back.
+#[test]
+fn tcp_splice_relay_copies_when_the_pipe_pool_is_empty() {
+    let test = "tcp_splice_relay_copies_when_the_pipe_pool_is_empty";
+    let cfg = RigConfig::new()
+        .cores("0")
+        .relay("splice")
+        .engine_args(&["--max-pipes", "2"]);
+    let Some(c) = transfer_next_to_slow_readers(test, cfg, 4) else {
+        return;
+    };
+    // 2 of the 8 stalled directions hold the pipes; 6 and the normal transfer copied.
+    assert!(c.get("splice_copy_fallbacks") >= 6, "{c:?}");
+    assert!(c.get("pipes_created") >= 1, "{c:?}");
+}
+
+/// Opens `stalled` connections whose client and server both write and never read,
+/// then relays 5 MB each way on the same core next to them; returns the engine's
+/// counters after, with the stalled connections still open.
+fn transfer_next_to_slow_readers(test: &str, cfg: RigConfig, count: usize) -> Option<Counters> {
+    const LEN: u64 = 5_000_000;
+    let mut rig = Rig::start(test, cfg)?;
     let sink = SocketAddr::new(Family::V4.server_a(), 5009);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop2 = stop.clone();
@@ -1277,7 +1306,7 @@ fn tcp_copy_relay_not_starved_by_slow_readers() {
         .lab
         .client
         .run(move || -> anyhow::Result<Vec<TcpStream>> {
-            (0..STALLED)
+            (0..count)
                 .map(|_| {
                     let s = tcp_connect(sink)?;
                     s.set_nonblocking(true)?;
@@ -1326,12 +1355,11 @@ fn tcp_copy_relay_not_starved_by_slow_readers() {
     // idle timeout. 5 s is a generous bound for a loaded CI machine.
     assert!(took < Duration::from_secs(5), "5 MB each way took {took:?}");
     let c = rig.engine_mut().counters();
-    // Both directions of every stalled connection are blocked, and hold no buffer.
-    assert!(c.get("copy_spills") >= STALLED as u64, "{c:?}");
-    assert_eq!(c.get("active"), STALLED as u64, "{c:?}");
+    assert_eq!(c.get("active"), count as u64, "{c:?}");
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     pressure.join().unwrap();
     drop(stalled);
+    Some(c)
 }
 
 // ---------------------------------------------------------------------------------

@@ -153,12 +153,31 @@ impl Effects for Driver<'_> {
                 self.io.pipes[d] = Some(p);
                 Ok(cap)
             }
+            // Every pipe of the pool is in use: the machine reads without one.
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Err(libc::EAGAIN),
+            // Out of descriptors or pipe memory: the same fallback, and say so.
             Err(e) => {
-                self.core
-                    .log_limited(format_args!("tcp: cannot make a pipe: {e}"));
-                Err(e.raw_os_error().unwrap_or(libc::EMFILE))
+                self.core.log_limited(format_args!(
+                    "tcp: cannot make a pipe, copying instead: {e}"
+                ));
+                Err(libc::EAGAIN)
             }
         }
+    }
+
+    fn read_prefix(&mut self, d: usize, len: usize) -> Io {
+        let src = self.src(d);
+        let buf = &mut self.io.spill[d];
+        buf.resize(len, 0);
+        let r = Io::from_result(sys::recv(src, buf));
+        match r {
+            Io::Done(n) if n > 0 => {
+                buf.truncate(n);
+                self.core.stats.splice_copy_fallbacks.fetch_add(1, Relaxed);
+            }
+            _ => *buf = Vec::new(),
+        }
+        r
     }
 
     fn put_pipe(&mut self, d: usize, empty: bool) {

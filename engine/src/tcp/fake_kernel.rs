@@ -211,6 +211,9 @@ struct Params {
     short_pct: u32,
     /// Percent of `take_pipe` calls that fail with EMFILE.
     emfile_pct: u32,
+    /// Percent of `take_pipe` calls that find the pool empty (EAGAIN: read
+    /// without a pipe).
+    pool_empty_pct: u32,
     bufs: usize,
     /// Buffers other connections may take from the shared pool.
     phantom_takes: u32,
@@ -290,6 +293,11 @@ impl Params {
             sticky: rng.pct(70),
             short_pct: rng.pick(&[0, 20, 60]),
             emfile_pct: if rng.pct(8) { rng.pick(&[10, 30]) } else { 0 },
+            pool_empty_pct: if rng.pct(25) {
+                rng.pick(&[30, 90, 100])
+            } else {
+                0
+            },
             bufs: rng.between(1, 4),
             phantom_takes: rng.pick(&[0, 0, 2, 8]),
             eagain: rng.pct(30),
@@ -327,6 +335,7 @@ impl Params {
             sticky: true,
             short_pct: 0,
             emfile_pct: 0,
+            pool_empty_pct: 0,
             bufs: 4,
             phantom_takes: 0,
             eagain: false,
@@ -1112,6 +1121,48 @@ impl Effects for Kernel {
         r
     }
 
+    fn read_prefix(&mut self, d: usize, len: usize) -> Io {
+        if self.p.mode != RelayMode::Splice {
+            self.fail("read_prefix in copy mode");
+        }
+        if self.pipes[d].is_some() || self.spills[d].is_some() {
+            self.fail(&format!(
+                "direction {d} reads into its own buffer while holding {:?} / {:?}",
+                self.pipes[d], self.spills[d]
+            ));
+        }
+        if len == 0 || len > super::machine::FALLBACK_READ_MAX {
+            self.fail(&format!(
+                "direction {d} reads {len} bytes into its own buffer"
+            ));
+        }
+        let r = if self.socks[d].reset {
+            self.read_err(d)
+        } else {
+            let rx = self.socks[d].rx;
+            if rx.len() > 0 {
+                let n = self.amount(rx.len().min(len));
+                self.socks[d].rx.start += n as u64;
+                self.spills[d] = Some(Span {
+                    start: rx.start,
+                    end: rx.start + n as u64,
+                });
+                self.cov.fallbacks += 1;
+                Io::Done(n)
+            } else if self.socks[d].rx_fin {
+                self.eof_read[d] = true;
+                Io::Done(0)
+            } else {
+                Io::WouldBlock
+            }
+        };
+        if r == Io::Done(0) && !self.eofs.contains(&d) {
+            self.eofs.push(d);
+        }
+        self.note(|| format!("  read_prefix {d} {len} -> {r:?}"));
+        r
+    }
+
     fn splice_out(&mut self, d: usize, len: usize) -> Io {
         if self.p.mode != RelayMode::Splice {
             self.fail("splice in copy mode");
@@ -1195,6 +1246,10 @@ impl Effects for Kernel {
             self.misbehave(CloseReason::LocalError);
             self.note(|| format!("  take_pipe {d} -> EMFILE"));
             return Err(libc::EMFILE);
+        }
+        if self.rng.pct(self.p.pool_empty_pct) {
+            self.note(|| format!("  take_pipe {d} -> EAGAIN (pool empty)"));
+            return Err(libc::EAGAIN);
         }
         let cap = self.rng.between(self.p.pipe.0, self.p.pipe.1);
         self.pipes[d] = Some(Span::at(self.socks[d].rx.start));
@@ -1429,6 +1484,7 @@ struct Coverage {
     short_sends: u32,
     spills: u32,
     pipes: u32,
+    fallbacks: u32,
     wakes: u32,
     idle_aborts: u32,
 }
@@ -1449,6 +1505,7 @@ impl Coverage {
         self.short_sends += o.short_sends;
         self.spills += o.spills;
         self.pipes += o.pipes;
+        self.fallbacks += o.fallbacks;
         self.wakes += o.wakes;
         self.idle_aborts += o.idle_aborts;
     }
@@ -1946,6 +2003,9 @@ impl Sim {
                             "direction {d} dropped its pipe without returning it"
                         ));
                     }
+                    if k.spills[d].is_some() {
+                        k.fail(&format!("direction {d} dropped its own buffer unfreed"));
+                    }
                 }
                 (RelayMode::Copy, Held::Buf { bid, off }) => {
                     let b = k.bufs[bid as usize];
@@ -1965,7 +2025,9 @@ impl Sim {
                         k.fail(&format!("direction {d} dropped its own buffer unfreed"));
                     }
                 }
-                (RelayMode::Copy, Held::Prefix { .. }) => match k.spills[d] {
+                // Copy: the rest of a blocked send; splice: a read while the pipe
+                // pool was empty.
+                (_, Held::Prefix { .. }) => match k.spills[d] {
                     // Its own buffer holds exactly what is left to write.
                     Some(s) if m.phase() != Phase::Relaying || s.len() == m.buffered(d) => {}
                     s => k.fail(&format!(
@@ -2135,7 +2197,10 @@ fn assert_coverage(cov: &Coverage, mode: RelayMode) {
     assert!(cov.poll_ends > 0 && cov.cancel_races > 0 && cov.short_sends > 0);
     match mode {
         RelayMode::Splice => {
-            assert!(cov.reason(CloseReason::LocalError) > 0 && cov.requeues > 0);
+            assert!(
+                cov.reason(CloseReason::LocalError) > 0 && cov.requeues > 0 && cov.fallbacks > 0,
+                "{cov:?}"
+            );
         }
         RelayMode::Copy => assert!(
             cov.enobufs > 0 && cov.wakes > 0 && cov.eagain > 0 && cov.spills > 0,

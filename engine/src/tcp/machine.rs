@@ -23,7 +23,9 @@
 //!   connection is freed ([`Step::Free`]) only once no op is armed, and only then
 //!   are its pipes and buffers returned: a pipe goes back to the pool only empty.
 //! * Every read happens only while nothing is buffered (backpressure), so a
-//!   direction holds at most one pipe or one provided buffer.
+//!   direction holds at most one pipe or one provided buffer (or, once its bytes
+//!   could not stay in either, its own buffer: a blocked copy send's rest, or a
+//!   splice read while the pipe pool is empty).
 
 use super::direction::{Direction, Io, State, Want};
 use crate::config::RelayMode;
@@ -33,6 +35,9 @@ use crate::stats::CloseReason;
 /// Each pump moves at most this many chunks before yielding to other
 /// connections, so one fast stream cannot starve the core.
 pub const PUMP_BUDGET: u32 = 8;
+
+/// Largest read of a splice direction that found no pipe (into its own buffer).
+pub const FALLBACK_READ_MAX: usize = 64 * 1024;
 
 /// One of the two peers of a relayed connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -145,8 +150,13 @@ pub trait Effects {
     fn splice_out(&mut self, d: usize, len: usize) -> Io;
     /// `shutdown(destination of d, SHUT_WR)`.
     fn shutdown_write(&mut self, d: usize) -> Io;
-    /// Gives direction `d` a pipe; its capacity, or the errno of making one.
+    /// Gives direction `d` a pipe; its capacity, or the errno of making one
+    /// (`EAGAIN`: the pool has none to give now, read with
+    /// [`read_prefix`](Self::read_prefix) instead).
     fn take_pipe(&mut self, d: usize) -> Result<usize, i32>;
+    /// Splice relay without a pipe: reads up to `len` bytes of `d`'s source into
+    /// `d`'s own buffer (non-blocking); on anything but bytes the buffer is freed.
+    fn read_prefix(&mut self, d: usize, len: usize) -> Io;
     /// Takes direction `d`'s pipe back: to the pool if `empty`, else closed.
     fn put_pipe(&mut self, d: usize, empty: bool);
     /// Returns provided buffer `bid` to the kernel.
@@ -586,6 +596,16 @@ impl ConnMachine {
                                     Ok(cap) => {
                                         dir.held = Held::Pipe;
                                         dir.flow.set_capacity(cap);
+                                    }
+                                    Err(libc::EAGAIN) => {
+                                        // No pipe to be had: copy this once, through
+                                        // the direction's own buffer, and try for a
+                                        // pipe again at the next read.
+                                        let r = fx.read_prefix(d, max.min(FALLBACK_READ_MAX));
+                                        self.after_read(d, r, fx);
+                                        if matches!(r, Io::Done(n) if n > 0) {
+                                            self.dirs[d].held = Held::Prefix { off: 0 };
+                                        }
                                     }
                                     Err(e) => self.fail(d, CloseReason::LocalError, e),
                                 }

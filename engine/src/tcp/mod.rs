@@ -87,7 +87,7 @@ impl Tcp {
         Ok(Tcp {
             acceptor: Acceptor::new(&cfg, listeners),
             conns: ConnTable::with_capacity(cfg.max_conns_per_core),
-            pipes: PipePool::default(),
+            pipes: PipePool::new(cfg.max_pipes_per_core),
             waiters: BufWaiters::default(),
             runq: VecDeque::new(),
             capacity,

@@ -6,6 +6,13 @@
 //! the ring and then splices inline, non-blocking, on the core's own thread (the
 //! HAProxy model). A pipe is held only while a direction has bytes in flight; idle
 //! pipes wait in a LIFO pool (warm in cache) and are closed after a quiet second.
+//!
+//! The pool is bounded (`--max-pipes`, by default a sixteenth of the TCP share of
+//! the descriptor budget), so connections cost 2 fds each rather than 6. When every
+//! pipe is taken, a direction reads into its own buffer and writes from it, once per
+//! read (the machine's `read_prefix`, counted as `splice_copy_fallbacks`): slow, but
+//! it never waits for a pipe, so directions stalled on slow readers, which keep
+//! theirs, cannot stop the others.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -22,9 +29,10 @@ const PIPE_POOL_MAX: usize = 256;
 pub const KERNEL_PIPE_SIZE: usize = 65536;
 
 /// Idle pipes of one core.
-#[derive(Default)]
 pub struct PipePool {
     idle: Vec<Pipe>,
+    /// Most pipes, idle and in use together.
+    limit: usize,
     /// Pipes taken from the pool or created since the last tick.
     taken: u64,
     /// Pipes held by relay directions now.
@@ -32,13 +40,28 @@ pub struct PipePool {
 }
 
 impl PipePool {
-    /// Takes a pipe from the pool or makes one.
+    /// An empty pool of at most `limit` pipes.
+    pub fn new(limit: usize) -> PipePool {
+        PipePool {
+            idle: Vec::new(),
+            limit: limit.max(1),
+            taken: 0,
+            in_use: 0,
+        }
+    }
+
+    /// Takes a pipe from the pool or makes one; `WouldBlock` when `limit` pipes are
+    /// in use.
     pub fn take(&mut self, core: &Core) -> io::Result<Pipe> {
-        self.taken += 1;
         if let Some(p) = self.idle.pop() {
+            self.taken += 1;
             self.in_use += 1;
             return Ok(p);
         }
+        if self.in_use >= self.limit {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        self.taken += 1;
         let p = Pipe::new(core.cfg.pipe_size)?;
         self.in_use += 1;
         core.stats.pipes_created.fetch_add(1, Relaxed);

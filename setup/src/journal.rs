@@ -45,6 +45,26 @@ pub fn new_id() -> String {
     format!("{nanos:x}-{}", std::process::id())
 }
 
+/// The journal's text before its first step: header, version, id, namespace and the
+/// copy of the previous state. A pure function, so that the tests can round-trip it.
+fn head(id: &str, netns: &str, prev: Option<&State>) -> String {
+    let mut text = String::from(HEADER);
+    text.push_str(&format!("journal {VERSION}\nid {id}\nnetns {netns}\n"));
+    if let Some(prev) = prev {
+        for line in prev.render().lines() {
+            text.push_str("prev ");
+            text.push_str(line);
+            text.push('\n');
+        }
+    }
+    text
+}
+
+/// The line [`Journal::record`] appends for one step.
+fn step_line(step: &str) -> String {
+    format!("step {step}\n")
+}
+
 /// An open journal of an apply in progress.
 #[derive(Debug)]
 pub struct Journal {
@@ -81,15 +101,7 @@ impl Journal {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(&err)?;
         }
-        let mut text = String::from(HEADER);
-        text.push_str(&format!("journal {VERSION}\nid {id}\nnetns {netns}\n"));
-        if let Some(prev) = prev {
-            for line in prev.render().lines() {
-                text.push_str("prev ");
-                text.push_str(line);
-                text.push('\n');
-            }
-        }
+        let text = head(id, netns, prev);
         let mut file = File::create(&path).map_err(&err)?;
         file.write_all(text.as_bytes()).map_err(&err)?;
         file.sync_all().map_err(&err)?;
@@ -103,7 +115,7 @@ impl Journal {
     pub fn record(&mut self, step: &str) -> Result<(), SetupError> {
         let err = write_err(&self.path);
         self.file
-            .write_all(format!("step {step}\n").as_bytes())
+            .write_all(step_line(step).as_bytes())
             .map_err(&err)?;
         self.file.sync_data().map_err(&err)
     }
@@ -275,3 +287,7 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
+
+/// Property tests against corrupt journals, and the seed corpus.
+#[cfg(test)]
+mod fuzz;

@@ -235,7 +235,11 @@ impl State {
             "# ringrelay setup state: written by `setup apply`, read by `setup status` and `setup teardown`."
         );
         let _ = writeln!(s, "version {VERSION}");
-        let _ = writeln!(s, "netns {}", self.netns);
+        // A state parsed from a file without a netns line has none; writing `netns `
+        // would make the file (and a journal's copy of it) unreadable.
+        if !self.netns.is_empty() {
+            let _ = writeln!(s, "netns {}", self.netns);
+        }
         if let Some(id) = &self.apply_id {
             let _ = writeln!(s, "apply-id {id}");
         }
@@ -346,6 +350,13 @@ impl State {
                 }
             };
             let family = |v: &str| Family::from_name(v).ok_or_else(|| bad("unknown family"));
+            // `/` alone would be the empty key, i.e. /proc/sys itself, and would not
+            // survive being written back (`sysctl  0 1` reads as two words).
+            let sysctl_key = |v: &str| {
+                Some(SysctlKey::new(v))
+                    .filter(|k| !k.rel().is_empty())
+                    .ok_or_else(|| bad("empty sysctl key"))
+            };
             let sel = |v: &str| -> Result<Option<PortSel>, String> {
                 if v == "off" {
                     Ok(None)
@@ -400,7 +411,7 @@ impl State {
                 },
                 "sysctl" => match w.as_slice() {
                     [k, orig, written] => st.sysctls.push(SysctlRecord {
-                        key: SysctlKey::new(k),
+                        key: sysctl_key(k)?,
                         original: orig.to_string(),
                         written: written.to_string(),
                         side: Vec::new(),
@@ -408,9 +419,7 @@ impl State {
                     _ => return Err(bad("expected: sysctl KEY ORIGINAL WRITTEN")),
                 },
                 "side" => match (w.as_slice(), st.sysctls.last_mut()) {
-                    ([k, orig], Some(last)) => {
-                        last.side.push((SysctlKey::new(k), orig.to_string()))
-                    }
+                    ([k, orig], Some(last)) => last.side.push((sysctl_key(k)?, orig.to_string())),
                     _ => return Err(bad("expected: side KEY ORIGINAL, after a sysctl line")),
                 },
                 "mangle" => match w.as_slice() {
@@ -661,3 +670,8 @@ mod tests {
         );
     }
 }
+
+/// Property tests against corrupt state files, and the seed corpus; shared with the
+/// journal's.
+#[cfg(test)]
+pub(crate) mod fuzz;

@@ -758,3 +758,7 @@ mod tests {
         }
     }
 }
+
+/// Property tests against hostile control and name areas, and the seed corpus.
+#[cfg(test)]
+mod fuzz;

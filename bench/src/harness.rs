@@ -244,11 +244,13 @@ pub fn parse_targets_with(
     Ok(out)
 }
 
-/// Parses `2`, `2s`, `0.3s`, `500ms`.
+/// Parses `2`, `2s`, `0.3s`, `500ms`, `10m`.
 pub fn parse_duration(s: &str) -> anyhow::Result<Duration> {
     let s = s.trim();
     let (num, scale) = if let Some(ms) = s.strip_suffix("ms") {
         (ms, 1e-3)
+    } else if let Some(min) = s.strip_suffix('m') {
+        (min, 60.0)
     } else if let Some(sec) = s.strip_suffix('s') {
         (sec, 1.0)
     } else {
@@ -257,7 +259,7 @@ pub fn parse_duration(s: &str) -> anyhow::Result<Duration> {
     let v: f64 = num
         .trim()
         .parse()
-        .map_err(|_| anyhow::anyhow!("bad duration {s:?}: use 2s, 0.5s or 500ms"))?;
+        .map_err(|_| anyhow::anyhow!("bad duration {s:?}: use 2s, 0.5s, 500ms or 10m"))?;
     anyhow::ensure!(
         v > 0.0 && v * scale <= 3600.0,
         "duration {s:?} out of range"
@@ -319,6 +321,7 @@ pub fn run_matrix(lab: &Lab, cfg: &Config, tools: &Tools, log: &mut dyn FnMut(&s
     let arm_opts = ArmOptions {
         engine_cores: cfg.engine_cores.clone(),
         port: cfg.port,
+        engine_args: Vec::new(),
     };
     let plan = cfg.plan();
 
@@ -682,6 +685,8 @@ mod tests {
         assert_eq!(parse_duration("0.3s").unwrap(), Duration::from_millis(300));
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_duration("10m").unwrap(), Duration::from_secs(600));
+        assert_eq!(parse_duration("30m").unwrap(), Duration::from_secs(1800));
         assert!(parse_duration("x").is_err());
     }
 

@@ -8,6 +8,7 @@
 //! - [`harness`]: the matrix of scenarios and targets.
 //! - [`cpu`]: CPU per unit of work on the proxy's core(s), from `/proc/stat`.
 //! - [`report`]: JSON, Markdown and SVG output.
+//! - [`soak`]: `bench soak`, one engine under hostile mixed load, judged for leaks.
 #![forbid(unsafe_code)]
 
 pub mod cpu;
@@ -16,6 +17,7 @@ pub mod lab;
 pub mod load;
 pub mod policy;
 pub mod report;
+pub mod soak;
 pub mod targets;
 
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -43,6 +43,11 @@ enum Cmd {
     },
     /// Run chosen scenarios on chosen targets.
     Run(Box<RunArgs>),
+    /// Soak one engine target under mixed hostile load (bulk, tcp-crr, tcp-rr, UDP,
+    /// slow readers, RST storms at once), sampling fds, RSS, socket memory and the
+    /// engine's counters every second; PASS (exit 0) when nothing grows and nothing
+    /// leaks, FAIL (exit 1) with the reasons.
+    Soak(SoakArgs),
     /// Build a lab and keep it (`up`), or delete kept or stale labs (`down`).
     Lab {
         #[command(subcommand)]
@@ -133,6 +138,35 @@ struct RunArgs {
     /// Also write the SVG chart here.
     #[arg(long)]
     svg: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct SoakArgs {
+    /// Load window (20s, 3m, 10m; at most 60m).
+    #[arg(long, default_value = "10m")]
+    duration: String,
+    /// engine-splice or engine-copy.
+    #[arg(long, default_value = "engine-splice")]
+    target: String,
+    /// CSV of the samples (default: <cargo target dir>/bench/soak.csv).
+    #[arg(long)]
+    csv: Option<PathBuf>,
+    /// SVG plot of fds, RSS, socket memory and active connections (default: next to
+    /// the CSV).
+    #[arg(long)]
+    svg: Option<PathBuf>,
+    /// Cores for the engine (default: the last core).
+    #[arg(long)]
+    engine_cores: Option<String>,
+    /// Cores for the load's clients and servers (default: all but the engine's).
+    #[arg(long)]
+    load_cores: Option<String>,
+    /// Drive IPv6 instead of IPv4.
+    #[arg(long)]
+    ipv6: bool,
+    /// Transparent port.
+    #[arg(long, default_value_t = DEFAULT_PORT)]
+    port: u16,
 }
 
 fn main() -> ExitCode {
@@ -239,6 +273,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             run(&cfg, &outputs, a.baseline_engine.as_deref())
         }
+        Cmd::Soak(a) => soak(&a),
         Cmd::Lab { action: LabCmd::Up } => {
             let lab = Lab::up()?;
             let names: Vec<String> = lab
@@ -270,6 +305,89 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `bench soak`: the lab and the armed engine are dropped (torn down) on every path
+/// out of `soak::run`; the outputs are written after.
+fn soak(a: &SoakArgs) -> anyhow::Result<ExitCode> {
+    use ringrelay_bench::soak;
+    let target = Target::parse(&a.target)
+        .filter(|t| matches!(t, Target::EngineSplice | Target::EngineCopy))
+        .ok_or_else(|| anyhow::anyhow!("--target: engine-splice or engine-copy"))?;
+    let duration = harness::parse_duration(&a.duration)?;
+    let (default_engine, default_load) = harness::default_cores();
+    let engine_cores = match &a.engine_cores {
+        Some(s) => harness::parse_cores(s).context("--engine-cores")?,
+        None => default_engine,
+    };
+    let load_cores = match &a.load_cores {
+        Some(s) => harness::parse_cores(s).context("--load-cores")?,
+        None => default_load,
+    };
+    let cfg = soak::SoakConfig {
+        target,
+        duration,
+        mix: soak::Mix::DEFAULT,
+        server_cores: load_cores.clone(),
+        engine_cores,
+        load_cores,
+        family: if a.ipv6 { Family::Ipv6 } else { Family::Ipv4 },
+        port: a.port,
+    };
+    let csv = a
+        .csv
+        .clone()
+        .unwrap_or_else(|| default_out_dir().join("soak.csv"));
+    let svg = a.svg.clone().unwrap_or_else(|| csv.with_extension("svg"));
+    let tools = Tools::discover();
+    if let Err(why) = tools.missing_for(target).map_or(Ok(()), Err) {
+        anyhow::bail!("{} cannot run: {why}", target.name());
+    }
+    if tools.engine_build() == "debug" {
+        eprintln!("bench: warning: the engine is a DEBUG build");
+    }
+    eprintln!(
+        "bench: soak {} for {:.0} s, engine cores {:?}, load cores {:?}",
+        target.name(),
+        duration.as_secs_f64(),
+        cfg.engine_cores,
+        cfg.load_cores
+    );
+    let lab = Lab::up()?;
+    eprintln!("bench: lab {} up", lab.prefix());
+    let res = soak::run(&lab, &cfg, &tools, &mut |l| eprintln!("bench: {l}"));
+    drop(lab);
+    let res = res?;
+    for n in &res.notes {
+        eprintln!("bench: engine: {n}");
+    }
+    let write = |p: &Path, text: String| -> anyhow::Result<()> {
+        if let Some(d) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(d).with_context(|| format!("mkdir {}", d.display()))?;
+        }
+        std::fs::write(p, text).with_context(|| format!("writing {}", p.display()))?;
+        eprintln!("bench: wrote {}", p.display());
+        Ok(())
+    };
+    let line = res.verdict.summary_line();
+    write(&csv, soak::to_csv(&res.samples))?;
+    let title = format!(
+        "bench soak: {} for {:.0} s, {}",
+        target.name(),
+        duration.as_secs_f64(),
+        cfg.family.name()
+    );
+    write(&svg, soak::to_svg(&res.samples, &title, &line))?;
+    println!("{line}");
+    if res.interrupted {
+        eprintln!("bench: interrupted; lab torn down");
+        return Ok(ExitCode::from(130));
+    }
+    Ok(if res.verdict.pass {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 struct Outputs {

@@ -434,6 +434,9 @@ pub struct ArmOptions {
     pub engine_cores: Vec<usize>,
     /// Transparent port.
     pub port: u16,
+    /// Extra engine arguments, after the target's own (`bench soak` shortens the
+    /// UDP idle timeout so the drain at the end is quick).
+    pub engine_args: Vec<String>,
 }
 
 /// Why a target could not be armed.
@@ -569,6 +572,7 @@ impl<'a> Armed<'a> {
             self.target.relay(),
         ]);
         cmd.args(self.target.extra_args().0);
+        cmd.args(&opts.engine_args);
         let mut label = format!("--relay {}", self.target.relay());
         if let Some(rules) = self.target.rules_file() {
             let dir = temp_dir("rules")?;
@@ -579,6 +583,9 @@ impl<'a> Armed<'a> {
             let _ = write!(label, " --config {}", path.display());
         }
         for a in self.target.extra_args().0 {
+            let _ = write!(label, " {a}");
+        }
+        for a in &opts.engine_args {
             let _ = write!(label, " {a}");
         }
         let who = if self.target.is_baseline() {
@@ -693,6 +700,16 @@ impl<'a> Armed<'a> {
     /// The proxy's pid (`None` for `direct`).
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(NsChild::pid)
+    }
+
+    /// Sends `sig` to the proxy (the engine prints its counter table on SIGUSR1).
+    pub fn signal(&self, sig: Signal) -> anyhow::Result<()> {
+        self.child.as_ref().context("no proxy child")?.signal(sig)
+    }
+
+    /// Everything the proxy printed on stdout so far.
+    pub fn stdout(&self) -> String {
+        self.child.as_ref().map(NsChild::stdout).unwrap_or_default()
     }
 
     /// `Err(reason)` when the proxy has died since it started.

@@ -638,6 +638,36 @@ impl Kernel {
     }
 
     /// A read on a reset socket: its error, or EOF once a reader took the error.
+    /// An inline read of up to `len` bytes from `d`'s source: the result, and the
+    /// span of the stream it took (where the caller keeps it: a pipe or its own
+    /// buffer).
+    fn read_source(&mut self, d: usize, len: usize) -> (Io, Option<Span>) {
+        let mut got = None;
+        let r = if self.socks[d].reset {
+            self.read_err(d)
+        } else {
+            let rx = self.socks[d].rx;
+            if rx.len() > 0 {
+                let n = self.amount(rx.len().min(len));
+                self.socks[d].rx.start += n as u64;
+                got = Some(Span {
+                    start: rx.start,
+                    end: rx.start + n as u64,
+                });
+                Io::Done(n)
+            } else if self.socks[d].rx_fin {
+                self.eof_read[d] = true;
+                Io::Done(0)
+            } else {
+                Io::WouldBlock
+            }
+        };
+        if r == Io::Done(0) && !self.eofs.contains(&d) {
+            self.eofs.push(d);
+        }
+        (r, got)
+    }
+
     fn read_err(&mut self, s: usize) -> Io {
         let sock = &mut self.socks[s];
         let e = if self.p.sticky {
@@ -1095,27 +1125,9 @@ impl Effects for Kernel {
                 self.pipe_cap[d]
             ));
         }
-        let r = if self.socks[d].reset {
-            self.read_err(d)
-        } else {
-            let rx = self.socks[d].rx;
-            if rx.len() > 0 {
-                let n = self.amount(rx.len().min(len));
-                self.socks[d].rx.start += n as u64;
-                self.pipes[d] = Some(Span {
-                    start: rx.start,
-                    end: rx.start + n as u64,
-                });
-                Io::Done(n)
-            } else if self.socks[d].rx_fin {
-                self.eof_read[d] = true;
-                Io::Done(0)
-            } else {
-                Io::WouldBlock
-            }
-        };
-        if r == Io::Done(0) && !self.eofs.contains(&d) {
-            self.eofs.push(d);
+        let (r, got) = self.read_source(d, len);
+        if got.is_some() {
+            self.pipes[d] = got;
         }
         self.note(|| format!("  splice_in {d} {len} -> {r:?}"));
         r
@@ -1136,28 +1148,10 @@ impl Effects for Kernel {
                 "direction {d} reads {len} bytes into its own buffer"
             ));
         }
-        let r = if self.socks[d].reset {
-            self.read_err(d)
-        } else {
-            let rx = self.socks[d].rx;
-            if rx.len() > 0 {
-                let n = self.amount(rx.len().min(len));
-                self.socks[d].rx.start += n as u64;
-                self.spills[d] = Some(Span {
-                    start: rx.start,
-                    end: rx.start + n as u64,
-                });
-                self.cov.fallbacks += 1;
-                Io::Done(n)
-            } else if self.socks[d].rx_fin {
-                self.eof_read[d] = true;
-                Io::Done(0)
-            } else {
-                Io::WouldBlock
-            }
-        };
-        if r == Io::Done(0) && !self.eofs.contains(&d) {
-            self.eofs.push(d);
+        let (r, got) = self.read_source(d, len);
+        if got.is_some() {
+            self.spills[d] = got;
+            self.cov.fallbacks += 1;
         }
         self.note(|| format!("  read_prefix {d} {len} -> {r:?}"));
         r

@@ -61,13 +61,13 @@ check_rust() {
         [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
     fi
     if ! command -v cargo >/dev/null 2>&1; then
-        echo "ringrelay: no Rust toolchain: install one with rustup (https://rustup.rs), Rust 1.85 or newer" >&2
+        echo "ringrelay: no Rust toolchain: install one with rustup (https://rustup.rs), Rust 1.88 or newer" >&2
         exit 1
     fi
     local v
     v=$(rustc --version | awk '{print $2}')
-    if [ "$(printf '%s\n1.85.0\n' "$v" | sort -V | head -n1)" != "1.85.0" ]; then
-        echo "ringrelay: rustc $v is too old: need 1.85 or newer (rustup update)" >&2
+    if [ "$(printf '%s\n1.88.0\n' "$v" | sort -V | head -n1)" != "1.88.0" ]; then
+        echo "ringrelay: rustc $v is too old: need 1.88 or newer (rustup update)" >&2
         exit 1
     fi
 }

@@ -642,7 +642,7 @@ fn classify(e: &io::Error) -> &'static str {
 }
 
 /// Pins the calling thread to `cores[i % len]`; no-op for an empty list.
-fn pin(cores: &[usize], i: usize) {
+pub(crate) fn pin(cores: &[usize], i: usize) {
     if !cores.is_empty() {
         let id = cores[i % cores.len()];
         let _ = core_affinity::set_for_current(core_affinity::CoreId { id });
@@ -663,7 +663,7 @@ fn join<T>(h: JoinHandle<T>, what: &str) -> anyhow::Result<T> {
 /// A listener with a deep backlog (the CRR clients burst) and a receive timeout, so
 /// `accept` returns every [`POLL_SLICE`] and the acceptor can look at its flags
 /// (Linux applies SO_RCVTIMEO to accept).
-fn tcp_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+pub(crate) fn tcp_listener(addr: SocketAddr) -> io::Result<TcpListener> {
     let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     s.set_reuse_address(true)?;
     if addr.is_ipv6() {

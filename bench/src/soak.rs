@@ -22,10 +22,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use nix::sys::signal::Signal;
-use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use socket2::SockRef;
 
 use crate::lab::Lab;
-use crate::load::Family;
+use crate::load::{pin, tcp_listener, Family};
 use crate::targets::{ArmOptions, Armed, Target, Tools};
 
 /// Server ports of the soak's loads (clear of `bench run`'s 5001-5006).
@@ -615,25 +615,6 @@ impl Flags {
     }
 }
 
-fn pin(cores: &[usize], i: usize) {
-    if !cores.is_empty() {
-        let id = cores[i % cores.len()];
-        let _ = core_affinity::set_for_current(core_affinity::CoreId { id });
-    }
-}
-
-fn listener(addr: SocketAddr) -> io::Result<TcpListener> {
-    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    s.set_reuse_address(true)?;
-    if addr.is_ipv6() {
-        s.set_only_v6(true)?;
-    }
-    s.bind(&addr.into())?;
-    s.listen(4096)?;
-    s.set_read_timeout(Some(POLL_SLICE))?;
-    Ok(s.into())
-}
-
 /// Reads exactly `buf.len()` bytes within `timeout` (or until `give_up`).
 /// `Ok(false)`: clean EOF before the first byte.
 fn read_full(
@@ -1089,7 +1070,7 @@ impl Load {
             let addr = SocketAddr::new(ip, port);
             let l = lab
                 .server
-                .run(move || listener(addr))
+                .run(move || tcp_listener(addr))
                 .with_context(|| format!("listen on {addr}"))?;
             let (fl, c, cores) = (flags.clone(), counters.clone(), server_cores.to_vec());
             load.servers.push(lab.server.spawn(move || {

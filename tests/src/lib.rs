@@ -282,14 +282,38 @@ impl CmdOutput {
 }
 
 /// Runs `cmd` to completion with a deadline (killing it on expiry).
-pub fn run_with_timeout(mut cmd: Command, timeout: Duration) -> anyhow::Result<CmdOutput> {
+pub fn run_with_timeout(cmd: Command, timeout: Duration) -> anyhow::Result<CmdOutput> {
+    run_collecting(cmd, None, timeout)
+}
+
+/// Runs `cmd` with `input` on its stdin (none: `/dev/null`), to completion within
+/// `timeout` (killing it on expiry), and collects its output.
+fn run_collecting(
+    mut cmd: Command,
+    input: Option<&[u8]>,
+    timeout: Duration,
+) -> anyhow::Result<CmdOutput> {
     let shown = format!("{cmd:?}");
     let mut child = cmd
-        .stdin(Stdio::null())
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("cannot start {shown}"))?;
+    let feeder = match input {
+        Some(input) => {
+            let mut stdin = child.stdin.take().context("stdin")?;
+            let input = input.to_vec();
+            Some(std::thread::spawn(move || {
+                let _ = stdin.write_all(&input);
+            }))
+        }
+        None => None,
+    };
     // Pumps so that a chatty child never blocks on a full pipe while we poll.
     let mut out = child.stdout.take().context("stdout")?;
     let mut err = child.stderr.take().context("stderr")?;
@@ -303,15 +327,14 @@ pub fn run_with_timeout(mut cmd: Command, timeout: Duration) -> anyhow::Result<C
         let _ = err.read_to_string(&mut s);
         s
     });
-    let status = poll_until(timeout, || child.try_wait().ok().flatten());
-    let status = match status {
-        Some(s) => s,
-        None => {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("{shown} did not finish within {timeout:?}");
-        }
+    let Some(status) = poll_until(timeout, || child.try_wait().ok().flatten()) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("{shown} did not finish within {timeout:?}");
     };
+    if let Some(f) = feeder {
+        let _ = f.join();
+    }
     Ok(CmdOutput {
         status,
         stdout: t_out.join().unwrap_or_default(),
@@ -1260,46 +1283,8 @@ pub fn prometheus_tool(cmd: &str) -> PathBuf {
 }
 
 /// Runs `cmd` with `input` on its stdin, to completion within `timeout`.
-pub fn run_with_stdin(
-    mut cmd: Command,
-    input: &[u8],
-    timeout: Duration,
-) -> anyhow::Result<CmdOutput> {
-    let shown = format!("{cmd:?}");
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("cannot start {shown}"))?;
-    let mut stdin = child.stdin.take().context("stdin")?;
-    let input = input.to_vec();
-    let feeder = std::thread::spawn(move || {
-        let _ = stdin.write_all(&input);
-    });
-    let mut out = child.stdout.take().context("stdout")?;
-    let mut err = child.stderr.take().context("stderr")?;
-    let t_out = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    let Some(status) = poll_until(timeout, || child.try_wait().ok().flatten()) else {
-        let _ = child.kill();
-        let _ = child.wait();
-        bail!("{shown} did not finish within {timeout:?}");
-    };
-    let _ = feeder.join();
-    Ok(CmdOutput {
-        status,
-        stdout: t_out.join().unwrap_or_default(),
-        stderr: t_err.join().unwrap_or_default(),
-    })
+pub fn run_with_stdin(cmd: Command, input: &[u8], timeout: Duration) -> anyhow::Result<CmdOutput> {
+    run_collecting(cmd, Some(input), timeout)
 }
 
 /// `promtool check metrics < text`: Ok with promtool's output when it finds nothing

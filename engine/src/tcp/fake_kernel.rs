@@ -668,6 +668,37 @@ impl Kernel {
         (r, got)
     }
 
+    /// An inline write of up to `len` bytes of `held` (what direction `d` holds: its
+    /// pipe or its own buffer) to `d`'s destination: the result, and what `d` then
+    /// holds if anything was written.
+    fn write_held(&mut self, d: usize, held: Span, len: usize) -> (Io, Option<Span>) {
+        let t = 1 - d;
+        if self.socks[t].tx_fin {
+            self.fail(&format!(
+                "direction {d} writes after shutting its destination down"
+            ));
+        }
+        if self.socks[t].reset {
+            (Io::Err(self.write_err(t)), None)
+        } else if self.socks[t].room() == 0 {
+            (Io::WouldBlock, None)
+        } else {
+            let n = self.amount(len.min(self.socks[t].room()));
+            self.write_dst(
+                d,
+                Span {
+                    start: held.start,
+                    end: held.start + n as u64,
+                },
+            );
+            let rest = Span {
+                start: held.start + n as u64,
+                end: held.end,
+            };
+            (Io::Done(n), Some(rest))
+        }
+    }
+
     fn read_err(&mut self, s: usize) -> Io {
         let sock = &mut self.socks[s];
         let e = if self.p.sticky {
@@ -1170,34 +1201,13 @@ impl Effects for Kernel {
                 pipe.len()
             ));
         }
-        let t = 1 - d;
-        if self.socks[t].tx_fin {
-            self.fail(&format!(
-                "direction {d} writes after shutting its destination down"
-            ));
+        let (r, rest) = self.write_held(d, pipe, len);
+        if matches!(r, Io::Done(n) if n < len) {
+            self.cov.short_sends += 1;
         }
-        let r = if self.socks[t].reset {
-            Io::Err(self.write_err(t))
-        } else if self.socks[t].room() == 0 {
-            Io::WouldBlock
-        } else {
-            let n = self.amount(len.min(self.socks[t].room()));
-            if n < len {
-                self.cov.short_sends += 1;
-            }
-            self.write_dst(
-                d,
-                Span {
-                    start: pipe.start,
-                    end: pipe.start + n as u64,
-                },
-            );
-            self.pipes[d] = Some(Span {
-                start: pipe.start + n as u64,
-                end: pipe.end,
-            });
-            Io::Done(n)
-        };
+        if rest.is_some() {
+            self.pipes[d] = rest;
+        }
         self.note(|| format!("  splice_out {d} {len} -> {r:?}"));
         r
     }
@@ -1355,31 +1365,10 @@ impl Effects for Kernel {
                 spill.len()
             ));
         }
-        let t = 1 - d;
-        if self.socks[t].tx_fin {
-            self.fail(&format!(
-                "direction {d} writes after shutting its destination down"
-            ));
+        let (r, rest) = self.write_held(d, spill, len);
+        if rest.is_some() {
+            self.spills[d] = rest;
         }
-        let r = if self.socks[t].reset {
-            Io::Err(self.write_err(t))
-        } else if self.socks[t].room() == 0 {
-            Io::WouldBlock
-        } else {
-            let n = self.amount(len.min(self.socks[t].room()));
-            self.write_dst(
-                d,
-                Span {
-                    start: spill.start,
-                    end: spill.start + n as u64,
-                },
-            );
-            self.spills[d] = Some(Span {
-                start: spill.start + n as u64,
-                end: spill.end,
-            });
-            Io::Done(n)
-        };
         self.note(|| format!("  write_prefix {d} {len} -> {r:?}"));
         r
     }

@@ -140,6 +140,23 @@ impl Engine {
             )?),
             None => None,
         };
+        let plan = worker::cq_plan(&cfg);
+        if let Some(limit) = plan.memlock {
+            log::warn(
+                "ring",
+                format_args!(
+                    "RLIMIT_MEMLOCK is {} KiB and the engine lacks CAP_IPC_LOCK, so the \
+                     kernel charges ring memory to it: each of the {} cores gets a CQ of \
+                     {} entries instead of {}. Raise the limit (systemd: \
+                     LimitMEMLOCK=infinity, as the shipped unit sets) for the full size",
+                    limit / 1024,
+                    cfg.cores.len(),
+                    plan.planned,
+                    plan.budget
+                ),
+                &[("cq", &plan.planned), ("cq_wanted", &plan.budget)],
+            );
+        }
         let cfg = Arc::new(cfg);
         let (tx, rx) = mpsc::channel();
         let mut engine = Engine {
@@ -179,9 +196,17 @@ impl Engine {
         drop(tx);
         engine.flowlog = flowlog;
         let mut failure = None;
+        let mut smallest_cq = None;
         for _ in 0..engine.workers.len() {
             match rx.recv_timeout(Duration::from_secs(10)) {
-                Ok(Ok(flags)) => engine.ring_flags = flags,
+                // Cores whose ring memory ran short have a smaller CQ (and said
+                // so in the log): the startup line shows the smallest.
+                Ok(Ok((flags, cq))) => {
+                    if smallest_cq.is_none_or(|c| cq < c) {
+                        smallest_cq = Some(cq);
+                        engine.ring_flags = flags;
+                    }
+                }
                 Ok(Err(e)) => {
                     failure.get_or_insert(e);
                 }

@@ -169,6 +169,9 @@ fn resolve(args: &Args, features: ring::Features) -> Result<(Config, u64)> {
         bail!("--no-tcp and --no-udp together leave nothing to relay");
     }
     let nofile = sys::raise_nofile_to_hard().context("raising RLIMIT_NOFILE")?;
+    // Ring memory counts against RLIMIT_MEMLOCK where the engine lacks CAP_IPC_LOCK
+    // (worker::cq_plan): take all the hard limit allows.
+    sys::raise_memlock_to_hard().context("raising RLIMIT_MEMLOCK")?;
     let budget = config::fd_budget(nofile as usize, args.relay, !args.no_udp);
     let n = cores.len();
     let max_conns = args.max_conns.unwrap_or(budget.conns);

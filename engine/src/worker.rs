@@ -13,7 +13,7 @@ use std::sync::Arc;
 use io_uring::{opcode, types};
 
 use crate::config::Config;
-use crate::core::ring::{Completion, Ring};
+use crate::core::ring::{self, BufGroup, Completion, Ring};
 use crate::core::token::{Op, Subsystem, Token};
 use crate::core::Core;
 use crate::policy::Policy;
@@ -22,18 +22,24 @@ use crate::stats::CoreStats;
 use crate::tcp::Tcp;
 use crate::udp::Udp;
 
-/// Sent by a worker to the main thread once it is listening, or failed to start.
-pub type Ready = Result<String, String>;
+/// Sent by a worker to the main thread once it is listening (its ring's setup
+/// flags and CQ size), or failed to start.
+pub type Ready = Result<(String, u32), String>;
 
 /// SQ entries per ring: the most SQEs one batch of completions queues before the
 /// next enter (a full SQ is flushed or backlogged, never fatal).
 const SQ_ENTRIES: u32 = 4096;
 
-/// CQ entries for a core: enough for every op that can complete between two reaps.
-/// A connection has at most four ops armed at once (two polls and two relay ops,
-/// or a connect and its timeout), a flow one multishot receive; each tproxy socket's
-/// multishot receive can post one completion per provided buffer.
-pub fn cq_entries(cfg: &Config) -> u32 {
+/// The smallest CQ a worker accepts when ring memory is short ([`Ring::build`]):
+/// no smaller than the SQ (the kernel's own floor).
+const MIN_CQ_ENTRIES: u32 = SQ_ENTRIES;
+
+/// CQ entries the connection and flow budget asks for: enough for every op that can
+/// complete between two reaps. A connection has at most four ops armed at once (two
+/// polls and two relay ops, or a connect and its timeout), a flow one multishot
+/// receive; each tproxy socket's multishot receive can post one completion per
+/// provided buffer.
+fn budget_cq_entries(cfg: &Config) -> u32 {
     let conns = if cfg.tcp { cfg.max_conns_per_core } else { 0 };
     let flows = if cfg.udp {
         cfg.udp_max_flows_per_core
@@ -49,6 +55,67 @@ pub fn cq_entries(cfg: &Config) -> u32 {
     (want
         .next_power_of_two()
         .clamp(8 * SQ_ENTRIES as usize, 1 << 16)) as u32
+}
+
+/// The provided-buffer groups a core's ring is built with.
+fn buffer_groups(cfg: &Config) -> Vec<BufGroup> {
+    [
+        cfg.tcp.then(|| crate::tcp::buffer_group(cfg)).flatten(),
+        cfg.udp.then(crate::udp::buffer_group),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
+/// How big each core's CQ will be asked to be ([`cq_plan`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CqPlan {
+    /// What the connection and flow budget asks for.
+    pub budget: u32,
+    /// What each core asks for: `budget`, or less where ring memory counts against
+    /// `RLIMIT_MEMLOCK` and `cores` rings of the budget's size would not fit in it.
+    pub planned: u32,
+    /// The `RLIMIT_MEMLOCK` that cut it, in bytes.
+    pub memlock: Option<u64>,
+}
+
+/// Sizes the CQ of every core before they start, so that where ring memory is
+/// charged to `RLIMIT_MEMLOCK` (no `CAP_IPC_LOCK`) the cores split the limit evenly
+/// instead of the first ones taking it all. Each core still shrinks its own ring
+/// further if the kernel says `ENOMEM` ([`Ring::build`]): other rings of the same
+/// user (a draining predecessor, another process) share the limit.
+pub fn cq_plan(cfg: &Config) -> CqPlan {
+    let budget = budget_cq_entries(cfg);
+    let memlock = if crate::sys::has_ipc_lock() {
+        None
+    } else {
+        crate::sys::memlock_limit().ok().flatten()
+    };
+    let planned = match memlock {
+        Some(limit) => fit_cq(
+            budget,
+            limit / cfg.cores.len().max(1) as u64,
+            &buffer_groups(cfg),
+        ),
+        None => budget,
+    };
+    CqPlan {
+        budget,
+        planned,
+        memlock: memlock.filter(|_| planned < budget),
+    }
+}
+
+/// The largest CQ (a power of two from `budget` down to [`MIN_CQ_ENTRIES`]) whose ring
+/// fits in `share` bytes of locked memory; the minimum when none does (the kernel
+/// then decides).
+fn fit_cq(budget: u32, share: u64, groups: &[BufGroup]) -> u32 {
+    let mut cq = budget.max(MIN_CQ_ENTRIES);
+    while cq > MIN_CQ_ENTRIES && ring::locked_bytes(SQ_ENTRIES, cq, groups) as u64 > share {
+        cq /= 2;
+    }
+    cq
 }
 
 /// Everything one core owns. The core (and with it the ring) drops first.
@@ -77,8 +144,34 @@ impl Worker {
             sockets,
             flowlog,
         } = s;
-        let ring = Ring::new(SQ_ENTRIES, cq_entries(&cfg), &cfg.features)
-            .map_err(|e| format!("cpu {cpu}: io_uring_setup: {e}"))?;
+        let groups = buffer_groups(&cfg);
+        let want_cq = cq_plan(&cfg).planned;
+        let built = Ring::build(SQ_ENTRIES, want_cq, MIN_CQ_ENTRIES, &cfg.features, &groups)
+            .map_err(|e| format!("cpu {cpu}: {e}"))?;
+        let ring = built.ring;
+        if let Some((wanted, e)) = built.shrunk {
+            let got = ring.cq_entries();
+            let need = ring::locked_bytes(SQ_ENTRIES, wanted, &groups).div_ceil(1024);
+            crate::log::warn(
+                "ring",
+                format_args!(
+                    "the ring was made smaller than asked: a CQ of {wanted} entries \
+                     ({need} KiB of ring memory with the SQ and buffer rings) got {e}; \
+                     {}. Completions beyond the CQ wait in the kernel and are counted \
+                     as ring_cq_overflow",
+                    if crate::sys::has_ipc_lock() {
+                        "the kernel found no memory for it in one piece (low or \
+                         fragmented memory)"
+                            .to_string()
+                    } else {
+                        "without CAP_IPC_LOCK ring memory counts against RLIMIT_MEMLOCK: \
+                         raise it (systemd: LimitMEMLOCK=infinity) for the full size"
+                            .to_string()
+                    }
+                ),
+                &[("cpu", &cpu), ("cq", &got), ("cq_wanted", &wanted)],
+            );
+        }
         let mut core = Core::new(ring, cfg.clone(), cpu, stats, policy);
         core.flowlog = flowlog;
         let (tcp_fds, udp_fds): (Vec<_>, Vec<_>) =
@@ -145,7 +238,8 @@ impl Worker {
             let _ = ready.send(Err(format!("cpu {}: first submit: {e}", self.core.cpu)));
             self.core.dead_ring(e);
         }
-        let _ = ready.send(Ok(self.core.ring.flags_description.clone()));
+        let ring = &self.core.ring;
+        let _ = ready.send(Ok((ring.flags_description.clone(), ring.cq_entries())));
         drop(ready);
 
         let mut batch: Vec<Completion> = Vec::with_capacity(1024);
@@ -291,5 +385,54 @@ pub fn thread_main(s: Spawn, ready: mpsc::Sender<Ready>) {
         Err(e) => {
             let _ = ready.send(Err(e));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GROUPS: [BufGroup; 2] = [
+        BufGroup {
+            name: "TCP copy",
+            group: 0,
+            entries: 512,
+            buf_size: 65536,
+        },
+        BufGroup {
+            name: "UDP",
+            group: 1,
+            entries: 256,
+            buf_size: 65783,
+        },
+    ];
+
+    #[test]
+    fn locked_bytes_counts_pages_of_every_region() {
+        // 1 MiB of CQEs + 16 KiB SQ array + header: 261 pages; 256 KiB of SQEs;
+        // 8 KiB and 4 KiB of buffer ring entries.
+        assert_eq!(
+            ring::locked_bytes(4096, 65536, &GROUPS),
+            (261 + 64 + 2 + 1) * 4096
+        );
+        assert_eq!(ring::locked_bytes(4096, 4096, &[]), (21 + 64) * 4096);
+    }
+
+    #[test]
+    fn fit_cq_halves_to_the_share_and_stops_at_the_floor() {
+        let mib = 1 << 20;
+        // Enough room: the budget stands.
+        assert_eq!(fit_cq(65536, 8 * mib, &GROUPS), 65536);
+        // 1.3 MiB does not fit in 1 MiB; 32768 entries (0.8 MiB) do.
+        assert_eq!(fit_cq(65536, mib, &GROUPS), 32768);
+        // Whatever fits, the largest power of two does: one step smaller exceeds.
+        for share in [400 * 1024, 600 * 1024, 3 * mib / 2] {
+            let cq = fit_cq(65536, share, &GROUPS);
+            assert!(ring::locked_bytes(SQ_ENTRIES, cq, &GROUPS) as u64 <= share);
+            assert!(ring::locked_bytes(SQ_ENTRIES, cq * 2, &GROUPS) as u64 > share);
+        }
+        // Nothing fits: the floor, and the kernel has the last word.
+        assert_eq!(fit_cq(65536, 64 * 1024, &GROUPS), MIN_CQ_ENTRIES);
+        assert_eq!(fit_cq(1024, 8 * mib, &GROUPS), MIN_CQ_ENTRIES);
     }
 }

@@ -524,8 +524,27 @@ impl Engine {
         args: &[String],
         env: &[(&str, &str)],
     ) -> anyhow::Result<Engine> {
+        Engine::start_wrapped(ns, &[], args, env)
+    }
+
+    /// [`Engine::start_with_env`] through `wrapper` (e.g. `prlimit ... setpriv ...
+    /// --`): `ip netns exec NS WRAPPER... engine ARGS...`. The wrappers must exec,
+    /// not fork: the pid must stay the engine's (checked).
+    pub fn start_wrapped(
+        ns: &Netns,
+        wrapper: &[String],
+        args: &[String],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Engine> {
         let bin = engine_bin();
-        let mut cmd = ns.command(&bin);
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = ns.command(first);
+                c.args(rest).arg(&bin);
+                c
+            }
+            None => ns.command(&bin),
+        };
         cmd.args(args);
         cmd.envs(env.iter().copied());
         let mut child = NsChild::spawn(format!("engine@{}", ns.name()), cmd)?;

@@ -52,6 +52,69 @@ pub struct Ring {
     pub flags_description: String,
 }
 
+/// A provided-buffer group a worker's ring is built with ([`Ring::build`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BufGroup {
+    /// What the buffers are for, in messages ("UDP", "TCP copy").
+    pub name: &'static str,
+    pub group: u16,
+    /// A power of two, at most 32768.
+    pub entries: u16,
+    pub buf_size: usize,
+}
+
+/// A ring from [`Ring::build`].
+pub struct Built {
+    pub ring: Ring,
+    /// The CQ size asked for and the error that made the ring smaller, if it had to
+    /// be (the size it got is [`Ring::cq_entries`]).
+    pub shrunk: Option<(u32, io::Error)>,
+}
+
+/// Bytes of ring memory the kernel charges (to `RLIMIT_MEMLOCK` without
+/// `CAP_IPC_LOCK`) for a ring of `sq` and `cq` entries with `groups`: the shared
+/// ring region (CQEs of 16 bytes, the SQ index array of 4, a header), the SQEs (64
+/// bytes each), and each buffer ring (16 bytes per entry), each rounded up to pages.
+/// The buffers themselves are ordinary memory, not charged.
+pub fn locked_bytes(sq: u32, cq: u32, groups: &[BufGroup]) -> usize {
+    const PAGE: usize = 4096;
+    const RINGS_HEADER: usize = 512;
+    let pages = |bytes: usize| bytes.div_ceil(PAGE) * PAGE;
+    let (sq, cq) = (sq as usize, cq as usize);
+    pages(RINGS_HEADER + 16 * cq + 4 * sq)
+        + pages(64 * sq)
+        + groups
+            .iter()
+            .map(|g| pages(16 * usize::from(g.entries)))
+            .sum::<usize>()
+}
+
+/// What an `ENOMEM` from ring setup means here, and what to change.
+fn enomem_explanation(need: usize) -> String {
+    let need_kib = need.div_ceil(1024);
+    match crate::sys::memlock_limit() {
+        Ok(limit) if !crate::sys::has_ipc_lock() => {
+            let limit = match limit {
+                Some(b) => format!("{} KiB", b / 1024),
+                None => "unlimited".to_string(),
+            };
+            format!(
+                "the kernel charges io_uring rings to RLIMIT_MEMLOCK (now {limit}, shared \
+                 by every ring of this user) because the engine lacks CAP_IPC_LOCK, and \
+                 this core's ring needs about {need_kib} KiB more: raise the limit \
+                 (systemd: LimitMEMLOCK=infinity, as the shipped unit sets; shell: \
+                 ulimit -l unlimited), or grant CAP_IPC_LOCK, or use fewer --cores or \
+                 a smaller --max-conns"
+            )
+        }
+        _ => format!(
+            "the kernel could not allocate about {need_kib} KiB for the ring (it takes \
+             ring memory in one piece or from its per-CPU free lists, which fail when \
+             memory is low or fragmented, or the memory cgroup is at its limit)"
+        ),
+    }
+}
+
 /// Why a ring can no longer be used: `io_uring_enter` failed with an error other
 /// than the transient ones (EINTR, EBUSY, EAGAIN, ETIME).
 #[derive(Debug)]
@@ -112,6 +175,73 @@ impl Ring {
             backlog: VecDeque::new(),
             flags_description: format!("{flags} sq={sq} cq={cq}"),
         })
+    }
+
+    /// Creates a worker's ring and registers its provided-buffer `groups`, halving
+    /// the CQ (never below `min_cq`) each time the kernel answers `ENOMEM`.
+    ///
+    /// Why `ENOMEM` is expected: without `CAP_IPC_LOCK` the kernel charges every
+    /// ring and buffer ring to the `RLIMIT_MEMLOCK` of the process's user, summed
+    /// over all of that user's rings (systemd's default is 8 MiB; one core sized for
+    /// 14,000 connections needs about 1.3 MiB, see [`locked_bytes`]). And even with
+    /// it the kernel allocates a ring's region in one piece (a CQ of 65536 entries:
+    /// an order-9 block) or else from the per-CPU free lists in one call, failing
+    /// when either comes up short: memory full of page cache after a build can be
+    /// enough (one of the two failed a CI run). Smaller regions succeed where larger
+    /// ones fail. A smaller CQ
+    /// loses nothing: completions that find it full wait on the kernel's overflow
+    /// list and are counted (`ring_cq_overflow`). The caller logs the shrink; the
+    /// error, when even `min_cq` does not fit, says what to change.
+    pub fn build(
+        sq_entries: u32,
+        cq_entries: u32,
+        min_cq: u32,
+        features: &Features,
+        groups: &[BufGroup],
+    ) -> Result<Built, String> {
+        let wanted = cq_entries.max(sq_entries);
+        let mut cq = wanted;
+        let mut first_enomem = None;
+        loop {
+            let attempt = Ring::new(sq_entries, cq, features)
+                .map_err(|e| (e, None))
+                .and_then(|mut ring| {
+                    for g in groups {
+                        ring.register_buffers(g.group, g.entries, g.buf_size)
+                            .map_err(|e| (e, Some(g.name)))?;
+                    }
+                    Ok(ring)
+                });
+            match attempt {
+                Ok(ring) => {
+                    return Ok(Built {
+                        ring,
+                        shrunk: first_enomem.map(|e| (wanted, e)),
+                    })
+                }
+                Err((e, _)) if e.raw_os_error() == Some(libc::ENOMEM) && cq / 2 >= min_cq => {
+                    first_enomem.get_or_insert(e);
+                    cq /= 2;
+                }
+                Err((e, what)) => {
+                    let step = match what {
+                        Some(name) => format!("registering the {name} buffer ring"),
+                        None => "io_uring_setup".to_string(),
+                    };
+                    return Err(if e.raw_os_error() == Some(libc::ENOMEM) {
+                        let need = locked_bytes(sq_entries, cq, groups);
+                        format!(
+                            "{step} (sq={sq_entries} cq={cq}): {e}: {}",
+                            enomem_explanation(need)
+                        )
+                    } else if what.is_none() {
+                        setup_error(e)
+                    } else {
+                        format!("{step}: {e}")
+                    });
+                }
+            }
+        }
     }
 
     /// Completion queue entries, as the kernel granted them.
@@ -385,7 +515,7 @@ fn setup_error(e: io::Error) -> String {
              the engine needs {}.{}+)",
             MIN_KERNEL.0, MIN_KERNEL.1
         ),
-        _ => format!("io_uring_setup failed: {e}"),
+        _ => format!("io_uring_setup: {e}"),
     }
 }
 

@@ -241,6 +241,47 @@ pub fn raise_nofile_to_hard() -> io::Result<u64> {
     Ok(hard)
 }
 
+/// Raises the soft `RLIMIT_MEMLOCK` to the hard limit.
+pub fn raise_memlock_to_hard() -> io::Result<()> {
+    // SAFETY: rlimit is plain data; getrlimit fills it.
+    let mut rl: libc::rlimit = unsafe { mem::zeroed() };
+    // SAFETY: valid pointer to a local rlimit.
+    cvt(unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut rl) })?;
+    rl.rlim_cur = rl.rlim_max;
+    // SAFETY: valid pointer to a local rlimit.
+    cvt(unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rl) })?;
+    Ok(())
+}
+
+/// The soft `RLIMIT_MEMLOCK` in bytes, `None` when unlimited.
+pub fn memlock_limit() -> io::Result<Option<u64>> {
+    // SAFETY: rlimit is plain data; getrlimit fills it.
+    let mut rl: libc::rlimit = unsafe { mem::zeroed() };
+    // SAFETY: valid pointer to a local rlimit.
+    cvt(unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut rl) })?;
+    Ok((rl.rlim_cur != libc::RLIM_INFINITY).then_some(rl.rlim_cur))
+}
+
+/// Whether this thread has `CAP_IPC_LOCK` in its effective set (then the kernel does
+/// not charge io_uring memory to `RLIMIT_MEMLOCK`). Read from `/proc/self/status`;
+/// `false` when that cannot be read.
+pub fn has_ipc_lock() -> bool {
+    const CAP_IPC_LOCK: u32 = 14;
+    std::fs::read_to_string("/proc/thread-self/status")
+        .ok()
+        .and_then(|s| cap_eff(&s))
+        .is_some_and(|caps| caps & (1 << CAP_IPC_LOCK) != 0)
+}
+
+/// The `CapEff:` mask of a `/proc/PID/status` text.
+fn cap_eff(status: &str) -> Option<u64> {
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))?
+        .trim();
+    u64::from_str_radix(hex, 16).ok()
+}
+
 /// Number of open fds of this process (entries of /proc/self/fd), for the summary.
 pub fn open_fd_count() -> usize {
     std::fs::read_dir("/proc/self/fd")
@@ -523,4 +564,20 @@ pub fn set_stall_bounds(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
         })?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cap_eff_reads_the_effective_mask() {
+        let status = "Name:\tengine\nCapInh:\t0000000000000000\nCapPrm:\t000001fffeffffff\n\
+                      CapEff:\t000001fffeffbfff\nCapBnd:\t000001fffeffffff\n";
+        let eff = cap_eff(status).unwrap();
+        assert_eq!(eff, 0x1fffeffbfff);
+        assert_eq!(eff & (1 << 14), 0, "CAP_IPC_LOCK is bit 14, cleared here");
+        assert_eq!(cap_eff("Name:\tx\n"), None);
+        assert_eq!(cap_eff("CapEff:\tzz\n"), None);
+    }
 }

@@ -41,8 +41,8 @@ use std::time::{Duration, SystemTime};
 use socket2::Type;
 
 use crate::addrs::{ClientAddr, OrigDst, UpstreamAddr};
-use crate::config::{RelayMode, SourceMode};
-use crate::core::ring::Completion;
+use crate::config::{Config, RelayMode, SourceMode};
+use crate::core::ring::{BufGroup, Completion};
 use crate::core::token::{Op, Token};
 use crate::core::Core;
 use crate::flowlog::{FlowProto, FlowRecord};
@@ -56,6 +56,17 @@ use copy::{BufWaiters, COPY_BUFFERS, GROUP_TCP_COPY};
 use driver::Driver;
 use machine::{ConnMachine, Step};
 use splice::{PipePool, KERNEL_PIPE_SIZE};
+
+/// The provided buffers the TCP relay needs in the ring: the copy relay's, none
+/// for splice.
+pub fn buffer_group(cfg: &Config) -> Option<BufGroup> {
+    (cfg.relay == RelayMode::Copy).then_some(BufGroup {
+        name: "TCP copy",
+        group: GROUP_TCP_COPY,
+        entries: COPY_BUFFERS,
+        buf_size: cfg.copy_buf_size,
+    })
+}
 
 /// The TCP part of a worker.
 pub struct Tcp {
@@ -72,14 +83,10 @@ pub struct Tcp {
 }
 
 impl Tcp {
-    /// Opens the listeners and, for the copy relay, registers its buffers.
+    /// Takes the listeners. The copy relay's buffers ([`buffer_group`]) are
+    /// registered with the ring when it is built.
     pub fn new(core: &mut Core, listeners: Vec<OwnedFd>) -> Result<Tcp, String> {
         let cfg = core.cfg.clone();
-        if cfg.relay == RelayMode::Copy {
-            core.ring
-                .register_buffers(GROUP_TCP_COPY, COPY_BUFFERS, cfg.copy_buf_size)
-                .map_err(|e| format!("registering the copy buffer ring: {e}"))?;
-        }
         let capacity = match cfg.relay {
             RelayMode::Splice => cfg.pipe_size.unwrap_or(KERNEL_PIPE_SIZE),
             RelayMode::Copy => cfg.copy_buf_size,

@@ -37,7 +37,7 @@ use io_uring::{opcode, types};
 use socket2::{SockRef, Type};
 
 use crate::config::{SourceMode, UdpNat};
-use crate::core::ring::Completion;
+use crate::core::ring::{BufGroup, Completion};
 use crate::core::token::{Op, Token, GENERATION_MASK};
 use crate::core::Core;
 use crate::flowlog::{FlowProto, FlowRecord};
@@ -63,6 +63,16 @@ const RECVMSG_OVERHEAD: usize = 256;
 /// A buffer is held only while its datagram is being forwarded (synchronously), so
 /// this bounds one batch, not the number of flows.
 pub const BUFFERS: u16 = 256;
+
+/// The provided buffers UDP needs in the ring.
+pub fn buffer_group() -> BufGroup {
+    BufGroup {
+        name: "UDP",
+        group: GROUP_UDP,
+        entries: BUFFERS,
+        buf_size: MAX_PAYLOAD + RECVMSG_OVERHEAD,
+    }
+}
 
 struct TproxySocket {
     fd: Option<OwnedFd>,
@@ -131,12 +141,10 @@ pub struct Udp {
 }
 
 impl Udp {
-    /// Opens the tproxy sockets and registers the buffer ring.
+    /// Takes the tproxy sockets. The buffers ([`buffer_group`]) are registered
+    /// with the ring when it is built.
     pub fn new(core: &mut Core, tproxy_sockets: Vec<OwnedFd>) -> Result<Udp, String> {
         let cfg = core.cfg.clone();
-        core.ring
-            .register_buffers(GROUP_UDP, BUFFERS, MAX_PAYLOAD + RECVMSG_OVERHEAD)
-            .map_err(|e| format!("registering the UDP buffer ring: {e}"))?;
         let mut sockets = Vec::new();
         for fd in tproxy_sockets {
             // Multishot recvmsg reads only the name and control lengths from it.

@@ -189,11 +189,20 @@ pub struct Args {
     pub half_closed_timeout_s: u64,
 
     /// Bound what one relayed direction keeps queued in the kernel when its reader
-    /// stalls: TCP_WINDOW_CLAMP and TCP_NOTSENT_LOWAT of this many bytes on both
-    /// sockets; 0 leaves it to the kernel's autotuning. Raise it for long fat paths:
-    /// a connection cannot move more than about this much per round trip.
-    #[arg(long, default_value_t = 256 * 1024, value_name = "BYTES")]
+    /// stalls: receive buffer, TCP_WINDOW_CLAMP and TCP_NOTSENT_LOWAT of this many
+    /// bytes on both sockets; 0 leaves it to the kernel's autotuning. A direction
+    /// that fills its window every round trip while its destination keeps up gets
+    /// its receive bound doubled, once a second, up to --stall-buffer-max-bytes, so
+    /// long fat paths still reach full speed.
+    #[arg(long, default_value_t = 64 * 1024, value_name = "BYTES")]
     pub stall_buffer_bytes: usize,
+
+    /// The most a direction's receive bound grows to (see --stall-buffer-bytes): the
+    /// window of one connection, so with a round trip of R its most throughput is
+    /// about BYTES / R (4 MiB: 1 Gbit/s at 32 ms); equal to --stall-buffer-bytes: a
+    /// fixed bound.
+    #[arg(long, default_value_t = 4 * 1024 * 1024, value_name = "BYTES")]
+    pub stall_buffer_max_bytes: usize,
 
     /// TCP keepalive on both sockets of every connection: first probe after this
     /// long without traffic, then every 15 s, reset after 4 unanswered probes (a dead
@@ -281,6 +290,8 @@ pub struct Config {
     /// Per-socket bound on what a stalled direction keeps queued in the kernel;
     /// `None`: the kernel's autotuning alone.
     pub stall_buffer_bytes: Option<usize>,
+    /// The most a receive bound grows to; at most `i32::MAX / 2`.
+    pub stall_buffer_max_bytes: usize,
     /// Per core.
     pub max_conns_per_core: usize,
     /// Splice relay's pipe pool bound, per core.

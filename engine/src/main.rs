@@ -165,6 +165,14 @@ fn resolve(args: &Args, features: ring::Features) -> Result<(Config, u64)> {
             args.copy_buf_size
         );
     }
+    if args.stall_buffer_bytes != 0 && args.stall_buffer_max_bytes < args.stall_buffer_bytes {
+        bail!(
+            "--stall-buffer-max-bytes {} is below --stall-buffer-bytes {}: the bound \
+             starts at the second and grows to the first",
+            args.stall_buffer_max_bytes,
+            args.stall_buffer_bytes
+        );
+    }
     if args.no_tcp && args.no_udp {
         bail!("--no-tcp and --no-udp together leave nothing to relay");
     }
@@ -220,6 +228,7 @@ fn resolve(args: &Args, features: ring::Features) -> Result<(Config, u64)> {
                 .then_some(args.half_closed_timeout_s),
             keepalive_s: (args.keepalive_s != 0).then_some(args.keepalive_s),
             stall_buffer_bytes: (args.stall_buffer_bytes != 0).then_some(args.stall_buffer_bytes),
+            stall_buffer_max_bytes: args.stall_buffer_max_bytes.min(i32::MAX as usize / 2),
             max_conns_per_core: max_conns.div_ceil(n).max(1),
             max_pipes_per_core: max_pipes.div_ceil(n).max(1),
             park_max_per_core: (config::PARK_TOTAL / n).max(1),

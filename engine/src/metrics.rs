@@ -402,6 +402,14 @@ pub fn per_core_families() -> Vec<PerCore> {
             "copy_spills",
         ),
         PerCore::one(
+            "ringrelay_tcp_stall_bounds_raised_total",
+            Counter,
+            "Receive bounds (--stall-buffer-bytes) doubled, up to --stall-buffer-max-bytes, \
+             for directions that filled their window every round trip while their \
+             destination kept up.",
+            "stall_bounds_raised",
+        ),
+        PerCore::one(
             "ringrelay_source_fallback_total",
             Counter,
             "Upstream sockets bound from the router although --source asked for the \

@@ -75,6 +75,29 @@ fn engine_rejects_buffer_sizes_out_of_range() {
 }
 
 #[test]
+fn engine_rejects_a_stall_bound_above_its_max() {
+    let Some(lab) = lab("engine_rejects_a_stall_bound_above_its_max") else {
+        return;
+    };
+    let err = engine_fails(
+        &lab.router,
+        &[
+            "--cores",
+            "0",
+            "--stall-buffer-bytes",
+            "1048576",
+            "--stall-buffer-max-bytes",
+            "65536",
+        ],
+    );
+    assert!(
+        err.contains("--stall-buffer-max-bytes 65536")
+            && err.contains("--stall-buffer-bytes 1048576"),
+        "message must name both flags and values: {err}"
+    );
+}
+
+#[test]
 fn engine_rejects_interception_mark() {
     let Some(lab) = lab("engine_rejects_interception_mark") else {
         return;

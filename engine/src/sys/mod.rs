@@ -539,6 +539,44 @@ pub fn set_bind_address_no_port(fd: BorrowedFd<'_>) -> io::Result<()> {
     .map(drop)
 }
 
+/// The kernel's receive-side round-trip estimate of a TCP socket, microseconds
+/// (`tcpi_rcv_rtt` of `TCP_INFO`; 0 until it has one).
+pub fn tcp_rcv_rtt_us(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    // SAFETY: tcp_info is plain data; getsockopt fills at most `len` bytes of it.
+    let mut info: libc::tcp_info = unsafe { mem::zeroed() };
+    let mut len = mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: valid pointers to a local tcp_info and its size.
+    cvt(unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    })?;
+    Ok(info.tcpi_rcv_rtt)
+}
+
+/// Raises the receive side of [`set_stall_bounds`] to `bytes`: the receive buffer
+/// (forced past `net.core.rmem_max`, which needs `CAP_NET_ADMIN`; else as far as
+/// that allows) and the window clamp.
+pub fn raise_receive_bound(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
+    set_recv_buffer_force(fd, bytes)?;
+    let v = bytes.min(i32::MAX as usize / 2) as libc::c_int;
+    // SAFETY: setsockopt with a pointer to a local c_int and its exact size.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_WINDOW_CLAMP,
+            (&v as *const libc::c_int).cast(),
+            mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    })
+    .map(drop)
+}
+
 /// Bounds what one stalled relay direction can keep queued in the kernel:
 /// `SO_RCVBUF` (the receive queue a peer can fill while the engine is not reading
 /// it; setting it also stops the kernel's receive autotuning from growing it, and

@@ -36,6 +36,11 @@ pub struct ConnIo {
     /// Each direction's own buffer: direction 0's sniffed bytes until they are sent
     /// upstream, or what a copy-relay send could not deliver at once.
     pub spill: [Vec<u8>; 2],
+    /// Each direction's receive bound on its source socket, bytes (0: none, the
+    /// kernel autotunes); grown by `bound::on_tick`.
+    pub rx_bound: [u32; 2],
+    /// Each direction's delivered bytes at the last tick.
+    pub delivered_at_tick: [u64; 2],
 }
 
 /// One relayed TCP connection.

@@ -22,6 +22,7 @@
 //! so `accepted == active + sum(close_*)` holds at every moment.
 
 pub mod accept;
+pub mod bound;
 pub mod conns;
 pub mod copy;
 pub mod direction;
@@ -311,6 +312,10 @@ impl Tcp {
             rule: None,
             name: None,
             spill: [Vec::new(), Vec::new()],
+            // The client socket has its listener's bound; the upstream one gets
+            // its own when it is created (`connect_to`).
+            rx_bound: [stall_bound(&core.cfg), 0],
+            delivered_at_tick: [0, 0],
         };
         let sniff = match decision {
             TcpDecision::NeedsName => true,
@@ -412,7 +417,12 @@ impl Tcp {
         if self.conns.is_empty() {
             return;
         }
+        let max_bound = core.cfg.stall_buffer_max_bytes as u32;
+        let mut raised = 0;
         for (slot, g) in self.conns.live() {
+            if let Some(conn) = self.conns.get(slot, g) {
+                raised += bound::on_tick(conn, max_bound);
+            }
             let tick = core.tick;
             self.with_conn(core, slot, g, |m, fx| {
                 let quiet = tick.saturating_sub(m.last_active());
@@ -427,6 +437,7 @@ impl Tcp {
                 }
             });
         }
+        core.stats.stall_bounds_raised.fetch_add(raised, Relaxed);
     }
 
     /// Stops accepting, resets parked clients and starts the drain deadline.
@@ -446,6 +457,13 @@ impl Tcp {
     pub fn has_queued(&self) -> bool {
         !self.runq.is_empty()
     }
+}
+
+/// The receive bound a socket starts with (`--stall-buffer-bytes`; 0: none, the
+/// kernel autotunes).
+fn stall_bound(cfg: &Config) -> u32 {
+    cfg.stall_buffer_bytes
+        .map_or(0, |b| b.min(cfg.stall_buffer_max_bytes) as u32)
 }
 
 /// The flow log record of a finished connection.
@@ -524,7 +542,9 @@ impl ConnIo {
             let _ = crate::sockets::set_keepalive(upstream.as_fd(), core.cfg.keepalive_s);
         }
         if let Some(b) = core.cfg.stall_buffer_bytes {
-            let _ = sys::set_stall_bounds(upstream.as_fd(), b);
+            if sys::set_stall_bounds(upstream.as_fd(), b).is_ok() {
+                self.rx_bound[1] = stall_bound(&core.cfg);
+            }
         }
         self.upstream = Some(upstream);
         self.upstream_addr = UpstreamAddr(target);

@@ -190,10 +190,12 @@ pub struct Args {
 
     /// Bound what one relayed direction keeps queued in the kernel when its reader
     /// stalls: receive buffer, TCP_WINDOW_CLAMP and TCP_NOTSENT_LOWAT of this many
-    /// bytes on both sockets; 0 leaves it to the kernel's autotuning. A direction
-    /// that fills its window every round trip while its destination keeps up gets
-    /// its receive bound doubled, once a second, up to --stall-buffer-max-bytes, so
-    /// long fat paths still reach full speed.
+    /// bytes on both sockets; 0 leaves it to the kernel's autotuning. An upstream
+    /// socket whose direction fills its window every round trip while the client
+    /// keeps up gets its receive bound made four times larger, once a second, up to
+    /// --stall-buffer-max-bytes, so downloads over long fat paths still reach full
+    /// speed. The client side's window stays about twice this: raise it where
+    /// clients are far away.
     #[arg(long, default_value_t = 64 * 1024, value_name = "BYTES")]
     pub stall_buffer_bytes: usize,
 

@@ -404,7 +404,7 @@ pub fn per_core_families() -> Vec<PerCore> {
         PerCore::one(
             "ringrelay_tcp_stall_bounds_raised_total",
             Counter,
-            "Receive bounds (--stall-buffer-bytes) doubled, up to --stall-buffer-max-bytes, \
+            "Receive bounds (--stall-buffer-bytes) raised fourfold, up to --stall-buffer-max-bytes, \
              for directions that filled their window every round trip while their \
              destination kept up.",
             "stall_bounds_raised",

@@ -418,8 +418,9 @@ counters! {
     /// Copy-relay sends that could not deliver everything at once: the rest moved
     /// out of the shared buffer pool into the direction's own buffer.
     copy_spills,
-    /// Receive bounds (`--stall-buffer-bytes`) doubled for directions that filled
-    /// their window every round trip while their destination kept up.
+    /// Receive bounds (`--stall-buffer-bytes`) of upstream sockets raised fourfold
+    /// for directions that filled their window every round trip while their
+    /// destination kept up.
     stall_bounds_raised,
     /// Connections accepted past the limit (multishot burst) that waited for a slot.
     accept_parked,

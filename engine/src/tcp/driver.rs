@@ -216,6 +216,10 @@ impl Effects for Driver<'_> {
         // Latency over batching: small request/response traffic must not wait for Nagle.
         let _ = socket2::SockRef::from(&self.io.client).set_tcp_nodelay(true);
         let _ = socket2::SockRef::from(self.upstream()).set_tcp_nodelay(true);
+        let bound = super::stall_bound(&self.core.cfg);
+        if bound > 0 && sys::set_receive_bound(self.upstream().as_fd(), bound as usize).is_ok() {
+            self.io.rx_bound[1] = bound;
+        }
     }
 
     fn delivered(&mut self, d: usize, n: usize) {

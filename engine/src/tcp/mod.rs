@@ -312,9 +312,9 @@ impl Tcp {
             rule: None,
             name: None,
             spill: [Vec::new(), Vec::new()],
-            // The client socket has its listener's bound; the upstream one gets
-            // its own when it is created (`connect_to`).
-            rx_bound: [stall_bound(&core.cfg), 0],
+            // The client socket has its listener's bound, fixed: its window scale
+            // came from it. The upstream one gets its own once connected.
+            rx_bound: [0, 0],
             delivered_at_tick: [0, 0],
         };
         let sniff = match decision {
@@ -459,9 +459,9 @@ impl Tcp {
     }
 }
 
-/// The receive bound a socket starts with (`--stall-buffer-bytes`; 0: none, the
-/// kernel autotunes).
-fn stall_bound(cfg: &Config) -> u32 {
+/// The receive bound an upstream socket starts with (`--stall-buffer-bytes`; 0:
+/// none, the kernel autotunes).
+pub fn stall_bound(cfg: &Config) -> u32 {
     cfg.stall_buffer_bytes
         .map_or(0, |b| b.min(cfg.stall_buffer_max_bytes) as u32)
 }
@@ -541,10 +541,9 @@ impl ConnIo {
         if core.cfg.keepalive_s.is_some() {
             let _ = crate::sockets::set_keepalive(upstream.as_fd(), core.cfg.keepalive_s);
         }
+        // The receive bound follows once the handshake is done (`Driver::established`).
         if let Some(b) = core.cfg.stall_buffer_bytes {
-            if sys::set_stall_bounds(upstream.as_fd(), b).is_ok() {
-                self.rx_bound[1] = stall_bound(&core.cfg);
-            }
+            let _ = sys::set_send_bound(upstream.as_fd(), b);
         }
         self.upstream = Some(upstream);
         self.upstream_addr = UpstreamAddr(target);

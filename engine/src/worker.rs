@@ -162,11 +162,9 @@ impl Worker {
                     if crate::sys::has_ipc_lock() {
                         "the kernel found no memory for it in one piece (low or \
                          fragmented memory)"
-                            .to_string()
                     } else {
                         "without CAP_IPC_LOCK ring memory counts against RLIMIT_MEMLOCK: \
                          raise it (systemd: LimitMEMLOCK=infinity) for the full size"
-                            .to_string()
                     }
                 ),
                 &[("cpu", &cpu), ("cq", &got), ("cq_wanted", &wanted)],

@@ -188,10 +188,10 @@ impl Ring {
     /// an order-9 block) or else from the per-CPU free lists in one call, failing
     /// when either comes up short: memory full of page cache after a build can be
     /// enough (one of the two failed a CI run). Smaller regions succeed where larger
-    /// ones fail. A smaller CQ
-    /// loses nothing: completions that find it full wait on the kernel's overflow
-    /// list and are counted (`ring_cq_overflow`). The caller logs the shrink; the
-    /// error, when even `min_cq` does not fit, says what to change.
+    /// ones fail. A smaller CQ loses nothing: completions that find it full wait on
+    /// the kernel's overflow list and are counted (`ring_cq_overflow`). The caller
+    /// logs the shrink; the error, when even `min_cq` does not fit, says what to
+    /// change.
     pub fn build(
         sq_entries: u32,
         cq_entries: u32,

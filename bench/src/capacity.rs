@@ -56,9 +56,10 @@ use crate::targets::{fd_limit, Armed, Target};
 /// Connections opened at once: connect and send on each, then the echoes. The last
 /// batch may go past a proxy's limit by up to this many (those are closed).
 pub const BATCH: usize = 64;
-/// How long a batch's echoes may take: a proxy that accepts past its limit and holds
-/// the client without relaying (the engine parks it, HAProxy leaves it in the
-/// kernel's backlog) is told from a working one in this long.
+/// How long a batch's connections may take to reach the server, and then their
+/// echoes to come back: a proxy that accepts past its limit and holds the client
+/// without relaying (the engine parks it, HAProxy leaves it in the kernel's backlog)
+/// is told from a working one in this long. The batch at the limit costs twice this.
 pub const ECHO_TIMEOUT: Duration = Duration::from_secs(1);
 /// Connections stalled at most.
 pub const STALL_CONNS: usize = 1000;
@@ -80,6 +81,9 @@ pub const STALL_WRITERS: usize = 2;
 pub const TCP_MEM_GUARD: f64 = 0.75;
 /// How long the proxy may take to be back to its baseline after everything closed.
 pub const LEAK_WAIT: Duration = Duration::from_secs(5);
+/// How long the engine may take to print its counters (more than `bench soak`'s
+/// second: with thousands of connections stalled the core is busy).
+const COUNTERS_TIMEOUT: Duration = Duration::from_secs(3);
 /// Pause before each reading, for the last ACKs to land.
 const SETTLE: Duration = Duration::from_millis(300);
 /// The relay check's deadline: this, plus [`RELAY_PER_CONN`] a connection.
@@ -407,7 +411,7 @@ pub fn run(
         .context("capacity server listen")?;
     let cores = &spec.load_cores;
     std::thread::sleep(SETTLE);
-    c.before = read(lab, armed, cores)?;
+    c.before = read(lab, armed, cores).context("reading before opening")?;
 
     let (asked, open_cores) = (c.asked, cores.clone());
     let opening = Instant::now();
@@ -436,7 +440,7 @@ pub fn run(
     ));
 
     std::thread::sleep(SETTLE);
-    c.idle = read(lab, armed, cores)?;
+    c.idle = read(lab, armed, cores).context("reading with the connections idle")?;
     if target.is_proxy() {
         c.skmem_per_idle_conn = per_conn(c.before.skmem, c.idle.skmem, c.held);
         if let (Some(b), Some(i)) = (c.before.rss_kb, c.idle.rss_kb) {
@@ -455,7 +459,7 @@ pub fn run(
     c.close_pending = set.stats.close_pending;
     let closed = Instant::now();
     loop {
-        let r = read(lab, armed, cores)?;
+        let r = read(lab, armed, cores).context("reading after closing")?;
         let back = r.router_sockets <= c.before.router_sockets
             && r.active.unwrap_or(0) <= c.before.active.unwrap_or(0);
         if back || closed.elapsed() >= LEAK_WAIT || crate::stop_requested() {
@@ -480,7 +484,7 @@ fn read(lab: &Lab, armed: &Armed, cores: &[usize]) -> anyhow::Result<Reading> {
         lab::count_sockets_here(PORT_TCP_CAPACITY, Proto::Tcp, None)
     });
     let (active, pipes_in_use) = if armed.target().is_engine() {
-        let m = meter::read_counters(armed)?;
+        let m = meter::read_counters(armed, COUNTERS_TIMEOUT)?;
         let get = |k: &str| Some(m.get(k).copied().unwrap_or(0));
         (get("active"), get("pipes_in_use"))
     } else {
@@ -577,8 +581,9 @@ fn open(addr: SocketAddr, listener: &TcpListener, asked: usize, bench_limit: usi
                 }
             }
         }
+        // The server side: accept what was sent (what the proxy relays within
+        // ECHO_TIMEOUT), echo one byte on each.
         let deadline = Instant::now() + ECHO_TIMEOUT;
-        // The server side: accept what was sent, echo one byte on each.
         let mut accepted = Vec::with_capacity(batch.len());
         while accepted.len() < batch.len() && Instant::now() < deadline {
             match listener.accept() {
@@ -595,8 +600,9 @@ fn open(addr: SocketAddr, listener: &TcpListener, asked: usize, bench_limit: usi
         }
         o.servers
             .extend(echo_back(accepted, 1, deadline, &mut o.errors));
-        // The client side: each must get its own byte back.
-        let results = read_each(&batch, 1, deadline);
+        // The client side: each must get its own byte back, the echoes of the last
+        // ones accepted too, so the way back gets a timeout of its own.
+        let results = read_each(&batch, 1, Instant::now() + ECHO_TIMEOUT);
         for (k, (s, got)) in batch.into_iter().zip(results).enumerate() {
             let i = first + k;
             let kind = match got {
@@ -827,7 +833,8 @@ fn stall(
                     guard_words(at)
                 ));
             }
-            let reading = read(lab, armed, &spec.load_cores)?;
+            let reading =
+                read(lab, armed, &spec.load_cores).context("reading with the clients stalled")?;
             let (mem, _) = meter::machine_tcp_memory()?;
             Ok((reading, mem))
         };

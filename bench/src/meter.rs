@@ -125,11 +125,11 @@ pub fn machine_tcp_memory() -> anyhow::Result<(u64, [u64; 3])> {
     ))
 }
 
-/// SIGUSR1 and the table it prints (waits up to a second for it to be complete).
-pub fn read_counters(armed: &Armed) -> anyhow::Result<BTreeMap<String, u64>> {
+/// SIGUSR1 and the table it prints (waits up to `timeout` for it to be complete).
+pub fn read_counters(armed: &Armed, timeout: Duration) -> anyhow::Result<BTreeMap<String, u64>> {
     let before = armed.stdout().len();
     armed.signal(Signal::SIGUSR1)?;
-    let deadline = Instant::now() + Duration::from_secs(1);
+    let deadline = Instant::now() + timeout;
     let mut last_len = before;
     loop {
         std::thread::sleep(Duration::from_millis(20));
@@ -142,7 +142,7 @@ pub fn read_counters(armed: &Armed) -> anyhow::Result<BTreeMap<String, u64>> {
         }
         last_len = out.len();
         if Instant::now() >= deadline {
-            anyhow::bail!("the engine printed no SIGUSR1 table within 1 s");
+            anyhow::bail!("the engine printed no SIGUSR1 table within {timeout:?}");
         }
     }
 }

@@ -784,8 +784,8 @@ impl Report {
             let _ = writeln!(
                 s,
                 "| target | conns held | stopped by | RSS / idle conn | socket mem / idle conn \
-                 | socket mem / stalled conn | pipes / stalled conn | relay check | after close \
-                 |\n|---|---:|---|---:|---:|---:|---:|---:|---|"
+                 | socket mem / stalled conn | pipes / stalled conn | RSS / stalled conn | relay \
+                 check | after close |\n|---|---:|---|---:|---:|---:|---:|---:|---:|---|"
             );
             let mut capped = Vec::new();
             for t in targets {
@@ -795,7 +795,7 @@ impl Report {
                 let Some(c) = r.capacity.as_ref() else {
                     let _ = writeln!(
                         s,
-                        "| {} | {} | | | | | | | |",
+                        "| {} | {} | | | | | | | | |",
                         t.name(),
                         self.status_word(&row, *t)
                     );
@@ -847,11 +847,13 @@ impl Report {
                 };
                 let _ = writeln!(
                     s,
-                    "| {} | {} | {stop} | {} | {skmem_idle} | {stalled} | {pipes} | {relay} | \
-                     {after} |",
+                    "| {} | {} in {:.1} s | {stop} | {} | {skmem_idle} | {stalled} | {pipes} | {} \
+                     | {relay} | {after} |",
                     t.name(),
                     c.held,
+                    c.open_s,
                     na(c.rss_per_idle_conn),
+                    na(c.rss_per_stalled_conn),
                 );
             }
             for c in capped {
@@ -1413,6 +1415,7 @@ mod tests {
         splice.skmem_per_stalled_conn = Some(760.0 * 1024.0);
         splice.pipes_per_stalled_conn = Some(0.456);
         splice.pipe_bytes_per_stalled_conn = Some(0.456 * 262_144.0);
+        splice.rss_per_stalled_conn = Some(12.0 * 1024.0);
         let mut ha = base(7800, 7800);
         ha.proxy_limit = Some(7800);
         ha.stalled = 206;
@@ -1440,22 +1443,22 @@ mod tests {
         );
         assert!(
             md.contains(
-                "| direct | 9800 | bench limit | n/a | n/a (no router socket) | n/a | n/a | \
-                         9800 ok | back to baseline in 0.1 s |"
+                "| direct | 9800 in 0.0 s | bench limit | n/a | n/a (no router socket) | n/a | n/a | \
+                         n/a | 9800 ok | back to baseline in 0.1 s |"
             ),
             "{md}"
         );
         assert!(
             md.contains(
-                "| engine-splice | 6851 | no answer in 1 s (limit 6851) | 530 B | 0 B | \
-                         760 KiB (1000 stalled) | 0.46 = 117 KiB | 6851 ok |"
+                "| engine-splice | 6851 in 0.0 s | no answer in 1 s (limit 6851) | 530 B | 0 B | \
+                         760 KiB (1000 stalled) | 0.46 = 117 KiB | 12.0 KiB | 6851 ok |"
             ),
             "{md}"
         );
         assert!(
             md.contains(
-                "| haproxy | 7800 | no answer in 1 s (limit 7800) | n/a | n/a | 3.60 MiB \
-                         (206 stalled ‡) | n/a | 7790 ok, 10 FAILED |"
+                "| haproxy | 7800 in 0.0 s | no answer in 1 s (limit 7800) | n/a | n/a | 3.60 MiB \
+                         (206 stalled ‡) | n/a | n/a | 7790 ok, 10 FAILED |"
             ),
             "{md}"
         );

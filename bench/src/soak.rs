@@ -1116,7 +1116,7 @@ fn sample(lab: &Lab, armed: &Armed, pid: u32) -> anyhow::Result<Sample> {
         .count() as u64;
     let rss_kb = meter::rss_kb(pid)?;
     let skmem = meter::socket_memory(&lab.router, "-tuaH")?;
-    let counters = meter::read_counters(armed)?;
+    let counters = meter::read_counters(armed, Duration::from_secs(1))?;
     let get = |k: &str| counters.get(k).copied().unwrap_or(0);
     Ok(Sample {
         fds,

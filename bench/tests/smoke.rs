@@ -8,10 +8,12 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ringrelay_bench::harness::{run_matrix, Config};
-use ringrelay_bench::lab::{self, Lab};
 use ringrelay_bench::load::Scenario;
 use ringrelay_bench::report::{Record, Status};
 use ringrelay_bench::targets::{Target, Tools};
+
+mod common;
+use common::lab_or_skip;
 
 fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
@@ -41,21 +43,6 @@ fn lab_namespaces_of(pid: u32) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-/// A lab for test `name`, or `None` (SKIPPED printed) without root.
-fn lab_or_skip(name: &str) -> Option<Lab> {
-    if skip(name) {
-        return None;
-    }
-    match Lab::up() {
-        Ok(l) => Some(l),
-        Err(e) if lab::is_need_root(&e) => {
-            println!("SKIPPED: {name}: needs root for network namespaces ({e:#})");
-            None
-        }
-        Err(e) => panic!("lab: {e:#}"),
-    }
 }
 
 /// What a measured record must look like, whatever the speed.

@@ -107,6 +107,7 @@ pub struct Selection {
 pub const TCP_CRR_IDLE: &str = "tcp-crr-idle";
 
 /// Parses `--scenario` (names, comma-separated, or `all`) with `--idle-conns`.
+/// `tcp-capacity` runs only when named: `all` is [`Scenario::ALL`].
 /// `tcp-crr-idle` is `tcp-crr`'s idle variant: alone it runs without the plain one,
 /// next to `tcp-crr` (or `all`) both run; its N is `idle_conns` or
 /// [`load::DEFAULT_IDLE_CONNS`]. `--idle-conns N` with `tcp-crr` adds the idle
@@ -131,7 +132,7 @@ pub fn parse_scenarios(
             let sc = Scenario::parse(name).ok_or_else(|| {
                 anyhow::anyhow!(
                     "unknown scenario {name:?} (tcp-bulk, tcp-crr, tcp-crr-idle, tcp-rr, \
-                     udp-pps, udp-rr, all)"
+                     udp-pps, udp-rr, tcp-capacity, all)"
                 )
             })?;
             plain_crr |= sc == Scenario::TcpCrr;
@@ -454,9 +455,15 @@ fn run_round(
                     ));
                     continue;
                 }
-                let rec = match load::run(lab, *scenario, v, &spec) {
-                    Ok(out) => {
-                        let mut r = to_record(*scenario, v, target, cfg.family, &out);
+                let measured = if *scenario == Scenario::TcpCapacity {
+                    crate::capacity::run(lab, v, &spec, &armed, log)
+                        .map(|c| crate::capacity::to_record(v, target, cfg.family, c))
+                } else {
+                    load::run(lab, *scenario, v, &spec)
+                        .map(|out| to_record(*scenario, v, target, cfg.family, &out))
+                };
+                let rec = match measured {
+                    Ok(mut r) => {
                         // A proxy that died mid-run explains whatever errors it caused.
                         if let Err(why) = armed.check_alive() {
                             r.status = Status::Failed;
@@ -550,6 +557,8 @@ pub fn to_record(
         Scenario::TcpBulk => r.gbit_s = Some(out.bytes as f64 * 8.0 / secs / 1e9),
         Scenario::TcpCrr => r.conn_s = Some(rate),
         Scenario::TcpRr | Scenario::UdpRr => r.req_s = Some(rate),
+        // Its records come from `crate::capacity::to_record`.
+        Scenario::TcpCapacity => {}
         Scenario::UdpPps => {
             r.pps = Some(rate);
             r.gbit_s = Some(out.bytes as f64 * 8.0 / secs / 1e9);
@@ -669,6 +678,9 @@ fn summary(r: &Record) -> String {
             "; idle {}/{} held (opened in {:.1} s, closed in {:.1} s)",
             i.held, r.idle_conns, i.open_s, i.close_s
         ));
+    }
+    if let Some(c) = &r.capacity {
+        s.push_str(&format!("; {}", c.summary()));
     }
     s
 }
@@ -813,6 +825,41 @@ mod tests {
         let e = parse_scenarios("tcp-crr-idle", None, 4000).unwrap_err();
         assert!(e.to_string().contains("RLIMIT_NOFILE 4000"), "{e}");
         assert!(sel("tcp-crr-idel", None).is_err());
+    }
+
+    #[test]
+    fn tcp_capacity_runs_only_when_named() {
+        let sel = |s: &str| parse_scenarios(s, None, 20000);
+        assert!(!sel("all")
+            .unwrap()
+            .scenarios
+            .contains(&Scenario::TcpCapacity));
+        assert!(!Config::all(Duration::from_secs(1))
+            .scenarios
+            .contains(&Scenario::TcpCapacity));
+        assert_eq!(
+            sel("tcp-capacity").unwrap().scenarios,
+            vec![Scenario::TcpCapacity]
+        );
+        let both = sel("all,tcp-capacity").unwrap().scenarios;
+        assert_eq!(both.len(), Scenario::ALL.len() + 1);
+        assert_eq!(both.last(), Some(&Scenario::TcpCapacity));
+        let e = parse_scenarios("tcp-capacity", Some(10), 20000).unwrap_err();
+        assert!(e.to_string().contains("tcp-crr"), "{e}");
+        let e = sel("tcp-capcity").unwrap_err();
+        assert!(e.to_string().contains("tcp-capacity"), "{e}");
+        // --conns is its most connections, --size its relay check's message.
+        let mut cfg = Config::all(Duration::from_secs(1));
+        cfg.scenarios = vec![Scenario::TcpCapacity];
+        cfg.conns = Some(200);
+        let plan = cfg.plan();
+        let v = &plan[0].1[0];
+        assert_eq!(
+            (v.label.as_str(), v.conns, v.size, v.idle),
+            ("up to 200", 200, 16, 0)
+        );
+        cfg.size = Some(3);
+        assert_eq!(cfg.plan()[0].1[0].size, 8);
     }
 
     #[test]

@@ -9,12 +9,17 @@
 //! - [`cpu`]: CPU per unit of work on the proxy's core(s), from `/proc/stat`.
 //! - [`report`]: JSON, Markdown and SVG output.
 //! - [`soak`]: `bench soak`, one engine under hostile mixed load, judged for leaks.
+//! - [`capacity`]: the `tcp-capacity` scenario: how many connections each target
+//!   holds, and their memory, idle and stalled.
+//! - [`meter`]: what both read off a running target (counters, RSS, socket memory).
 #![forbid(unsafe_code)]
 
+pub mod capacity;
 pub mod cpu;
 pub mod harness;
 pub mod lab;
 pub mod load;
+pub mod meter;
 pub mod policy;
 pub mod report;
 pub mod soak;

@@ -44,6 +44,9 @@ pub const PORT_UDP_RR: u16 = 5005;
 /// through its window (a port of their own: the churn's probe and TIME_WAIT
 /// accounting on [`PORT_TCP_CRR`] never see them).
 pub const PORT_TCP_IDLE: u16 = 5006;
+/// Server port of `tcp-capacity` (a port of its own, like [`PORT_TCP_IDLE`], so the
+/// router's sockets on it are the capacity run's alone).
+pub const PORT_TCP_CAPACITY: u16 = 5007;
 
 /// Response size of `tcp-crr` and `tcp-rr` (the request size is the variant's size).
 pub const RESPONSE_SIZE: usize = 128;
@@ -76,12 +79,16 @@ pub const DEFAULT_IDLE_CONNS: usize = 2000;
 /// Fds the bench keeps aside for everything but its idle connections (the churn's
 /// clients and servers, listeners, the proxies' output pipes, /proc reads).
 pub const IDLE_FD_RESERVE: u64 = 1024;
+/// Fds the bench keeps aside for everything but the connections of `tcp-capacity`:
+/// no churn runs next to them, so less than [`IDLE_FD_RESERVE`] (listeners, the
+/// proxy's output pipes, `ss` and /proc reads).
+pub const CAPACITY_FD_RESERVE: u64 = 400;
 /// How long opening the idle connections may take, per connection, on top of
 /// [`IO_TIMEOUT`]: far more than a healthy path needs (tens of µs each).
 const IDLE_OPEN_PER_CONN: Duration = Duration::from_millis(2);
 /// Connect timeout of an idle connection: a path that drops SYNs (a full backlog)
 /// shows in a second, not in three.
-const IDLE_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+pub(crate) const IDLE_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// After this many connect timeouts in a row the path is blocked: the remaining idle
 /// connections are not tried (counted as `not_tried`).
 const IDLE_CONNECT_GIVE_UP: usize = 3;
@@ -92,7 +99,19 @@ const IDLE_CLOSE_WAIT: Duration = Duration::from_secs(2);
 /// `fd_limit`: two fds each (the client's socket and the server's), besides
 /// [`IDLE_FD_RESERVE`], and no more than [`IDLE_PORTS`] has ports.
 pub fn max_idle_conns(fd_limit: u64) -> usize {
-    let by_fds = fd_limit.saturating_sub(IDLE_FD_RESERVE) / 2;
+    held_conns_budget(fd_limit, IDLE_FD_RESERVE)
+}
+
+/// The most connections `tcp-capacity` opens (its default `--conns`): as
+/// [`max_idle_conns`] with [`CAPACITY_FD_RESERVE`] kept aside; 9800 at 20000.
+pub fn max_capacity_conns(fd_limit: u64) -> usize {
+    held_conns_budget(fd_limit, CAPACITY_FD_RESERVE)
+}
+
+/// Connections this process holds both ends of (2 fds each) with `reserve` fds kept
+/// aside, from client ports in [`IDLE_PORTS`].
+fn held_conns_budget(fd_limit: u64, reserve: u64) -> usize {
+    let by_fds = fd_limit.saturating_sub(reserve) / 2;
     let ports = (IDLE_PORTS.1 - IDLE_PORTS.0) as u64 + 1;
     by_fds.min(ports) as usize
 }
@@ -176,6 +195,10 @@ pub enum Scenario {
     /// UDP request/echo: rate and latency; replies must come from the address asked.
     #[serde(rename = "udp-rr")]
     UdpRr,
+    /// How many connections a target holds, and their memory idle and stalled
+    /// (`crate::capacity`); not in [`Scenario::ALL`].
+    #[serde(rename = "tcp-capacity")]
+    TcpCapacity,
 }
 
 /// One concrete run of a scenario: how many connections or senders, what size.
@@ -214,6 +237,18 @@ impl Scenario {
         Scenario::UdpRr,
     ];
 
+    /// Every scenario, for parsing names: [`Scenario::ALL`] and `tcp-capacity`, which
+    /// runs only when named (it takes tens of seconds a target and, for its stalled
+    /// phase, hundreds of MB of kernel memory).
+    pub const EVERY: [Scenario; 6] = [
+        Scenario::TcpBulk,
+        Scenario::TcpCrr,
+        Scenario::TcpRr,
+        Scenario::UdpPps,
+        Scenario::UdpRr,
+        Scenario::TcpCapacity,
+    ];
+
     /// The CLI and report name.
     pub fn name(self) -> &'static str {
         match self {
@@ -222,12 +257,13 @@ impl Scenario {
             Scenario::TcpRr => "tcp-rr",
             Scenario::UdpPps => "udp-pps",
             Scenario::UdpRr => "udp-rr",
+            Scenario::TcpCapacity => "tcp-capacity",
         }
     }
 
     /// Parses a CLI name.
     pub fn parse(s: &str) -> Option<Scenario> {
-        Scenario::ALL.into_iter().find(|x| x.name() == s)
+        Scenario::EVERY.into_iter().find(|x| x.name() == s)
     }
 
     /// True for the UDP scenarios (HAProxy cannot carry them).
@@ -243,6 +279,7 @@ impl Scenario {
             Scenario::TcpRr => PORT_TCP_RR,
             Scenario::UdpPps => PORT_UDP_PPS,
             Scenario::UdpRr => PORT_UDP_RR,
+            Scenario::TcpCapacity => PORT_TCP_CAPACITY,
         }
     }
 
@@ -253,6 +290,7 @@ impl Scenario {
             Scenario::TcpCrr => ("conn_s", "conn/s"),
             Scenario::TcpRr | Scenario::UdpRr => ("req_s", "req/s"),
             Scenario::UdpPps => ("pps", "datagrams/s"),
+            Scenario::TcpCapacity => ("conns_held", "conns held"),
         }
     }
 
@@ -263,6 +301,8 @@ impl Scenario {
             Scenario::TcpCrr => "µs/conn",
             Scenario::TcpRr | Scenario::UdpRr => "µs/req",
             Scenario::UdpPps => "µs/datagram",
+            // No CPU figure: what it counts is memory.
+            Scenario::TcpCapacity => "-",
         }
     }
 
@@ -274,6 +314,7 @@ impl Scenario {
             Scenario::TcpRr => 8,
             Scenario::UdpPps => 1,
             Scenario::UdpRr => 4,
+            Scenario::TcpCapacity => max_capacity_conns(crate::targets::fd_limit()),
         }
     }
 
@@ -302,6 +343,8 @@ impl Scenario {
                 None => vec![v("64 B".into(), n, 64), v("1400 B".into(), n, 1400)],
             },
             Scenario::UdpRr => vec![v(format!("{n} clients"), n, size.unwrap_or(64).max(8))],
+            // `size`: the relay check's message, which carries an 8-byte index.
+            Scenario::TcpCapacity => vec![v(format!("up to {n}"), n, size.unwrap_or(16).max(8))],
         }
     }
 }
@@ -451,6 +494,9 @@ pub fn run(lab: &Lab, scenario: Scenario, v: &Variant, spec: &LoadSpec) -> anyho
         Scenario::TcpRr => tcp_rr(lab, v, spec),
         Scenario::UdpPps => udp_pps(lab, v, spec),
         Scenario::UdpRr => udp_rr(lab, v, spec),
+        Scenario::TcpCapacity => Err(anyhow!(
+            "tcp-capacity needs the armed target: crate::capacity::run runs it"
+        )),
     };
     r.with_context(|| format!("{} {}", scenario.name(), v.label))
 }
@@ -628,7 +674,7 @@ fn new_histogram() -> Histogram<u64> {
 }
 
 /// Error kinds as reported: resets and timeouts are what a broken rule set causes.
-fn classify(e: &io::Error) -> &'static str {
+pub(crate) fn classify(e: &io::Error) -> &'static str {
     use io::ErrorKind::*;
     match e.kind() {
         ConnectionReset | ConnectionAborted | BrokenPipe => "reset",
@@ -686,7 +732,7 @@ fn udp_socket(addr: SocketAddr) -> io::Result<UdpSocket> {
     Ok(s.into())
 }
 
-fn is_timeout(e: &io::Error) -> bool {
+pub(crate) fn is_timeout(e: &io::Error) -> bool {
     matches!(
         e.kind(),
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
@@ -1004,11 +1050,31 @@ fn tcp_rr(lab: &Lab, v: &Variant, spec: &LoadSpec) -> anyhow::Result<Outcome> {
 /// Idle connections held open through the router while a window runs (see
 /// [`IdleConns`]). Both ends stay in this process: the client sockets (opened in the
 /// client namespace) and the server's accepted ones, two fds per connection.
-/// Dropping the set closes them (as [`IdleSet::finish`] does).
-struct IdleSet {
-    clients: Vec<TcpStream>,
-    servers: Vec<TcpStream>,
-    stats: IdleConns,
+/// Dropping the set closes them (as [`IdleSet::finish`] does). `tcp-capacity`
+/// (`crate::capacity`) fills one its own way and closes it the same way.
+#[derive(Default)]
+pub(crate) struct IdleSet {
+    /// The client sockets (client namespace).
+    pub(crate) clients: Vec<TcpStream>,
+    /// The server's accepted sockets (server namespace).
+    pub(crate) servers: Vec<TcpStream>,
+    /// What became of them.
+    pub(crate) stats: IdleConns,
+}
+
+/// Sets the client namespace's `ip_local_port_range` to [`IDLE_PORTS`], for
+/// connections held open next to (or instead of) a churn.
+pub(crate) fn use_idle_ports(lab: &Lab) -> anyhow::Result<()> {
+    let (lo, hi) = IDLE_PORTS;
+    lab.client
+        .sysctl("net.ipv4.ip_local_port_range", &format!("{lo} {hi}"))
+        .context("setting the idle connections' client port range")
+}
+
+/// Closes `s` with a reset (`SO_LINGER` 0): no TIME_WAIT is left for its port, in its
+/// own namespace or on a proxy's client side.
+pub(crate) fn reset_close(s: TcpStream) {
+    let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
 }
 
 impl IdleSet {
@@ -1028,10 +1094,7 @@ impl IdleSet {
             2 * n,
             max_idle_conns(limit)
         );
-        let (lo, hi) = IDLE_PORTS;
-        lab.client
-            .sysctl("net.ipv4.ip_local_port_range", &format!("{lo} {hi}"))
-            .context("setting the idle connections' client port range")?;
+        use_idle_ports(lab)?;
         let addr = SocketAddr::new(spec.family.server_ip(), PORT_TCP_IDLE);
         let listener = lab
             .server
@@ -1103,18 +1166,18 @@ impl IdleSet {
     /// them at once; a proxy's TIME_WAIT would blackhole a later `direct`, see
     /// [`crr_port_range`]). Then waits (bounded) for each server socket to see its
     /// connection end before dropping it, so the server never closes first.
-    fn close(&mut self) {
+    pub(crate) fn close(&mut self) {
         if self.clients.is_empty() && self.servers.is_empty() {
             return;
         }
-        for c in self.clients.drain(..) {
-            let _ = socket2::SockRef::from(&c).set_linger(Some(Duration::ZERO));
-        }
+        self.clients.drain(..).for_each(reset_close);
         let started = Instant::now();
         let end = started + IDLE_CLOSE_WAIT;
         let mut pending = 0;
         let mut buf = [0u8; 256];
         for mut s in self.servers.drain(..) {
+            // Blocking again, whatever the caller did with it (the timeout bounds it).
+            let _ = s.set_nonblocking(false);
             let ended = loop {
                 let left = end.saturating_duration_since(Instant::now());
                 let _ = s.set_read_timeout(Some(left.max(Duration::from_millis(1))));
@@ -1668,14 +1731,20 @@ mod tests {
         assert_eq!(max_idle_conns(1_000_000), (hi - lo) as usize + 1);
         assert_eq!(max_idle_conns(1000), 0);
         assert!(DEFAULT_IDLE_CONNS <= max_idle_conns(20000));
+        // tcp-capacity keeps fewer fds aside: no churn runs next to it.
+        assert_eq!(max_capacity_conns(20000), 9800);
+        assert_eq!(max_capacity_conns(1_000_000), (hi - lo) as usize + 1);
+        assert_eq!(max_capacity_conns(300), 0);
         assert!(![
             PORT_TCP_BULK,
             PORT_TCP_CRR,
             PORT_TCP_RR,
             PORT_UDP_PPS,
-            PORT_UDP_RR
+            PORT_UDP_RR,
+            PORT_TCP_CAPACITY
         ]
         .contains(&PORT_TCP_IDLE));
+        assert_eq!(Scenario::TcpCapacity.port(), PORT_TCP_CAPACITY);
     }
 
     #[test]
@@ -1723,9 +1792,11 @@ mod tests {
         assert_eq!(u.iter().map(|v| v.size).collect::<Vec<_>>(), vec![64, 1400]);
         assert_eq!(Scenario::UdpPps.variants(None, Some(512)).len(), 1);
         assert_eq!(Scenario::UdpRr.variants(None, Some(1))[0].size, 8);
-        for s in Scenario::ALL {
+        for s in Scenario::EVERY {
             assert_eq!(Scenario::parse(s.name()), Some(s));
         }
+        assert!(!Scenario::ALL.contains(&Scenario::TcpCapacity));
+        assert!(Scenario::ALL.iter().all(|s| Scenario::EVERY.contains(s)));
     }
 
     #[test]

@@ -71,6 +71,10 @@ struct RunArgs {
     /// Scenario(s): tcp-bulk, tcp-crr, tcp-rr, udp-pps, udp-rr, comma-separated, or all.
     /// tcp-crr-idle is tcp-crr's idle variant (--idle-conns, default 2000): alone it
     /// runs without the plain tcp-crr, next to tcp-crr (or all) both run.
+    /// tcp-capacity (only when named, not in all) opens connections until the target
+    /// refuses or does not answer, or --conns are held, then measures the proxy's RSS
+    /// and the router's socket memory per connection, idle and with up to 1000 of
+    /// them stalled, checks that every one relays, and that closing leaks nothing.
     #[arg(long, default_value = "all")]
     scenario: String,
     /// Also run tcp-crr with N idle connections held open through the router during
@@ -109,9 +113,13 @@ struct RunArgs {
     #[arg(long, default_value_t = 1)]
     rounds: usize,
     /// Streams / connections / client threads / senders (default: per scenario).
+    /// tcp-capacity: the most connections to open; by default as many as this
+    /// process can hold: it holds both ends of each (2 fds), so (RLIMIT_NOFILE - 400)
+    /// / 2, 9800 at 20000.
     #[arg(long)]
     conns: Option<usize>,
-    /// Write / request / datagram size in bytes (default: per scenario).
+    /// Write / request / datagram size in bytes (default: per scenario; tcp-capacity:
+    /// the relay check's message, 16).
     #[arg(long)]
     size: Option<usize>,
     /// Cores for the engine and HAProxy, e.g. `1` or `2-3` (default: the last core).

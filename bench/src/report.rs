@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use crate::capacity::Capacity;
 use crate::cpu::CpuUse;
 use crate::load::{IdleConns, Scenario};
 use crate::targets::Target;
@@ -53,6 +54,9 @@ pub struct Record {
     pub idle_conns: usize,
     /// What became of them (`null` without idle connections, or when not run).
     pub idle: Option<IdleConns>,
+    /// `tcp-capacity`'s connections and memory figures (`null` for other scenarios,
+    /// or when not run).
+    pub capacity: Option<Capacity>,
     /// Payload throughput (tcp-bulk: server-side; udp-pps: delivered).
     pub gbit_s: Option<f64>,
     /// Connections per second (tcp-crr).
@@ -114,6 +118,7 @@ impl Record {
             size: variant.size,
             idle_conns: variant.idle,
             idle: None,
+            capacity: None,
             gbit_s: None,
             conn_s: None,
             req_s: None,
@@ -141,6 +146,7 @@ impl Record {
             Scenario::TcpCrr => self.conn_s,
             Scenario::TcpRr | Scenario::UdpRr => self.req_s,
             Scenario::UdpPps => self.pps,
+            Scenario::TcpCapacity => self.capacity.as_ref().map(|c| c.held as f64),
         }
     }
 
@@ -440,6 +446,7 @@ impl Report {
 
         self.cpu_table(&mut s, &targets);
         self.idle_table(&mut s, &targets);
+        self.capacity_table(&mut s, &targets);
 
         let lat_rows: Vec<_> = self
             .rows()
@@ -754,6 +761,107 @@ impl Report {
         }
     }
 
+    /// `tcp-capacity`, one table per row (there is one unless `--conns` varies): per
+    /// target the connections held, why opening stopped, memory per connection idle
+    /// and stalled, the relay check and what was left after closing.
+    fn capacity_table(&self, s: &mut String, targets: &[Target]) {
+        let rows: Vec<Row> = self
+            .rows()
+            .into_iter()
+            .filter(|r| r.0 == Scenario::TcpCapacity)
+            .collect();
+        for row in rows {
+            let _ = writeln!(
+                s,
+                "\ntcp-capacity (row `{} {}`): connections held open through the router, \
+                 each relaying a byte each way when opened; memory per connection, idle and \
+                 stalled (the server writing, the client not reading). Socket memory: the \
+                 router's skmem r + t + w; pipes: the engine's splice pipes in use × their \
+                 size:\n",
+                row.0.name(),
+                row.1
+            );
+            let _ = writeln!(
+                s,
+                "| target | conns held | stopped by | RSS / idle conn | socket mem / idle conn \
+                 | socket mem / stalled conn | pipes / stalled conn | RSS / stalled conn | relay \
+                 check | after close |\n|---|---:|---|---:|---:|---:|---:|---:|---:|---|"
+            );
+            let mut capped = Vec::new();
+            for t in targets {
+                let Some(r) = self.find(&row, *t) else {
+                    continue;
+                };
+                let Some(c) = r.capacity.as_ref() else {
+                    let _ = writeln!(
+                        s,
+                        "| {} | {} | | | | | | | | |",
+                        t.name(),
+                        self.status_word(&row, *t)
+                    );
+                    continue;
+                };
+                let na = |v: Option<f64>| v.map_or("n/a".into(), fmt_bytes);
+                let mut stop = c
+                    .stop
+                    .map_or("?", crate::capacity::StopReason::describe)
+                    .to_string();
+                if let Some(l) = c.proxy_limit {
+                    let _ = write!(stop, " (limit {l})");
+                }
+                let stalled = match c.skmem_per_stalled_conn {
+                    Some(v) => {
+                        let mut cell = format!("{} ({} stalled", fmt_bytes(v), c.stalled);
+                        if let Some(why) = &c.stall_capped {
+                            capped.push(format!("{}: {why}", t.name()));
+                            cell.push_str(" ‡");
+                        }
+                        cell.push(')');
+                        cell
+                    }
+                    None => match &c.stall_capped {
+                        Some(why) => {
+                            capped.push(format!("{}: {why}", t.name()));
+                            "none ‡".into()
+                        }
+                        None => "n/a".into(),
+                    },
+                };
+                let pipes = match (c.pipes_per_stalled_conn, c.pipe_bytes_per_stalled_conn) {
+                    (Some(p), Some(b)) => format!("{p:.2} = {}", fmt_bytes(b)),
+                    _ => "n/a".into(),
+                };
+                let relay = if c.relay_failed == 0 {
+                    format!("{} ok", c.relay_ok)
+                } else {
+                    format!("{} ok, {} FAILED", c.relay_ok, c.relay_failed)
+                };
+                let after = match c.leak() {
+                    Some(l) => format!("LEAK: {l}"),
+                    None => format!("back to baseline in {:.1} s", c.settle_s),
+                };
+                let skmem_idle = match c.skmem_per_idle_conn {
+                    Some(v) => fmt_bytes(v),
+                    None if !t.is_proxy() => "n/a (no router socket)".into(),
+                    None => "n/a".into(),
+                };
+                let _ = writeln!(
+                    s,
+                    "| {} | {} in {:.1} s | {stop} | {} | {skmem_idle} | {stalled} | {pipes} | {} \
+                     | {relay} | {after} |",
+                    t.name(),
+                    c.held,
+                    c.open_s,
+                    na(c.rss_per_idle_conn),
+                    na(c.rss_per_stalled_conn),
+                );
+            }
+            for c in capped {
+                let _ = writeln!(s, "\n‡ {c}");
+            }
+        }
+    }
+
     /// `skipped`, `FAILED`, `-` (measured, no figure) or empty (not in the run), for
     /// a cell without a figure.
     fn status_word(&self, row: &(Scenario, String), t: Target) -> String {
@@ -965,6 +1073,24 @@ pub fn fmt_num(v: f64) -> String {
         format!("{v:.1}")
     } else {
         format!("{v:.2}")
+    }
+}
+
+/// Bytes as `B`, `KiB`, `MiB` or `GiB`, 3 significant digits (negative: memory given
+/// back).
+pub fn fmt_bytes(v: f64) -> String {
+    let a = v.abs();
+    let sign = if v < 0.0 { "-" } else { "" };
+    if a >= 1024.0 * 1024.0 * 1024.0 {
+        format!("{sign}{} GiB", fmt_num(a / (1024.0 * 1024.0 * 1024.0)))
+    } else if a >= 1024.0 * 1024.0 {
+        format!("{sign}{} MiB", fmt_num(a / (1024.0 * 1024.0)))
+    } else if a >= 1024.0 {
+        format!("{sign}{} KiB", fmt_num(a / 1024.0))
+    } else if a >= 10.0 || a == 0.0 {
+        format!("{sign}{a:.0} B")
+    } else {
+        format!("{sign}{a:.1} B")
     }
 }
 
@@ -1263,9 +1389,100 @@ mod tests {
     }
 
     #[test]
+    fn capacity_table_per_target() {
+        use crate::capacity::{self, Capacity, Reading, StopReason};
+        let v = Scenario::TcpCapacity.variants(Some(9800), None).remove(0);
+        let base = |held: usize, sockets: usize| Capacity {
+            asked: 9800,
+            bench_limit: 9800,
+            held,
+            relay_ok: held,
+            stop: Some(StopReason::Timeout),
+            idle: Reading {
+                router_sockets: sockets,
+                ..Reading::default()
+            },
+            settle_s: 0.1,
+            ..Capacity::default()
+        };
+        let mut direct = base(9800, 0);
+        direct.stop = Some(StopReason::BenchLimit);
+        let mut splice = base(6851, 6851);
+        splice.proxy_limit = Some(6851);
+        splice.rss_per_idle_conn = Some(530.0);
+        splice.skmem_per_idle_conn = Some(0.0);
+        splice.stalled = 1000;
+        splice.skmem_per_stalled_conn = Some(760.0 * 1024.0);
+        splice.pipes_per_stalled_conn = Some(0.456);
+        splice.pipe_bytes_per_stalled_conn = Some(0.456 * 262_144.0);
+        splice.rss_per_stalled_conn = Some(12.0 * 1024.0);
+        let mut ha = base(7800, 7800);
+        ha.proxy_limit = Some(7800);
+        ha.stalled = 206;
+        ha.skmem_per_stalled_conn = Some(3.6 * 1024.0 * 1024.0);
+        ha.stall_capped = Some("206 of 1000 stalled: at 3.87 MiB each".into());
+        ha.relay_ok = 7790;
+        ha.relay_failed = 10;
+        let mut rep = Report::default();
+        for (t, c) in [
+            (Target::Direct, direct),
+            (Target::EngineSplice, splice),
+            (Target::Haproxy, ha),
+        ] {
+            rep.records
+                .push(capacity::to_record(&v, t, crate::load::Family::Ipv4, c));
+        }
+        let md = rep.to_markdown();
+        assert!(
+            md.contains("| tcp-capacity up to 9800 | conns held | 9800 | 6851 | FAILED |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("tcp-capacity (row `tcp-capacity up to 9800`)"),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "| direct | 9800 in 0.0 s | bench limit | n/a | n/a (no router socket) | n/a | n/a | \
+                         n/a | 9800 ok | back to baseline in 0.1 s |"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "| engine-splice | 6851 in 0.0 s | no answer in 1 s (limit 6851) | 530 B | 0 B | \
+                         760 KiB (1000 stalled) | 0.46 = 117 KiB | 12.0 KiB | 6851 ok |"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "| haproxy | 7800 in 0.0 s | no answer in 1 s (limit 7800) | n/a | n/a | 3.60 MiB \
+                         (206 stalled ‡) | n/a | n/a | 7790 ok, 10 FAILED |"
+            ),
+            "{md}"
+        );
+        assert!(md.contains("\n‡ haproxy: 206 of 1000 stalled"), "{md}");
+        assert!(
+            md.contains("haproxy failed (tcp-capacity up to 9800): relay check"),
+            "{md}"
+        );
+        // Other reports have no such table.
+        assert!(!Report::default().to_markdown().contains("tcp-capacity"));
+    }
+
+    #[test]
     fn numbers() {
         assert_eq!(fmt_num(123_456.0), "123k");
         assert_eq!(fmt_num(12_345.0), "12.3k");
         assert_eq!(fmt_num(9.876), "9.88");
+        assert_eq!(fmt_bytes(0.0), "0 B");
+        assert_eq!(fmt_bytes(1000.4), "1000 B");
+        assert_eq!(fmt_bytes(0.6), "0.6 B");
+        assert_eq!(fmt_bytes(2432.0), "2.38 KiB");
+        assert_eq!(fmt_bytes(-2432.0), "-2.38 KiB");
+        assert_eq!(fmt_bytes(800.0 * 1024.0), "800 KiB");
+        assert_eq!(fmt_bytes(3.5 * 1024.0 * 1024.0), "3.50 MiB");
+        assert_eq!(fmt_bytes(2.0 * 1024.0 * 1024.0 * 1024.0), "2.00 GiB");
     }
 }

@@ -21,11 +21,11 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use nix::sys::signal::Signal;
 use socket2::SockRef;
 
 use crate::lab::Lab;
 use crate::load::{pin, tcp_listener, Family};
+use crate::meter;
 use crate::targets::{ArmOptions, Armed, Target, Tools};
 
 /// Server ports of the soak's loads (clear of `bench run`'s 5001-5006).
@@ -469,62 +469,6 @@ pub fn analyze(samples: &[Sample], tally: &LoadTally, limits: &Limits) -> Verdic
         reasons,
         figures: fig,
     }
-}
-
-// ---------------------------------------------------------------------------
-// Parsing what is sampled.
-
-/// Totals (last column) of the last SIGUSR1 table in `text`; counters the engine
-/// leaves out (zero) are absent.
-pub fn parse_counter_table(text: &str) -> Option<BTreeMap<String, u64>> {
-    let start = text
-        .rfind("\ncounter ")
-        .map(|i| i + 1)
-        .or_else(|| text.starts_with("counter ").then_some(0))?;
-    let mut out = BTreeMap::new();
-    for line in text[start..].lines().skip(1) {
-        let mut words = line.split_whitespace();
-        let Some(name) = words.next() else { break };
-        let Some(Ok(total)) = words.next_back().map(str::parse::<u64>) else {
-            break;
-        };
-        if !name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-        {
-            break;
-        }
-        out.insert(name.to_string(), total);
-    }
-    Some(out)
-}
-
-/// `VmRSS` in KiB from a `/proc/PID/status` text.
-pub fn parse_vmrss_kb(status: &str) -> Option<u64> {
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
-/// Sum of skmem `r` + `t` + `w` (receive queue, transmit allocation, queued writes)
-/// over every socket in `ss -m` output.
-pub fn parse_skmem_total(ss: &str) -> u64 {
-    let mut total = 0;
-    for part in ss.split("skmem:(").skip(1) {
-        let inner = part.split(')').next().unwrap_or("");
-        for field in inner.split(',') {
-            let digits = field.trim_start_matches(|c: char| c.is_ascii_alphabetic());
-            let key = &field[..field.len() - digits.len()];
-            if matches!(key, "r" | "t" | "w") {
-                total += digits.parse::<u64>().unwrap_or(0);
-            }
-        }
-    }
-    total
 }
 
 // ---------------------------------------------------------------------------
@@ -1170,17 +1114,9 @@ fn sample(lab: &Lab, armed: &Armed, pid: u32) -> anyhow::Result<Sample> {
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .with_context(|| format!("/proc/{pid}/fd (engine gone?)"))?
         .count() as u64;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let rss_kb = parse_vmrss_kb(&status).unwrap_or(0);
-    let ss = lab
-        .router
-        .command("ss")
-        .args(["-tuamH"])
-        .stdin(std::process::Stdio::null())
-        .output()
-        .context("ss -tuamH in the router")?;
-    let skmem = parse_skmem_total(&String::from_utf8_lossy(&ss.stdout));
-    let counters = read_counters(armed)?;
+    let rss_kb = meter::rss_kb(pid)?;
+    let skmem = meter::socket_memory(&lab.router, "-tuaH")?;
+    let counters = meter::read_counters(armed, Duration::from_secs(1))?;
     let get = |k: &str| counters.get(k).copied().unwrap_or(0);
     Ok(Sample {
         fds,
@@ -1197,28 +1133,6 @@ fn sample(lab: &Lab, armed: &Armed, pid: u32) -> anyhow::Result<Sample> {
         udp_flows_created: get("udp_flows_created"),
         ..Sample::default()
     })
-}
-
-/// SIGUSR1 and the table it prints (waits up to a second for it to be complete).
-fn read_counters(armed: &Armed) -> anyhow::Result<BTreeMap<String, u64>> {
-    let before = armed.stdout().len();
-    armed.signal(Signal::SIGUSR1)?;
-    let deadline = Instant::now() + Duration::from_secs(1);
-    let mut last_len = before;
-    loop {
-        std::thread::sleep(Duration::from_millis(20));
-        let out = armed.stdout();
-        let fresh = &out[before.min(out.len())..];
-        // Complete once something with a header arrived and nothing more came in
-        // the last 20 ms.
-        if fresh.contains("counter ") && out.len() == last_len && out.ends_with('\n') {
-            return parse_counter_table(fresh).context("unreadable SIGUSR1 table");
-        }
-        last_len = out.len();
-        if Instant::now() >= deadline {
-            anyhow::bail!("the engine printed no SIGUSR1 table within 1 s");
-        }
-    }
 }
 
 /// What to soak.
@@ -1646,32 +1560,7 @@ mod tests {
     }
 
     #[test]
-    fn parses_what_is_sampled() {
-        let table =
-            "ready: port 15001\nsomething\ncounter                         cpu3           total\n\
-                     accepted                         120             120\n\
-                     active                             3               3\n\
-                     close_client_fin                 100             100\n\
-                     close_client_reset                17              17\n\
-                     udp_flows_active                   2               2\n";
-        let m = parse_counter_table(table).unwrap();
-        assert_eq!(m["accepted"], 120);
-        assert_eq!(m["active"], 3);
-        assert_eq!(m["close_client_reset"], 17);
-        assert_eq!(m["udp_flows_active"], 2);
-        assert_eq!(m.len(), 5);
-        // The last table wins.
-        let two = format!("{table}counter  cpu3  total\naccepted 1 1\n");
-        assert_eq!(parse_counter_table(&two).unwrap()["accepted"], 1);
-        assert!(parse_counter_table("no table").is_none());
-        assert_eq!(
-            parse_vmrss_kb("Name:\tengine\nVmRSS:\t   12345 kB\n"),
-            Some(12345)
-        );
-        let ss = "tcp ESTAB 0 0 1.2.3.4:5 6.7.8.9:10 skmem:(r100,rb131072,t20,tb87040,f4096,w300,o0,bl0,d0)\n\
-                  udp UNCONN 0 0 *:5 *:* skmem:(r1,rb212992,t0,tb212992,f0,w0,o0,bl0,d3)\n\
-                  tcp TIME-WAIT 0 0 1.2.3.4:6 6.7.8.9:10\n";
-        assert_eq!(parse_skmem_total(ss), 421);
+    fn csv_and_svg_render() {
         let csv = to_csv(&run_of(3, |_| (1, 2, 3, 4)));
         assert!(csv.starts_with(Sample::CSV_HEADER));
         assert_eq!(csv.lines().count(), 1 + 2 + 3 + 2);

@@ -8,7 +8,7 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
@@ -467,6 +467,8 @@ pub struct Armed<'a> {
     pub summary: Vec<String>,
     /// The most TCP connections the proxy says it holds (see [`Armed::conn_limit`]).
     conn_limit: Option<usize>,
+    /// The bench asked for counter tables (SIGUSR1): they are not the exit summary.
+    asked_counters: AtomicBool,
 }
 
 static NEXT_TMP: AtomicU32 = AtomicU32::new(0);
@@ -510,6 +512,7 @@ impl<'a> Armed<'a> {
             notes: Vec::new(),
             summary: Vec::new(),
             conn_limit: None,
+            asked_counters: AtomicBool::new(false),
         };
         if target == Target::Direct {
             return Ok(armed);
@@ -697,6 +700,18 @@ impl<'a> Armed<'a> {
         self.conn_limit
     }
 
+    /// What is armed.
+    pub fn target(&self) -> Target {
+        self.target
+    }
+
+    /// The bytes each splice pipe of the engine holds at most ([`ready_pipe_size`] of
+    /// its `ready` line); `None` for other targets.
+    pub fn pipe_size(&self) -> Option<u64> {
+        let ready = self.startup.iter().find(|l| l.starts_with("ready"))?;
+        ready_pipe_size(ready)
+    }
+
     /// The proxy's pid (`None` for `direct`).
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(NsChild::pid)
@@ -704,6 +719,9 @@ impl<'a> Armed<'a> {
 
     /// Sends `sig` to the proxy (the engine prints its counter table on SIGUSR1).
     pub fn signal(&self, sig: Signal) -> anyhow::Result<()> {
+        if sig == Signal::SIGUSR1 {
+            self.asked_counters.store(true, Ordering::Relaxed);
+        }
         self.child.as_ref().context("no proxy child")?.signal(sig)
     }
 
@@ -762,14 +780,20 @@ impl<'a> Armed<'a> {
                 }
             }
             c.finish_output();
-            self.summary = c
-                .stdout()
+            let out = c.stdout();
+            let mut after: Vec<&str> = out
                 .lines()
                 .skip_while(|l| !l.starts_with("ready"))
                 .skip(1)
-                .take(200)
-                .map(str::to_string)
                 .collect();
+            // Past the tables the bench asked for, the engine's exit summary starts at
+            // its `summary:` line.
+            if self.asked_counters.load(Ordering::Relaxed) {
+                if let Some(i) = after.iter().rposition(|l| l.starts_with("summary:")) {
+                    after.drain(..i);
+                }
+            }
+            self.summary = after.into_iter().take(200).map(str::to_string).collect();
         }
         if let Some(setup) = self.setup.take() {
             if let Err(e) = self.setup_cmd(&setup, &["teardown"]) {
@@ -833,6 +857,24 @@ pub fn ready_max_conns(line: &str) -> Option<usize> {
     let mut words = line.split_whitespace();
     words.find(|w| *w == "max_conns")?;
     words.next()?.parse().ok()
+}
+
+/// The size of the engine's splice pipes from its `ready` line (`relay splice buf N`;
+/// `buf kernel`: the kernel's default pipe, 16 pages of 4 KiB); `None` for the copy
+/// relay, whose `buf` is a user-space buffer.
+pub fn ready_pipe_size(line: &str) -> Option<u64> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let after = |key: &str| {
+        let i = words.iter().position(|w| *w == key)?;
+        words.get(i + 1).copied()
+    };
+    if after("relay")? != "splice" {
+        return None;
+    }
+    match after("buf")? {
+        "kernel" => Some(16 * 4096),
+        n => n.parse().ok(),
+    }
 }
 
 /// HAProxy's `maxconn` in our config: each proxied connection holds two sockets
@@ -917,6 +959,15 @@ mod tests {
         assert_eq!(ready_max_conns("ready: port 15001 relay copy"), None);
         assert_eq!(ready_max_conns("ready: max_conns lots"), None);
         assert_eq!(ready_max_conns("ready: max_conns"), None);
+        // And the size of its splice pipes.
+        assert_eq!(ready_pipe_size(line), Some(262144));
+        assert_eq!(
+            ready_pipe_size("ready: port 15001 relay splice buf kernel max_conns 6851"),
+            Some(65536)
+        );
+        assert_eq!(ready_pipe_size("ready: relay copy buf 65536"), None);
+        assert_eq!(ready_pipe_size("ready: relay splice"), None);
+        assert_eq!(ready_pipe_size("ready: relay splice buf x"), None);
     }
 
     #[test]

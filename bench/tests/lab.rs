@@ -6,18 +6,10 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
-use ringrelay_bench::lab::{self, addrs, wait_tcp_listen, Lab};
+use ringrelay_bench::lab::{addrs, wait_tcp_listen, Lab};
 
-fn lab_or_skip(name: &str) -> Option<Lab> {
-    match Lab::up() {
-        Ok(lab) => Some(lab),
-        Err(e) if lab::is_need_root(&e) => {
-            println!("SKIPPED: {name}: needs root for network namespaces ({e:#})");
-            None
-        }
-        Err(e) => panic!("{name}: lab up failed: {e:#}"),
-    }
-}
+mod common;
+use common::lab_or_skip;
 
 fn netns_names() -> Vec<String> {
     std::fs::read_dir("/run/netns")

@@ -8,10 +8,12 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ringrelay_bench::harness::{run_matrix, Config};
-use ringrelay_bench::lab::{self, Lab};
 use ringrelay_bench::load::Scenario;
 use ringrelay_bench::report::{Record, Status};
 use ringrelay_bench::targets::{Target, Tools};
+
+mod common;
+use common::lab_or_skip;
 
 fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
@@ -91,16 +93,8 @@ fn check_ok(r: &Record) {
 #[test]
 fn every_scenario_on_every_target() {
     let name = "every_scenario_on_every_target";
-    if skip(name) {
+    let Some(lab) = lab_or_skip(name) else {
         return;
-    }
-    let lab = match Lab::up() {
-        Ok(l) => l,
-        Err(e) if lab::is_need_root(&e) => {
-            println!("SKIPPED: {name}: needs root for network namespaces ({e:#})");
-            return;
-        }
-        Err(e) => panic!("lab: {e:#}"),
     };
     let tools = Tools::discover();
     let mut cfg = Config::all(Duration::from_millis(300));
@@ -281,16 +275,8 @@ fn baseline_engine_targets_run_side_by_side() {
 #[test]
 fn idle_connections_held_on_every_target() {
     let name = "idle_connections_held_on_every_target";
-    if skip(name) {
+    let Some(lab) = lab_or_skip(name) else {
         return;
-    }
-    let lab = match Lab::up() {
-        Ok(l) => l,
-        Err(e) if lab::is_need_root(&e) => {
-            println!("SKIPPED: {name}: needs root for network namespaces ({e:#})");
-            return;
-        }
-        Err(e) => panic!("lab: {e:#}"),
     };
     let tools = Tools::discover();
     let mut cfg = Config::all(Duration::from_millis(300));
@@ -469,4 +455,68 @@ fn demo_tears_down_on_sigint() {
     // The partial results are still written.
     assert!(d.join("demo.json").is_file(), "stderr: {err}");
     let _ = std::fs::remove_dir_all(d);
+}
+
+/// `tcp-capacity` with 100 connections on kernel forwarding, the engine and HAProxy:
+/// each holds all of them (through its own sockets), relays every one, fills its
+/// queues when the clients stall, and is back to its baseline after closing.
+#[test]
+fn capacity_holds_relays_and_cleans_up() {
+    use ringrelay_bench::capacity::StopReason;
+    let name = "capacity_holds_relays_and_cleans_up";
+    let Some(lab) = lab_or_skip(name) else {
+        return;
+    };
+    let tools = Tools::discover();
+    let mut cfg = Config::all(Duration::from_millis(300));
+    cfg.scenarios = vec![Scenario::TcpCapacity];
+    cfg.targets = vec![Target::Direct, Target::EngineSplice, Target::Haproxy];
+    cfg.conns = Some(100);
+    let started = Instant::now();
+    let rep = run_matrix(&lab, &cfg, &tools, &mut |l| println!("{l}"));
+    println!("{}", rep.to_markdown());
+    assert!(!rep.interrupted);
+    for t in &cfg.targets {
+        let r = rep
+            .records
+            .iter()
+            .find(|r| r.target == *t)
+            .unwrap_or_else(|| panic!("no record for {}", t.name()));
+        match r.status {
+            Status::Ok => {}
+            Status::Skipped => {
+                println!("SKIPPED: tcp-capacity on {}: {:?}", t.name(), r.reason);
+                continue;
+            }
+            Status::Failed => panic!("tcp-capacity on {} FAILED: {:?}", t.name(), r.reason),
+        }
+        let c = r.capacity.as_ref().expect("capacity figures");
+        let what = format!("{}: {c:?}", t.name());
+        assert_eq!(
+            (c.asked, c.held, c.stop),
+            (100, 100, Some(StopReason::Conns)),
+            "{what}"
+        );
+        assert_eq!((c.relay_ok, c.relay_failed), (100, 0), "{what}");
+        assert_eq!(c.leak(), None, "{what}");
+        assert_eq!(c.close_pending, 0, "{what}");
+        if !t.is_proxy() {
+            assert_eq!(c.idle.router_sockets, 0, "{what}");
+            assert_eq!((c.rss_per_idle_conn, c.stalled), (None, 0), "{what}");
+            continue;
+        }
+        assert_eq!(c.idle.router_sockets, 100, "{what}");
+        assert!(c.rss_per_idle_conn.is_some(), "{what}");
+        // Stalled: queued bytes in the router, unless the machine had no room.
+        if c.stall_capped.is_none() {
+            assert_eq!(c.stalled, 100, "{what}");
+            assert!(c.skmem_per_stalled_conn.unwrap() > 16_384.0, "{what}");
+        }
+        if t.is_engine() {
+            assert_eq!(c.idle.active, Some(100), "{what}");
+            assert_eq!(c.after.active, Some(0), "{what}");
+            assert!(c.pipe_size.is_some(), "{what}");
+        }
+    }
+    println!("tcp-capacity took {:?}", started.elapsed());
 }

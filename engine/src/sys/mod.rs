@@ -292,43 +292,19 @@ pub fn open_fd_count() -> usize {
 /// Sets `IP_RECVORIGDSTADDR` (v4) or `IPV6_RECVORIGDSTADDR` (v6) on a UDP socket so
 /// every `recvmsg` carries the original destination as a control message.
 pub fn set_recv_orig_dst(fd: BorrowedFd<'_>, v6: bool) -> io::Result<()> {
-    let one: libc::c_int = 1;
     let (level, opt) = if v6 {
         (libc::IPPROTO_IPV6, libc::IPV6_RECVORIGDSTADDR)
     } else {
         (libc::IPPROTO_IP, libc::IP_RECVORIGDSTADDR)
     };
-    // SAFETY: setsockopt with a pointer to a local c_int and its exact size.
-    cvt(unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            opt,
-            (&one as *const libc::c_int).cast(),
-            mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    })
-    .map(drop)
+    setsockopt_int(fd, level, opt, 1)
 }
 
 /// `SO_RCVBUFFORCE`: a receive buffer above `net.core.rmem_max` (needs
 /// CAP_NET_ADMIN, which the engine has). Falls back to the capped `SO_RCVBUF`.
 pub fn set_recv_buffer_force(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
-    let v = bytes.min(i32::MAX as usize) as libc::c_int;
-    // SAFETY: setsockopt with a pointer to a local c_int and its exact size.
-    let r = cvt(unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            (&v as *const libc::c_int).cast(),
-            mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    });
-    match r {
-        Ok(_) => Ok(()),
-        Err(_) => socket2::SockRef::from(&fd).set_recv_buffer_size(bytes),
-    }
+    setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, bytes)
+        .or_else(|_| socket2::SockRef::from(&fd).set_recv_buffer_size(bytes))
 }
 
 /// Non-blocking `send(2)` on a connected socket (`MSG_NOSIGNAL`: a closed peer is
@@ -525,18 +501,7 @@ pub fn peer_pid(sock: BorrowedFd<'_>) -> io::Result<u32> {
 /// upstream connections as the ephemeral range allows towards each server (4.2+).
 /// Applies to IPv6 sockets too (it is an `IPPROTO_IP` option on both).
 pub fn set_bind_address_no_port(fd: BorrowedFd<'_>) -> io::Result<()> {
-    let one: libc::c_int = 1;
-    // SAFETY: setsockopt with a pointer to a local c_int and its exact size.
-    cvt(unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_BIND_ADDRESS_NO_PORT,
-            (&one as *const libc::c_int).cast(),
-            mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    })
-    .map(drop)
+    setsockopt_int(fd, libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT, 1)
 }
 
 /// The kernel's receive-side round-trip estimate of a TCP socket, microseconds
@@ -576,6 +541,8 @@ pub fn set_send_bound(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
     setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT, bytes)
 }
 
+/// `setsockopt` of one `int` option (`v` capped at `i32::MAX / 2`, the most the
+/// kernel's buffer options take before doubling).
 fn setsockopt_int(fd: BorrowedFd<'_>, level: i32, opt: i32, v: usize) -> io::Result<()> {
     let v = v.min(i32::MAX as usize / 2) as libc::c_int;
     // SAFETY: setsockopt with a pointer to a local c_int and its exact size.

@@ -189,9 +189,9 @@ impl Ring {
     /// when either comes up short: memory full of page cache after a build can be
     /// enough (one of the two failed a CI run). Smaller regions succeed where larger
     /// ones fail. A smaller CQ loses nothing: completions that find it full wait on
-    /// the kernel's overflow list and are counted (`ring_cq_overflow`). The caller
-    /// logs the shrink; the error, when even `min_cq` does not fit, says what to
-    /// change.
+    /// the kernel's overflow list and are counted (`ring_cq_overflow`). At `min_cq`
+    /// it tries five more times over about 0.6 s before giving up. The caller logs
+    /// the shrink; the error, when even `min_cq` does not fit, says what to change.
     pub fn build(
         sq_entries: u32,
         cq_entries: u32,
@@ -202,6 +202,11 @@ impl Ring {
         let wanted = cq_entries.max(sq_entries);
         let mut cq = wanted;
         let mut first_enomem = None;
+        // At the smallest size, a few more tries, 20 ms to 320 ms apart: memory a
+        // moment ago in use comes back (the rings of a predecessor that just exited
+        // are freed by a kernel worker, and charged to the user until then; the
+        // per-CPU free lists refill).
+        let mut floor_retries = [20u64, 40, 80, 160, 320].into_iter();
         loop {
             let attempt = Ring::new(sq_entries, cq, features)
                 .map_err(|e| (e, None))
@@ -216,31 +221,49 @@ impl Ring {
                 Ok(ring) => {
                     return Ok(Built {
                         ring,
-                        shrunk: first_enomem.map(|e| (wanted, e)),
-                    })
+                        // Retries at the same size (the floor) made nothing smaller.
+                        shrunk: first_enomem.filter(|_| cq < wanted).map(|e| (wanted, e)),
+                    });
                 }
                 Err((e, _)) if e.raw_os_error() == Some(libc::ENOMEM) && cq / 2 >= min_cq => {
                     first_enomem.get_or_insert(e);
                     cq /= 2;
                 }
-                Err((e, what)) => {
-                    let step = match what {
-                        Some(name) => format!("registering the {name} buffer ring"),
-                        None => "io_uring_setup".to_string(),
+                Err((e, what)) if e.raw_os_error() == Some(libc::ENOMEM) => {
+                    let Some(ms) = floor_retries.next() else {
+                        return Err(Self::build_error(e, what, sq_entries, cq, groups));
                     };
-                    return Err(if e.raw_os_error() == Some(libc::ENOMEM) {
-                        let need = locked_bytes(sq_entries, cq, groups);
-                        format!(
-                            "{step} (sq={sq_entries} cq={cq}): {e}: {}",
-                            enomem_explanation(need)
-                        )
-                    } else if what.is_none() {
-                        setup_error(e)
-                    } else {
-                        format!("{step}: {e}")
-                    });
+                    first_enomem.get_or_insert(e);
+                    std::thread::sleep(std::time::Duration::from_millis(ms));
                 }
+                Err((e, what)) => return Err(Self::build_error(e, what, sq_entries, cq, groups)),
             }
+        }
+    }
+
+    /// The error of [`Ring::build`]: which step failed (`what`: the buffer group
+    /// being registered, `None`: the ring itself) and, for `ENOMEM`, what to change.
+    fn build_error(
+        e: io::Error,
+        what: Option<&str>,
+        sq_entries: u32,
+        cq: u32,
+        groups: &[BufGroup],
+    ) -> String {
+        let step = match what {
+            Some(name) => format!("registering the {name} buffer ring"),
+            None => "io_uring_setup".to_string(),
+        };
+        if e.raw_os_error() == Some(libc::ENOMEM) {
+            let need = locked_bytes(sq_entries, cq, groups);
+            format!(
+                "{step} (sq={sq_entries} cq={cq}): {e}: {}",
+                enomem_explanation(need)
+            )
+        } else if what.is_none() {
+            setup_error(e)
+        } else {
+            format!("{step}: {e}")
         }
     }
 

@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use anyhow::Context;
+
 use crate::cpu::{self, CpuProbe};
 use crate::lab::Lab;
 use crate::load::{self, Family, IdleConns, LoadSpec, Outcome, Scenario, Variant};
@@ -181,6 +183,34 @@ pub fn default_cores() -> (Vec<usize>, Vec<usize>) {
         return (vec![0], vec![0]);
     }
     (vec![n - 1], (0..n - 1).collect())
+}
+
+/// The engine's and the load's cores from `--engine-cores` / `--load-cores`: each
+/// as given, else the engine on the last core and the load on all but the engine's
+/// (all of them when that leaves none), as [`default_cores`] pins them.
+pub fn engine_and_load_cores(
+    engine: Option<&str>,
+    load: Option<&str>,
+) -> anyhow::Result<(Vec<usize>, Vec<usize>)> {
+    let (default_engine, default_load) = default_cores();
+    let engine_cores = match engine {
+        Some(s) => parse_cores(s).context("--engine-cores")?,
+        None => default_engine,
+    };
+    let load_cores = match load {
+        Some(s) => parse_cores(s).context("--load-cores")?,
+        None if engine.is_some() => {
+            let n = core_affinity::get_core_ids().map_or(1, |v| v.len());
+            let rest: Vec<usize> = (0..n).filter(|c| !engine_cores.contains(c)).collect();
+            if rest.is_empty() {
+                engine_cores.clone()
+            } else {
+                rest
+            }
+        }
+        None => default_load,
+    };
+    Ok((engine_cores, load_cores))
 }
 
 /// Parses `1`, `0-3`, `1,3,5-6`.

@@ -225,24 +225,8 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             run(&cfg, &outputs, None)
         }
         Cmd::Run(a) => {
-            let (default_engine, default_load) = harness::default_cores();
-            let engine_cores = match &a.engine_cores {
-                Some(s) => harness::parse_cores(s).context("--engine-cores")?,
-                None => default_engine,
-            };
-            let load_cores = match &a.load_cores {
-                Some(s) => harness::parse_cores(s).context("--load-cores")?,
-                None if a.engine_cores.is_some() => {
-                    let n = core_affinity::get_core_ids().map_or(1, |v| v.len());
-                    let rest: Vec<usize> = (0..n).filter(|c| !engine_cores.contains(c)).collect();
-                    if rest.is_empty() {
-                        engine_cores.clone()
-                    } else {
-                        rest
-                    }
-                }
-                None => default_load,
-            };
+            let (engine_cores, load_cores) =
+                harness::engine_and_load_cores(a.engine_cores.as_deref(), a.load_cores.as_deref())?;
             let server_cores = match &a.server_cores {
                 Some(s) => harness::parse_cores(s).context("--server-cores")?,
                 None => load_cores.clone(),
@@ -323,15 +307,8 @@ fn soak(a: &SoakArgs) -> anyhow::Result<ExitCode> {
         .filter(|t| matches!(t, Target::EngineSplice | Target::EngineCopy))
         .ok_or_else(|| anyhow::anyhow!("--target: engine-splice or engine-copy"))?;
     let duration = harness::parse_duration(&a.duration)?;
-    let (default_engine, default_load) = harness::default_cores();
-    let engine_cores = match &a.engine_cores {
-        Some(s) => harness::parse_cores(s).context("--engine-cores")?,
-        None => default_engine,
-    };
-    let load_cores = match &a.load_cores {
-        Some(s) => harness::parse_cores(s).context("--load-cores")?,
-        None => default_load,
-    };
+    let (engine_cores, load_cores) =
+        harness::engine_and_load_cores(a.engine_cores.as_deref(), a.load_cores.as_deref())?;
     let cfg = soak::SoakConfig {
         target,
         duration,

@@ -27,6 +27,23 @@ fn skip(name: &str) -> bool {
     true
 }
 
+/// The engine and setup binaries the bench would run, or `None` after printing
+/// `SKIPPED` with why they were not found.
+fn engine_and_setup_or_skip(name: &str) -> Option<(PathBuf, PathBuf)> {
+    let tools = Tools::discover();
+    match (&tools.engine, &tools.setup) {
+        (Ok(e), Ok(s)) => Some((e.clone(), s.clone())),
+        (e, s) => {
+            println!(
+                "SKIPPED: {name}: {:?} {:?}",
+                e.as_ref().err(),
+                s.as_ref().err()
+            );
+            None
+        }
+    }
+}
+
 fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("rr-bench-smoke-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
@@ -200,17 +217,8 @@ fn baseline_engine_targets_run_side_by_side() {
     if skip(name) {
         return;
     }
-    let tools = Tools::discover();
-    let (engine, setup) = match (&tools.engine, &tools.setup) {
-        (Ok(e), Ok(s)) => (e.clone(), s.clone()),
-        (e, s) => {
-            println!(
-                "SKIPPED: {name}: {:?} {:?}",
-                e.as_ref().err(),
-                s.as_ref().err()
-            );
-            return;
-        }
+    let Some((engine, setup)) = engine_and_setup_or_skip(name) else {
+        return;
     };
     let d = tmp("baseline");
     let out = Command::new(env!("CARGO_BIN_EXE_bench"))
@@ -329,17 +337,8 @@ fn idle_connections_past_the_proxys_limit_are_reported() {
     if skip(name) {
         return;
     }
-    let tools = Tools::discover();
-    let (engine, setup) = match (&tools.engine, &tools.setup) {
-        (Ok(e), Ok(s)) => (e.clone(), s.clone()),
-        (e, s) => {
-            println!(
-                "SKIPPED: {name}: {:?} {:?}",
-                e.as_ref().err(),
-                s.as_ref().err()
-            );
-            return;
-        }
+    let Some((engine, setup)) = engine_and_setup_or_skip(name) else {
+        return;
     };
     let d = tmp("idle-limit");
     let wrapper = d.join("engine");

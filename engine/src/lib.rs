@@ -181,6 +181,7 @@ impl Engine {
                 policy: p,
                 sockets,
                 flowlog: flowlog.as_ref().map(|f| f.sender(i)),
+                cq_entries: plan.planned,
             };
             let thread = std::thread::Builder::new()
                 .name(format!("ringrelay-cpu{cpu}"))

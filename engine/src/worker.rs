@@ -143,11 +143,17 @@ impl Worker {
             policy,
             sockets,
             flowlog,
+            cq_entries,
         } = s;
         let groups = buffer_groups(&cfg);
-        let want_cq = cq_plan(&cfg).planned;
-        let built = Ring::build(SQ_ENTRIES, want_cq, MIN_CQ_ENTRIES, &cfg.features, &groups)
-            .map_err(|e| format!("cpu {cpu}: {e}"))?;
+        let built = Ring::build(
+            SQ_ENTRIES,
+            cq_entries,
+            MIN_CQ_ENTRIES,
+            &cfg.features,
+            &groups,
+        )
+        .map_err(|e| format!("cpu {cpu}: {e}"))?;
         let ring = built.ring;
         if let Some((wanted, e)) = built.shrunk {
             let got = ring.cq_entries();
@@ -369,6 +375,8 @@ pub struct Spawn {
     pub sockets: Vec<Listen>,
     /// Its queue to the flow log writer.
     pub flowlog: Option<std::sync::mpsc::SyncSender<crate::flowlog::FlowRecord>>,
+    /// The CQ size to ask for, planned once for every core ([`cq_plan`]).
+    pub cq_entries: u32,
 }
 
 /// Body of a worker thread: pin, build, report readiness, run.

@@ -1,66 +1,61 @@
-//! The receive bound of a relayed direction (`--stall-buffer-bytes`), grown while
-//! the direction proves it needs a larger window.
+//! The receive bound of an upstream socket (`--stall-buffer-bytes`), grown while
+//! its direction proves it needs a larger window.
 //!
 //! A small bound is what keeps a stalled reader cheap: the kernel queues at most
 //! about that much on the source socket while the engine is not reading it. But it
 //! is also the window: a path with round trip R cannot carry more than bound / R.
-//! So once a second each direction that is relaying is looked at: if it moved at
-//! least half its bound per round trip (the window, not the destination, was what
-//! limited it: its destination holds none of its bytes at the tick) the bound is
-//! made four times larger, up to `--stall-buffer-max-bytes`. A stalled direction
-//! never grows (its destination is full); a fast one reaches the path's
+//! So once a second the server-to-client direction of each relaying connection is
+//! looked at (the client side keeps its listener's bound and window scale): if it
+//! moved at least half the upstream socket's bound per round trip (the window, not
+//! the client, was what limited it: the client holds none of its bytes at the tick)
+//! the bound is made four times larger, up to `--stall-buffer-max-bytes`. A stalled
+//! direction never grows (its destination is full); a fast one reaches the path's
 //! bandwidth-delay product in a few seconds (64 KiB to 4 MiB: 3 s), as the kernel's
-//! own autotuning would, only slower. Measured through a 20 ms delay line: 3.9, 14,
-//! 44, 68 MB/s in its first four seconds, where a fixed 256 KiB bound stays at 16
-//! (docs/benchmarks.md, "Stall bound and long paths").
+//! own autotuning would, only slower. Measured over a 20 ms path by
+//! `scripts/long-path/run.sh` (docs/benchmarks.md, "Stall bound and long paths").
 
 use std::os::fd::AsFd;
 
 use super::conns::Conn;
-use super::machine::{source, Phase, Side};
+use super::machine::Phase;
 use crate::sys;
 
 /// How much a bound grows per tick.
 const GROWTH: u32 = 4;
 
-/// Looks at both directions of `conn` after a tick of about a second; returns how
-/// many bounds it raised.
-pub fn on_tick(conn: &mut Conn, max: u32) -> u64 {
-    let relaying = conn.machine.phase() == Phase::Relaying;
-    let mut raised = 0;
-    for d in 0..2 {
-        let delivered = conn.machine.delivered(d);
-        let moved = delivered.saturating_sub(conn.io.delivered_at_tick[d]);
-        conn.io.delivered_at_tick[d] = delivered;
-        let bound = conn.io.rx_bound[d];
-        // Without a round trip of over a second, a direction that moved less than
-        // half its bound cannot have been limited by it: no syscall for it.
-        if !relaying
-            || bound == 0
-            || bound >= max
-            || moved.saturating_mul(2) < u64::from(bound)
-            || conn.machine.buffered(d) > 0
-        {
-            continue;
-        }
-        let fd = match source(d) {
-            Side::Client => conn.io.client.as_fd(),
-            Side::Server => match &conn.io.upstream {
-                Some(u) => u.as_fd(),
-                None => continue,
-            },
-        };
-        let Ok(rtt_us) = sys::tcp_rcv_rtt_us(fd) else {
-            continue;
-        };
-        if let Some(new) = grown(bound, max, moved, rtt_us) {
-            if sys::set_receive_bound(fd, new as usize).is_ok() {
-                conn.io.rx_bound[d] = new;
-                raised += 1;
-            }
-        }
+/// The server-to-client direction, whose source is the upstream socket.
+const S2C: usize = 1;
+
+/// Looks at the upstream side of `conn` after a tick of about a second; returns
+/// whether it raised its bound.
+pub fn on_tick(conn: &mut Conn, max: u32) -> bool {
+    let delivered = conn.machine.delivered(S2C);
+    let moved = delivered.saturating_sub(conn.io.s2c_at_tick);
+    conn.io.s2c_at_tick = delivered;
+    let bound = conn.io.upstream_bound;
+    // Without a round trip of over a second, a direction that moved less than half
+    // its bound cannot have been limited by it: no syscall for it.
+    if conn.machine.phase() != Phase::Relaying
+        || bound == 0
+        || bound >= max
+        || moved.saturating_mul(2) < u64::from(bound)
+        || conn.machine.buffered(S2C) > 0
+    {
+        return false;
     }
-    raised
+    let Some(fd) = conn.io.upstream.as_ref().map(|u| u.as_fd()) else {
+        return false;
+    };
+    let Ok(rtt_us) = sys::tcp_rcv_rtt_us(fd) else {
+        return false;
+    };
+    match grown(bound, max, moved, rtt_us) {
+        Some(new) if sys::set_receive_bound(fd, new as usize).is_ok() => {
+            conn.io.upstream_bound = new;
+            true
+        }
+        _ => false,
+    }
 }
 
 /// The grown bound (four times, at most `max`) of a direction that moved `moved` bytes in the

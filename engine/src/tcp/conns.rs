@@ -36,12 +36,12 @@ pub struct ConnIo {
     /// Each direction's own buffer: direction 0's sniffed bytes until they are sent
     /// upstream, or what a copy-relay send could not deliver at once.
     pub spill: [Vec<u8>; 2],
-    /// Each direction's receive bound on its source socket, bytes, where it may
-    /// grow (`bound::on_tick`): the upstream socket's, once connected. 0: none to
-    /// grow (no bound, or the client side's, fixed by its listener).
-    pub rx_bound: [u32; 2],
-    /// Each direction's delivered bytes at the last tick.
-    pub delivered_at_tick: [u64; 2],
+    /// The upstream socket's receive bound, bytes, once connected; grown by
+    /// `bound::on_tick`. 0: none (no bound). The client side's is its listener's,
+    /// fixed at the handshake, so only this one is tracked.
+    pub upstream_bound: u32,
+    /// Bytes the server-to-client direction had delivered at the last tick.
+    pub s2c_at_tick: u64,
 }
 
 /// One relayed TCP connection.

@@ -218,7 +218,7 @@ impl Effects for Driver<'_> {
         let _ = socket2::SockRef::from(self.upstream()).set_tcp_nodelay(true);
         let bound = super::stall_bound(&self.core.cfg);
         if bound > 0 && sys::set_receive_bound(self.upstream().as_fd(), bound as usize).is_ok() {
-            self.io.rx_bound[1] = bound;
+            self.io.upstream_bound = bound;
         }
     }
 

@@ -312,10 +312,9 @@ impl Tcp {
             rule: None,
             name: None,
             spill: [Vec::new(), Vec::new()],
-            // The client socket has its listener's bound, fixed: its window scale
-            // came from it. The upstream one gets its own once connected.
-            rx_bound: [0, 0],
-            delivered_at_tick: [0, 0],
+            // The upstream socket gets its bound once connected.
+            upstream_bound: 0,
+            s2c_at_tick: 0,
         };
         let sniff = match decision {
             TcpDecision::NeedsName => true,
@@ -421,7 +420,7 @@ impl Tcp {
         let mut raised = 0;
         for (slot, g) in self.conns.live() {
             if let Some(conn) = self.conns.get(slot, g) {
-                raised += bound::on_tick(conn, max_bound);
+                raised += u64::from(bound::on_tick(conn, max_bound));
             }
             let tick = core.tick;
             self.with_conn(core, slot, g, |m, fx| {

@@ -437,7 +437,7 @@ fn run(args: Args) -> Result<()> {
         Some(path) => takeover::take_over(path)?,
         None => None,
     };
-    if !(features.defer_taskrun && features.multishot_timeout) {
+    if !(features.defer_taskrun && features.multishot_timeout && features.udp_gso) {
         log::warn(
             "kernel_fallback",
             format_args!("io_uring features: {}", features.describe()),

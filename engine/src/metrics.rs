@@ -437,6 +437,20 @@ pub fn per_core_families() -> Vec<PerCore> {
             "udp_cone_evictions",
         ),
         PerCore::one(
+            "ringrelay_udp_gso_sends_total",
+            Counter,
+            "UDP sends that carried a burst of datagrams to one destination in one \
+             call (GSO, UDP_SEGMENT).",
+            "udp_gso_sends",
+        ),
+        PerCore::one(
+            "ringrelay_udp_gso_fallbacks_total",
+            Counter,
+            "GSO sends the kernel refused (path MTU, IPsec, device); their datagrams \
+             went out one by one, as does that flow from then on.",
+            "udp_gso_fallbacks",
+        ),
+        PerCore::one(
             "ringrelay_flow_log_dropped_total",
             Counter,
             "Flow log records dropped because the writer fell behind (queue full).",

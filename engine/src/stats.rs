@@ -476,6 +476,11 @@ counters! {
     udp_drop_source,
     /// Full-cone flows that forgot their oldest destination or remote (more than 64).
     udp_cone_evictions,
+    /// UDP sends that carried more than one datagram (GSO, `UDP_SEGMENT`).
+    udp_gso_sends,
+    /// GSO sends the kernel refused (path MTU below the segment, IPsec, device):
+    /// their datagrams went out one by one, and so does that flow from then on.
+    udp_gso_fallbacks,
     /// Ops in flight on this core's ring (a gauge, updated every second).
     ring_in_flight,
     /// CQEs the kernel had to hold back because the CQ was full (cumulative).

@@ -265,6 +265,9 @@ impl Worker {
             if let Some(tcp) = self.tcp.as_mut() {
                 tcp.end_of_batch(&mut self.core);
             }
+            if let Some(udp) = self.udp.as_mut() {
+                udp.end_of_batch(&mut self.core);
+            }
             self.maybe_wind_down();
             if self.core.stopping && self.core.in_flight() == 0 {
                 break;

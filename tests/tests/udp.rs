@@ -671,3 +671,135 @@ fn udp_symmetric_filters_unsolicited_v4() {
         "symmetric",
     );
 }
+
+// ---------------------------------------------------------------------------------
+// (h) Bursts: gathered into GSO sends, and what the receivers see
+// ---------------------------------------------------------------------------------
+
+/// Senders in the burst test, each its own flow to the same server.
+const BURST_FLOWS: usize = 3;
+/// Bursts per test, and datagrams per flow in each.
+const BURSTS: usize = 30;
+const BURST_LEN: usize = 40;
+
+/// The `k`th datagram of a burst: mostly runs of one size, broken by shorter ones
+/// (which end a GSO run), empty ones and ones too large to gather (sent on their
+/// own after the run), and in the last bursts the largest size a run takes.
+fn burst_size(burst: usize, k: usize, family: Family) -> usize {
+    let largest = if family == Family::V6 { 1452 } else { 1472 };
+    match (burst, k) {
+        (b, _) if b >= BURSTS - 3 => largest,
+        (_, k) if k % 29 == 28 => 0,
+        (_, k) if k % 17 == 16 => 3000,
+        (_, k) if k % 11 == 10 => 37,
+        (b, _) => 100 + 50 * (b % 4),
+    }
+}
+
+/// Interleaved bursts from several flows: every datagram reaches the server and
+/// comes back intact, in order, from the address the client sent to, and the engine
+/// sent the runs of equal datagrams with GSO (none with `RINGRELAY_DISABLE=udp-gso`,
+/// where every datagram goes on its own). Order is checked strictly: nothing on
+/// these veth links reorders, so any reordering is the engine's.
+fn bursts(test: &str, family: Family, mtu: Option<u32>) {
+    let Some(mut rig) = Rig::start(test, RigConfig::new()) else {
+        return;
+    };
+    if let Some(mtu) = mtu {
+        // A path whose MTU is below what the engine gathers up to: the kernel refuses
+        // those GSO sends, and the engine resends them one by one (fragmented).
+        let mtu = mtu.to_string();
+        rig.lab
+            .router
+            .ip(&["link", "set", "dev", "veth-s", "mtu", &mtu])
+            .unwrap();
+        rig.lab
+            .server
+            .ip(&["link", "set", "dev", "eth0", "mtu", &mtu])
+            .unwrap();
+    }
+    let dst = SocketAddr::new(family.server_a(), 7009);
+    let echo = UdpEcho::start(&rig.lab.server, dst, false).unwrap();
+    let before = rig.engine_mut().counters();
+    let sent = rig.lab.client.run(move || -> anyhow::Result<u64> {
+        let mut socks = Vec::new();
+        for _ in 0..BURST_FLOWS {
+            let s = udp_client(family, Duration::from_secs(3))?;
+            socket2::SockRef::from(&s).set_recv_buffer_size(4 << 20)?;
+            s.connect(dst)?;
+            socks.push(s);
+        }
+        let mut sent = 0u64;
+        let mut buf = vec![0u8; 70_000];
+        for burst in 0..BURSTS {
+            let mut want: Vec<Vec<Vec<u8>>> = vec![Vec::new(); BURST_FLOWS];
+            for k in 0..BURST_LEN {
+                for (f, s) in socks.iter().enumerate() {
+                    let seed = (burst * 1000 + k * 10 + f) as u64;
+                    let p = Pattern::bytes(seed, burst_size(burst, k, family));
+                    s.send(&p).with_context(|| format!("burst {burst} #{k}"))?;
+                    want[f].push(p);
+                    sent += 1;
+                }
+            }
+            for (f, s) in socks.iter().enumerate() {
+                for (k, w) in want[f].iter().enumerate() {
+                    let n = s.recv(&mut buf).with_context(|| {
+                        format!("flow {f} burst {burst}: datagram #{k} of {BURST_LEN} missing")
+                    })?;
+                    ensure!(
+                        n == w.len() && fnv(&buf[..n]) == fnv(w),
+                        "flow {f} burst {burst}: datagram #{k} is {n} bytes, want {} \
+                             (lost, reordered or damaged)",
+                        w.len()
+                    );
+                }
+            }
+        }
+        Ok(sent)
+    });
+    let c = rig.engine_mut().counters();
+    let sent = sent.unwrap_or_else(|e| panic!("{e:#}; engine: {c:?}"));
+    let d = |name: &str| c.get(name) - before.get(name);
+    assert_eq!(echo.received(), sent, "server received; engine: {c:?}");
+    assert_eq!(d("udp_dgrams_c2s"), sent, "{c:?}");
+    assert_eq!(d("udp_dgrams_s2c"), sent, "{c:?}");
+    assert_eq!(
+        d("udp_drop_send_upstream") + d("udp_drop_send_client"),
+        0,
+        "{c:?}"
+    );
+    let disabled = std::env::var("RINGRELAY_DISABLE").is_ok_and(|v| v.contains("udp-gso"));
+    if disabled {
+        assert_eq!(d("udp_gso_sends"), 0, "{c:?}");
+    } else {
+        assert!(d("udp_gso_sends") > 0, "no burst was gathered: {c:?}");
+        match mtu {
+            None => assert_eq!(d("udp_gso_fallbacks"), 0, "{c:?}"),
+            // Each refused flow falls back once, and only toward the small MTU.
+            Some(_) => assert!(
+                (1..=BURST_FLOWS as u64).contains(&d("udp_gso_fallbacks")),
+                "{c:?}"
+            ),
+        }
+    }
+}
+
+#[test]
+fn udp_bursts_leave_intact_and_in_order_v4() {
+    bursts("udp_bursts_leave_intact_and_in_order_v4", Family::V4, None);
+}
+
+#[test]
+fn udp_bursts_leave_intact_and_in_order_v6() {
+    bursts("udp_bursts_leave_intact_and_in_order_v6", Family::V6, None);
+}
+
+#[test]
+fn udp_bursts_over_a_small_mtu_fall_back_v4() {
+    bursts(
+        "udp_bursts_over_a_small_mtu_fall_back_v4",
+        Family::V4,
+        Some(1280),
+    );
+}

@@ -454,11 +454,16 @@ pub struct Features {
     /// Multishot `TIMEOUT` (6.4): one SQE ticks forever. Without it the worker
     /// re-arms a single-shot timeout on every tick.
     pub multishot_timeout: bool,
+    /// UDP GSO (`UDP_SEGMENT`, 4.18): a burst of datagrams to one destination leaves
+    /// in one send (`udp/batch.rs`). Without it each datagram is sent on its own.
+    /// Not an io_uring feature; listed here so that the fallback tests can turn it
+    /// off like the others.
+    pub udp_gso: bool,
 }
 
 impl Features {
     /// `(name, kernel, what the engine does without it)` of every optional feature.
-    pub const ALL: [(&'static str, &'static str, &'static str); 2] = [
+    pub const ALL: [(&'static str, &'static str, &'static str); 3] = [
         (
             "defer-taskrun",
             "6.1",
@@ -469,6 +474,11 @@ impl Features {
             "6.4",
             "the 1 s housekeeping timer is re-armed on every tick",
         ),
+        (
+            "udp-gso",
+            "4.18",
+            "every UDP datagram is sent with a send of its own",
+        ),
     ];
 
     /// Everything on.
@@ -476,6 +486,7 @@ impl Features {
         Features {
             defer_taskrun: true,
             multishot_timeout: true,
+            udp_gso: true,
         }
     }
 
@@ -483,6 +494,7 @@ impl Features {
         match name {
             "defer-taskrun" => self.defer_taskrun,
             "multishot-timeout" => self.multishot_timeout,
+            "udp-gso" => self.udp_gso,
             _ => false,
         }
     }
@@ -491,6 +503,7 @@ impl Features {
         match name {
             "defer-taskrun" => self.defer_taskrun = on,
             "multishot-timeout" => self.multishot_timeout = on,
+            "udp-gso" => self.udp_gso = on,
             _ => return false,
         }
         true

@@ -95,6 +95,11 @@ const fn cmsg_space(data_len: usize) -> usize {
     DATA_OFFSET + cmsg_align(data_len)
 }
 
+/// `CMSG_SPACE(data_len)`, for building control areas outside this module.
+pub const fn space_of(data_len: usize) -> usize {
+    cmsg_space(data_len)
+}
+
 /// `CMSG_LEN(data_len)`: the value of `cmsg_len` for `data_len` data bytes
 /// (header and data, without trailing padding).
 #[cfg(test)]

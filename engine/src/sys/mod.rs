@@ -347,6 +347,54 @@ pub fn send_to(fd: RawFd, buf: &[u8], to: &SocketAddr) -> io::Result<usize> {
     cvt(n).map(|n| n as usize)
 }
 
+/// Non-blocking `sendmsg(2)` of `buf` as datagrams of `seg` bytes each (the last
+/// may be shorter) with one `UDP_SEGMENT` control message: UDP GSO, Linux 4.18+.
+/// `to`: the destination of an unconnected socket. The kernel sends all of them or
+/// none.
+pub fn send_segments(
+    fd: RawFd,
+    buf: &[u8],
+    seg: u16,
+    to: Option<&SocketAddr>,
+) -> io::Result<usize> {
+    // One cmsghdr and a u16, CMSG_SPACE-aligned; u64 elements align the header.
+    let mut control = [0u64; 4];
+    let space = cmsg::space_of(mem::size_of::<u16>());
+    debug_assert!(space <= mem::size_of_val(&control));
+    let (mut storage, name_len) = match to {
+        Some(a) => cmsg::encode_sockaddr(a),
+        // SAFETY: sockaddr_storage is plain data; all zeroes is a valid value.
+        None => (unsafe { mem::zeroed() }, 0),
+    };
+    let mut iov = libc::iovec {
+        iov_base: buf.as_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    let mut msg = zeroed_msghdr();
+    if name_len > 0 {
+        msg.msg_name = (&mut storage as *mut libc::sockaddr_storage).cast();
+        msg.msg_namelen = name_len;
+    }
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    // SAFETY: `msg` points at a control area of `space` bytes, large enough for one
+    // header and a u16 (asserted above), so CMSG_FIRSTHDR is non-null and
+    // CMSG_DATA has room for the segment size; the area is u64-aligned.
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_UDP;
+        (*c).cmsg_type = libc::UDP_SEGMENT;
+        (*c).cmsg_len = libc::CMSG_LEN(mem::size_of::<u16>() as u32) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), seg);
+    }
+    // SAFETY: every pointer in `msg` (name, iovec over `buf`, control) is valid for
+    // the duration of the call; the kernel only reads them.
+    let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+    cvt(n).map(|n| n as usize)
+}
+
 /// The wildcard address of a family, for listeners.
 pub fn unspecified(v6: bool, port: u16) -> SocketAddr {
     if v6 {

@@ -14,8 +14,12 @@
 //!   demultiplexes the server's answers to the right client without any lookup.
 //! * Replies go out through the reply socket bound to the original destination
 //!   (`replies.rs`), so they carry its address and port.
-//! * Datagrams are forwarded with non-blocking `send`/`sendto` right in the
-//!   completion handler, so each receive buffer goes back to the kernel at once.
+//! * Each datagram is copied out of its receive buffer in the completion handler,
+//!   so the buffer goes back to the kernel at once, into this batch's run for its
+//!   flow and direction (`batch.rs`). At the end of the completion batch each run
+//!   leaves in one non-blocking `sendmsg` with `UDP_SEGMENT` (GSO), or a plain
+//!   `send`/`sendto` for a lone datagram. Empty and large datagrams are sent at
+//!   once, after their flow's run.
 //! * Stopping closes the tproxy sockets at once (with nft's fail-open rules new
 //!   datagrams then bypass the engine, or go to the successor after a takeover),
 //!   keeps the flows so that answers to what was
@@ -23,13 +27,15 @@
 //!   the next tick and other flows once quiet for a second, and ends the rest at the
 //!   drain deadline.
 
+pub mod batch;
 pub mod flows;
 pub mod replies;
 
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::ops::Range;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
@@ -45,6 +51,7 @@ use crate::policy::{FlowMeta, RuleName, UdpVerdict};
 use crate::stats::FlowEnd;
 use crate::sys::{self, cmsg};
 use crate::upstream::{self, Bound, UpstreamError};
+use batch::{Batch, Run};
 use flows::{ClientAddr, Dir, FlowId, FlowKey, FlowTable, InsertOutcome, OrigDst};
 use replies::Replies;
 
@@ -99,6 +106,12 @@ struct Flow {
     cone: Option<Box<Cone>>,
     /// The rule that decided the flow (a full-cone flow: its first destination).
     rule: Option<RuleName>,
+    /// The kernel refused a GSO send of this flow (`udp_gso_fallbacks`): it sends
+    /// one datagram per call from then on.
+    no_gso: bool,
+    /// Its own id once in the table: its runs of this batch are found by it when it
+    /// is retired.
+    id: Option<FlowId>,
 }
 
 /// Most destinations, and most other remotes, one full-cone flow keeps track of;
@@ -138,6 +151,22 @@ pub struct Udp {
     single_ms: u64,
     /// Tick at which a stop ends every flow.
     stop_deadline: Option<u64>,
+    /// Datagrams of this completion batch, per flow and direction, sent at its end.
+    batch: Batch,
+    /// UDP GSO is on (`Features::udp_gso`).
+    gso: bool,
+}
+
+/// What sending one run achieved.
+#[derive(Debug, Default)]
+struct Sent {
+    dgrams: u64,
+    bytes: u64,
+    /// Datagrams lost, and the last error.
+    dropped: u64,
+    err: Option<io::Error>,
+    /// The kernel refused GSO for this route: the flow stops using it.
+    gso_refused: bool,
 }
 
 impl Udp {
@@ -167,6 +196,8 @@ impl Udp {
             idle_ms: cfg.udp_idle_timeout_s * 1000,
             single_ms: cfg.udp_single_exchange_timeout_s * 1000,
             stop_deadline: None,
+            batch: Batch::default(),
+            gso: cfg.features.udp_gso,
         })
     }
 
@@ -318,34 +349,108 @@ impl Udp {
             None
         };
         let fd = self.flows.get(id).expect("live flow").upstream.as_raw_fd();
-        // Re-borrow the payload: `open_flow` needed `core` mutably.
-        let data = core.ring.buffers(GROUP_UDP).data(b, c.result as usize);
-        let payload_len = payload.len();
-        let sent = match to {
-            Some(t) => sys::send_to(fd, &data[payload], &t),
-            None => sys::send(fd, &data[payload]),
+        self.flows.touch(id, now, Dir::ToServer);
+        let route = (id, Dir::ToServer, fd, to);
+        self.relay(core, route, Some((b, c.result as usize)), payload);
+    }
+
+    /// Relays one datagram of a flow: `buf` is its receive buffer (id, length; `None`
+    /// for an empty datagram) and `payload` its place in it. Gathered into this
+    /// batch's run for the route, or, when it cannot join one, sent at once after
+    /// the route's run.
+    fn relay(
+        &mut self,
+        core: &mut Core,
+        (id, dir, fd, to): (FlowId, Dir, RawFd, Option<SocketAddr>),
+        buf: Option<(u16, usize)>,
+        payload: Range<usize>,
+    ) {
+        // The family it leaves by: the target's to the server, the client's back.
+        let Some(v6) = self.flows.get(id).map(|f| to.unwrap_or(f.target).is_ipv6()) else {
+            return;
         };
-        match sent {
-            Ok(_) => {
-                stats.udp_dgrams_c2s.fetch_add(1, Relaxed);
-                stats.udp_bytes_c2s.fetch_add(payload_len as u64, Relaxed);
-                if let Some(f) = self.flows.get_mut(id) {
-                    f.bytes[0] += payload_len as u64;
-                    f.dgrams[0] += 1;
-                }
-                self.flows.touch(id, now, Dir::ToServer);
+        let gso = self.gso && self.flows.get(id).is_some_and(|f| !f.no_gso);
+        let data = match buf {
+            Some((b, len)) => &core.ring.buffers(GROUP_UDP).data(b, len)[payload.clone()],
+            None => &[][..],
+        };
+        if gso && batch::gatherable(data.len(), v6) {
+            if let Some(first) = self.batch.push(id, dir, fd, to, data) {
+                self.send_run(core, first);
             }
-            Err(e) => {
-                stats.udp_drop_send_upstream.fetch_add(1, Relaxed);
-                core.log_limited(format_args!("udp: send to {orig}: {e}"));
+            return;
+        }
+        if let Some(first) = self.batch.take_route(id, dir, fd, to) {
+            self.send_run(core, first);
+        }
+        // Re-borrow: sending the run needed `core` mutably.
+        let data = match buf {
+            Some((b, len)) => &core.ring.buffers(GROUP_UDP).data(b, len)[payload],
+            None => &[][..],
+        };
+        let result = match to {
+            Some(t) => sys::send_to(fd, data, &t),
+            None => sys::send(fd, data),
+        };
+        let bytes = data.len() as u64;
+        let sent = match result {
+            Ok(_) => Sent {
+                dgrams: 1,
+                bytes,
+                ..Sent::default()
+            },
+            Err(e) => Sent {
+                dropped: 1,
+                err: Some(e),
+                ..Sent::default()
+            },
+        };
+        self.sent(core, id, dir, sent);
+    }
+
+    /// Sends every run of this completion batch.
+    pub fn end_of_batch(&mut self, core: &mut Core) {
+        if self.batch.is_empty() {
+            return;
+        }
+        for run in self.batch.take_all() {
+            self.send_run(core, run);
+        }
+    }
+
+    /// Sends a run of a live flow and accounts for it.
+    fn send_run(&mut self, core: &mut Core, run: Run) {
+        let no_gso = self.flows.get(run.flow).is_none_or(|f| f.no_gso);
+        let sent = transmit(core, &run, self.gso && !no_gso);
+        let (id, dir) = (run.flow, run.dir);
+        self.batch.recycle(run);
+        self.sent(core, id, dir, sent);
+    }
+
+    /// Counts what a send achieved, for the flow and the core; a lasting error to
+    /// the server retires the flow (the next datagram opens a new one).
+    fn sent(&mut self, core: &mut Core, id: FlowId, dir: Dir, sent: Sent) {
+        count_sent(core, dir, &sent);
+        let Some(f) = self.flows.get_mut(id) else {
+            return;
+        };
+        account(f, dir, &sent);
+        let target = f.target;
+        let Some(e) = sent.err else {
+            return;
+        };
+        let key = self.flows.key_of(id).expect("live flow");
+        match dir {
+            Dir::ToServer => {
+                core.log_limited(format_args!("udp: send to {target}: {e}"));
                 if is_lasting_send_error(&e) {
-                    // The flow cannot carry anything; the next datagram opens a new one.
                     if let Some(f) = self.flows.remove(id) {
                         self.retire(core, f, FlowEnd::SendError);
                     }
-                } else {
-                    self.flows.touch(id, now, Dir::ToServer);
                 }
+            }
+            Dir::ToClient => {
+                core.log_limited(format_args!("udp: reply to {}: {e}", key.client.0));
             }
         }
     }
@@ -454,6 +559,8 @@ impl Udp {
             dgrams: [0; 2],
             cone,
             rule,
+            no_gso: false,
+            id: None,
         };
         let id = match self.flows.insert(key, flow, now) {
             InsertOutcome::Inserted(id) => id,
@@ -471,7 +578,9 @@ impl Udp {
         core.stats.udp_flows_created.fetch_add(1, Relaxed);
         core.stats.udp_flows_active.fetch_add(1, Relaxed);
         let ud = Token::new(Op::UdpUpstream, id.index, id.generation).encode();
-        self.flows.get_mut(id).expect("inserted").recv_ud = ud;
+        let f = self.flows.get_mut(id).expect("inserted");
+        f.recv_ud = ud;
+        f.id = Some(id);
         self.arm_flow(core, id);
         Some(id)
     }
@@ -500,7 +609,7 @@ impl Udp {
         if let Some((old, t)) = push_bounded(&mut cone.dsts, (orig, target)) {
             core.stats.udp_cone_evictions.fetch_add(1, Relaxed);
             if t.is_some() {
-                self.replies.release(&core.stats, OrigDst(old));
+                self.release_reply(core, OrigDst(old));
             }
         }
         target
@@ -529,7 +638,7 @@ impl Udp {
         let cone = self.flows.get_mut(id)?.cone.as_mut()?;
         if let Some(old) = push_bounded(&mut cone.remotes, remote) {
             core.stats.udp_cone_evictions.fetch_add(1, Relaxed);
-            self.replies.release(&core.stats, OrigDst(old));
+            self.release_reply(core, OrigDst(old));
         }
         Some(remote)
     }
@@ -551,25 +660,46 @@ impl Udp {
     }
 
     /// Drops the reply socket references a flow holds.
-    fn release_refs(&mut self, core: &Core, key: &FlowKey, flow: &Flow) {
+    fn release_refs(&mut self, core: &mut Core, key: &FlowKey, flow: &Flow) {
         match &flow.cone {
-            None => self.replies.release(&core.stats, key.orig_dst),
+            None => self.release_reply(core, key.orig_dst),
             Some(cone) => {
                 for (d, t) in &cone.dsts {
                     if t.is_some() {
-                        self.replies.release(&core.stats, OrigDst(*d));
+                        self.release_reply(core, OrigDst(*d));
                     }
                 }
                 for r in &cone.remotes {
-                    self.replies.release(&core.stats, OrigDst(*r));
+                    self.release_reply(core, OrigDst(*r));
                 }
             }
         }
     }
 
+    /// Drops one reference on a reply socket. The last one closes it, so runs that
+    /// would leave by it are sent first: its fd number may be reused at once.
+    fn release_reply(&mut self, core: &mut Core, from: OrigDst) {
+        if let Some(fd) = self.replies.fd(&from).filter(|_| !self.batch.is_empty()) {
+            for run in self.batch.take_where(|r| r.fd == fd) {
+                self.send_run(core, run);
+            }
+        }
+        self.replies.release(&core.stats, from);
+    }
+
     /// Takes a removed flow out of service: counts why, cancels its recv, and closes
     /// its socket once the recv is done.
-    fn retire(&mut self, core: &mut Core, (key, flow): (FlowKey, Flow), why: FlowEnd) {
+    fn retire(&mut self, core: &mut Core, (key, mut flow): (FlowKey, Flow), why: FlowEnd) {
+        // Its datagrams of this batch leave before its socket (and maybe its reply
+        // socket) closes.
+        if !self.batch.is_empty() {
+            for run in self.batch.take_where(|r| Some(r.flow) == flow.id) {
+                let sent = transmit(core, &run, self.gso && !flow.no_gso);
+                count_sent(core, run.dir, &sent);
+                account(&mut flow, run.dir, &sent);
+                self.batch.recycle(run);
+            }
+        }
         core.stats.udp_flows_active.fetch_sub(1, Relaxed);
         core.stats.count_flow_end(why, 1);
         self.release_refs(core, &key, &flow);
@@ -660,28 +790,13 @@ impl Udp {
         let Some(reply_fd) = self.replies.fd(&OrigDst(reply_from)) else {
             return;
         };
-        let payload = match (bid, range) {
-            (Some(b), None) => core.ring.buffers(GROUP_UDP).data(b, c.result as usize),
-            (Some(b), Some(r)) => &core.ring.buffers(GROUP_UDP).data(b, c.result as usize)[r],
-            (None, _) => &[],
-        };
-        let len = payload.len() as u64;
-        match sys::send_to(reply_fd, payload, &key.client.0) {
-            Ok(_) => {
-                stats.udp_dgrams_s2c.fetch_add(1, Relaxed);
-                stats.udp_bytes_s2c.fetch_add(len, Relaxed);
-                if let Some(f) = self.flows.get_mut(id) {
-                    f.bytes[1] += len;
-                    f.dgrams[1] += 1;
-                }
-            }
-            Err(e) => {
-                stats.udp_drop_send_client.fetch_add(1, Relaxed);
-                core.log_limited(format_args!("udp: reply to {}: {e}", key.client.0));
-            }
-        }
         let now = core.now_ms();
         self.flows.touch(id, now, Dir::ToClient);
+        let len = c.result.max(0) as usize;
+        let buf = bid.map(|b| (b, len));
+        let payload = range.unwrap_or(0..if buf.is_some() { len } else { 0 });
+        let route = (id, Dir::ToClient, reply_fd, Some(key.client.0));
+        self.relay(core, route, buf, payload);
     }
 
     /// Once a second: expire idle flows; while stopping, quiet ones sooner, and all
@@ -781,6 +896,100 @@ fn parse_datagram(
     let payload = out.payload_data();
     let start = payload.as_ptr() as usize - data.as_ptr() as usize;
     Ok((client, orig, start..start + payload.len()))
+}
+
+/// Sends a run: with GSO in one call when it holds more than one datagram (and
+/// `gso`), else one call per datagram. A GSO send the kernel refuses is counted
+/// and redone datagram by datagram.
+fn transmit(core: &mut Core, run: &Run, gso: bool) -> Sent {
+    let mut sent = Sent::default();
+    if run.count > 1 && gso {
+        match sys::send_segments(run.fd, &run.buf, run.seg as u16, run.to.as_ref()) {
+            Ok(_) => {
+                core.stats.udp_gso_sends.fetch_add(1, Relaxed);
+                sent.dgrams = run.count as u64;
+                sent.bytes = run.buf.len() as u64;
+                return sent;
+            }
+            Err(e) if is_gso_refusal(&e) => {
+                core.stats.udp_gso_fallbacks.fetch_add(1, Relaxed);
+                core.log_limited(format_args!(
+                    "udp: GSO send of {} datagrams of {} bytes refused ({e}); the flow \
+                     sends them one by one",
+                    run.count, run.seg
+                ));
+                sent.gso_refused = true;
+            }
+            Err(e) => {
+                sent.dropped = run.count as u64;
+                sent.err = Some(e);
+                return sent;
+            }
+        }
+    }
+    for d in run.datagrams() {
+        let result = match &run.to {
+            Some(t) => sys::send_to(run.fd, d, t),
+            None => sys::send(run.fd, d),
+        };
+        match result {
+            Ok(_) => {
+                sent.dgrams += 1;
+                sent.bytes += d.len() as u64;
+            }
+            Err(e) => {
+                sent.dropped += 1;
+                sent.err = Some(e);
+            }
+        }
+    }
+    sent
+}
+
+/// The core's counters for a send.
+fn count_sent(core: &Core, dir: Dir, sent: &Sent) {
+    let s = &core.stats;
+    let (dgrams, bytes, drops) = match dir {
+        Dir::ToServer => (
+            &s.udp_dgrams_c2s,
+            &s.udp_bytes_c2s,
+            &s.udp_drop_send_upstream,
+        ),
+        Dir::ToClient => (&s.udp_dgrams_s2c, &s.udp_bytes_s2c, &s.udp_drop_send_client),
+    };
+    if sent.dgrams > 0 {
+        dgrams.fetch_add(sent.dgrams, Relaxed);
+        bytes.fetch_add(sent.bytes, Relaxed);
+    }
+    if sent.dropped > 0 {
+        drops.fetch_add(sent.dropped, Relaxed);
+    }
+}
+
+/// A flow's own counters for a send (for the flow log).
+fn account(f: &mut Flow, dir: Dir, sent: &Sent) {
+    let i = match dir {
+        Dir::ToServer => 0,
+        Dir::ToClient => 1,
+    };
+    f.bytes[i] += sent.bytes;
+    f.dgrams[i] += sent.dgrams;
+    f.no_gso |= sent.gso_refused;
+}
+
+/// A GSO send the kernel will not make on this route, where datagrams sent one by
+/// one do go: a segment above the path MTU (EMSGSIZE; EINVAL on older kernels), a
+/// socket without checksums (EINVAL), an IPsec route or a device that cannot
+/// checksum (EIO), or no GSO at all (EOPNOTSUPP, ENOPROTOOPT).
+fn is_gso_refusal(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMSGSIZE)
+            | Some(libc::EINVAL)
+            | Some(libc::EIO)
+            | Some(libc::EOPNOTSUPP)
+            | Some(libc::ENOPROTOOPT)
+    )
 }
 
 /// A send error after which the flow's upstream socket is of no more use.

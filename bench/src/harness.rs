@@ -45,6 +45,9 @@ pub struct Config {
     /// within each round, so slow drift of a noisy machine hits all of them alike;
     /// tables show the median round.
     pub rounds: usize,
+    /// Receive processing of the client's and server's interfaces runs on their
+    /// cores (RPS, [`Lab::steer_receive`]), not on the proxy's.
+    pub steer_receive: bool,
 }
 
 impl Config {
@@ -65,6 +68,7 @@ impl Config {
             family: Family::Ipv4,
             port: DEFAULT_PORT,
             rounds: 1,
+            steer_receive: true,
         }
     }
 }
@@ -348,6 +352,23 @@ pub fn run_matrix(lab: &Lab, cfg: &Config, tools: &Tools, log: &mut dyn FnMut(&s
              of the proxy cores include load and server threads",
             cfg.engine_cores, cfg.load_cores, cfg.server_cores
         ));
+    }
+    if cfg.steer_receive {
+        let mut cores = cfg.load_cores.clone();
+        cores.extend(&cfg.server_cores);
+        cores.sort_unstable();
+        cores.dedup();
+        match lab.steer_receive(&cores) {
+            Ok(()) => rep.env.receive_steering = Some(cores),
+            Err(e) => {
+                let w = format!(
+                    "receive steering (RPS) failed, so the proxy cores also run the client's \
+                     and server's receive path: {e:#}"
+                );
+                log(&format!("warning: {w}"));
+                rep.notes.push(w);
+            }
+        }
     }
     let arm_opts = ArmOptions {
         engine_cores: cfg.engine_cores.clone(),

@@ -300,6 +300,23 @@ impl Netns {
 
 /// `net.ipv4.ip_forward` -> `/proc/sys/net/ipv4/ip_forward`. Interface names in keys
 /// (`net.ipv4.conf.veth-c.rp_filter`) contain no dots in this lab.
+/// The `rps_cpus` mask of `cores`: hex, in comma-separated 32-bit groups, most
+/// significant first (the kernel's bitmap format).
+fn rps_mask(cores: &[usize]) -> anyhow::Result<String> {
+    anyhow::ensure!(!cores.is_empty(), "no cores to steer receive processing to");
+    let top = *cores.iter().max().expect("not empty");
+    let mut words = vec![0u32; top / 32 + 1];
+    for &c in cores {
+        words[c / 32] |= 1 << (c % 32);
+    }
+    Ok(words
+        .iter()
+        .rev()
+        .map(|w| format!("{w:08x}"))
+        .collect::<Vec<_>>()
+        .join(","))
+}
+
 fn sysctl_path(key: &str) -> PathBuf {
     Path::new("/proc/sys").join(key.replace('.', "/"))
 }
@@ -871,6 +888,30 @@ impl Lab {
         Ok(())
     }
 
+    /// Steers the receive processing of the client's and the server's interface to
+    /// `cores` with RPS (`rps_cpus` of every receive queue of their `eth0`).
+    ///
+    /// On veth a packet is received in the softirq of the CPU that sent it: without
+    /// this, what the proxy sends to the server is taken through the *server's*
+    /// stack (IP, UDP/TCP receive, waking the server thread) on the proxy's core, and
+    /// that work is billed to the proxy. With it, the packet is handed to `cores` (one
+    /// IPI per batch), as it would be taken off the wire by another machine. The
+    /// router's own interfaces are left alone: what the proxy receives is processed
+    /// where the kernel puts it, as on an appliance.
+    pub fn steer_receive(&self, cores: &[usize]) -> anyhow::Result<()> {
+        let mask = rps_mask(cores)?;
+        for (ns, iface) in [
+            (&self.client, addrs::CLIENT_IFACE),
+            (&self.server, addrs::SERVER_IFACE),
+        ] {
+            ns.sh(&format!(
+                "for q in /sys/class/net/{iface}/queues/rx-*; do echo {mask} > $q/rps_cpus; done"
+            ))
+            .with_context(|| format!("RPS on {iface} in {}", ns.name()))?;
+        }
+        Ok(())
+    }
+
     /// The lab's name prefix, `rr<pid>x<n>`.
     pub fn prefix(&self) -> &str {
         &self.prefix
@@ -1054,6 +1095,14 @@ fn path_works(ip: IpAddr) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rps_masks_are_the_kernels_bitmap_format() {
+        assert_eq!(rps_mask(&[0]).unwrap(), "00000001");
+        assert_eq!(rps_mask(&[0, 2, 3]).unwrap(), "0000000d");
+        assert_eq!(rps_mask(&[1, 33]).unwrap(), "00000002,00000002");
+        assert!(rps_mask(&[]).is_err());
+    }
 
     #[test]
     fn parses_proc_net_tcp() {

@@ -100,6 +100,12 @@ struct RunArgs {
     /// and `setup apply --source client-ip --in-iface veth-c`.
     #[arg(long)]
     source_variant: bool,
+    /// Leave the client's and server's receive processing where veth puts it: on
+    /// the core that sent the packet, so the proxy's core also runs the server's
+    /// receive path for what the proxy sends, and the CPU figures include it. By
+    /// default RPS steers it to the load and server cores.
+    #[arg(long)]
+    no_receive_steering: bool,
     /// An engine binary built from an older commit: adds the targets base-splice and
     /// base-copy (engine-splice / engine-copy run with this binary), for before/after
     /// figures taken side by side in one run.
@@ -255,6 +261,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 family: if a.ipv6 { Family::Ipv6 } else { Family::Ipv4 },
                 port: a.port,
                 rounds: a.rounds,
+                steer_receive: !a.no_receive_steering,
             };
             let outputs = Outputs {
                 json: a

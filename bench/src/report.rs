@@ -176,6 +176,9 @@ pub struct Env {
     pub load_cores: Vec<usize>,
     /// Cores the server threads are pinned to.
     pub server_cores: Vec<usize>,
+    /// Cores the client's and server's receive processing was steered to (RPS);
+    /// `None`: not steered, it ran where the packets were sent from.
+    pub receive_steering: Option<Vec<usize>>,
     /// `ipv4` or `ipv6`.
     pub family: String,
     /// Measurement window per variant, seconds.
@@ -360,6 +363,18 @@ impl Report {
             "| pinning | engine/HAProxy cores {:?}, load cores {:?}, server cores {:?} |",
             e.engine_cores, e.load_cores, e.server_cores
         );
+        let _ = match &e.receive_steering {
+            Some(c) => writeln!(
+                s,
+                "| receive steering | client and server `eth0` RPS to cores {c:?}: their \
+                 stacks' receive work stays off the proxy cores |"
+            ),
+            None => writeln!(
+                s,
+                "| receive steering | off: what the proxy sends is received by the peer's \
+                 stack on the proxy's core, and billed to it |"
+            ),
+        };
         let _ = writeln!(
             s,
             "| family, window | {}, {:.1} s per variant, {} round(s): median shown{} |",

@@ -259,6 +259,7 @@ impl Worker {
             }
             batch.clear();
             self.core.ring.drain(&mut batch);
+            self.core.start_batch();
             for c in batch.iter().copied() {
                 self.dispatch(c);
             }

@@ -44,6 +44,8 @@ pub struct Core {
     /// Ops submitted whose final completion has not been seen yet.
     in_flight: usize,
     started: Instant,
+    /// [`Core::now_ms`] when the current completion batch was reaped.
+    batch_ms: u64,
     /// Tick of the last rate-limited log line.
     last_log_tick: u64,
 }
@@ -80,6 +82,7 @@ impl Core {
             flowlog: None,
             in_flight: 0,
             started: Instant::now(),
+            batch_ms: 0,
             last_log_tick: u64::MAX,
         }
     }
@@ -138,6 +141,18 @@ impl Core {
     /// Milliseconds since the worker started (monotonic).
     pub fn now_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
+    }
+
+    /// [`Core::now_ms`] when the current completion batch was reaped: one clock read
+    /// per batch instead of one per datagram. Good for idle and expiry timestamps,
+    /// whose unit is far longer than a batch.
+    pub fn batch_ms(&self) -> u64 {
+        self.batch_ms
+    }
+
+    /// A new completion batch was reaped: read the clock once for it.
+    pub fn start_batch(&mut self) {
+        self.batch_ms = self.now_ms();
     }
 
     /// Microseconds since the worker started (monotonic).

@@ -328,7 +328,7 @@ impl Udp {
             // Full cone: one flow per client source, whatever it sends to.
             orig_dst: OrigDst(if cone { cone_key(client) } else { orig }),
         };
-        let now = core.now_ms();
+        let now = core.batch_ms();
         // While stopping this can still open a flow (a datagram delivered before the
         // cancel of the tproxy receive took effect, or taken over by a successor in
         // the same instant): it is armed and drains like the others, so its answer
@@ -790,7 +790,7 @@ impl Udp {
         let Some(reply_fd) = self.replies.fd(&OrigDst(reply_from)) else {
             return;
         };
-        let now = core.now_ms();
+        let now = core.batch_ms();
         self.flows.touch(id, now, Dir::ToClient);
         let len = c.result.max(0) as usize;
         let buf = bid.map(|b| (b, len));
@@ -802,7 +802,7 @@ impl Udp {
     /// Once a second: expire idle flows; while stopping, quiet ones sooner, and all
     /// of them at the drain deadline.
     pub fn on_tick(&mut self, core: &mut Core) {
-        let now = core.now_ms();
+        let now = core.batch_ms();
         let mut out = std::mem::take(&mut self.expired);
         if self.stop_deadline.is_some_and(|t| core.tick >= t) {
             for f in self.flows.drain_all() {

@@ -153,7 +153,8 @@ impl Effects for Driver<'_> {
                 self.io.pipes[d] = Some(p);
                 Ok(cap)
             }
-            // Every pipe of the pool is in use: the machine reads without one.
+            // Every pipe of the pool is in use, or the fd pool has no credit left:
+            // the machine reads without one.
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Err(libc::EAGAIN),
             // Out of descriptors or pipe memory: the same fallback, and say so.
             Err(e) => {

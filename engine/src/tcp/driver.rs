@@ -147,7 +147,7 @@ impl Effects for Driver<'_> {
     }
 
     fn take_pipe(&mut self, d: usize) -> Result<usize, i32> {
-        match self.pipes.take(self.core) {
+        match self.pipes.take(self.core.cfg.pipe_size, &self.core.stats) {
             Ok(p) => {
                 let cap = p.capacity;
                 self.io.pipes[d] = Some(p);

@@ -22,8 +22,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use super::direction::Io;
-use crate::core::Core;
 use crate::fdpool::{Class, FdPool};
+use crate::stats::CoreStats;
 use crate::sys::{self, Pipe};
 
 /// Most idle pipes kept per core; more are closed when returned.
@@ -61,9 +61,10 @@ impl PipePool {
         }
     }
 
-    /// Takes a pipe from the pool or makes one; `WouldBlock` when `limit` pipes are
-    /// in use.
-    pub fn take(&mut self, core: &Core) -> io::Result<Pipe> {
+    /// Takes a pipe from the pool or makes one of `size` (`--pipe-size`; `None`: the
+    /// kernel's), counted in `stats`; `WouldBlock` when `limit` pipes are in use or
+    /// the fd pool has no credit for a new one.
+    pub fn take(&mut self, size: Option<usize>, stats: &CoreStats) -> io::Result<Pipe> {
         if let Some(p) = self.idle.pop() {
             self.taken += 1;
             self.in_use += 1;
@@ -73,7 +74,7 @@ impl PipePool {
             return Err(io::ErrorKind::WouldBlock.into());
         }
         self.taken += 1;
-        let p = match Pipe::new(core.cfg.pipe_size) {
+        let p = match Pipe::new(size) {
             Ok(p) => p,
             Err(e) => {
                 self.fds.release(PIPE_FDS);
@@ -81,9 +82,9 @@ impl PipePool {
             }
         };
         self.in_use += 1;
-        core.stats.pipes_created.fetch_add(1, Relaxed);
-        if core.cfg.pipe_size.is_some_and(|want| p.capacity < want) {
-            core.stats.pipes_undersized.fetch_add(1, Relaxed);
+        stats.pipes_created.fetch_add(1, Relaxed);
+        if size.is_some_and(|want| p.capacity < want) {
+            stats.pipes_undersized.fetch_add(1, Relaxed);
         }
         Ok(p)
     }
@@ -146,4 +147,67 @@ pub fn splice_in(from: RawFd, pipe: &Pipe, len: usize) -> Io {
 /// `splice(pipe -> to)`.
 pub fn splice_out(pipe: &Pipe, to: RawFd, len: usize) -> Io {
     Io::from_result(sys::splice(pipe.read.as_raw_fd(), to, len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every pipe the pool holds, idle or in use, holds 2 credits of the fd pool
+    /// until it is closed, and a pool without credits makes none.
+    #[test]
+    fn pipes_hold_their_credits_until_closed() {
+        let stats = CoreStats::default();
+        // 6 credits for TCP (8 less a floor of 2): room for 3 pipes.
+        let fds = FdPool::new(8, 2, 100);
+        let mut pool = PipePool::new(10, fds.clone());
+        let a = pool.take(None, &stats).unwrap();
+        let b = pool.take(None, &stats).unwrap();
+        let c = pool.take(None, &stats).unwrap();
+        assert_eq!(fds.in_use(), 6);
+        let e = pool.take(None, &stats).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock, "{e}");
+        assert_eq!(fds.in_use(), 6, "a refused pipe takes nothing");
+        // Back into the pool: still open, still counted; reused without a credit.
+        pool.give(a, true);
+        assert_eq!((fds.in_use(), pool.idle_credits()), (6, 2));
+        let a = pool.take(None, &stats).unwrap();
+        assert_eq!(fds.in_use(), 6);
+        // A pipe with stale bytes is closed: its credits come back.
+        pool.give(b, false);
+        assert_eq!(fds.in_use(), 4);
+        pool.give(a, true);
+        pool.give(c, true);
+        assert_eq!(pool.idle_credits(), 4);
+        // A second with takes keeps the idle pipes, a quiet one closes them.
+        pool.on_tick();
+        assert_eq!(fds.in_use(), 4);
+        pool.on_tick();
+        assert_eq!((fds.in_use(), pool.idle_credits()), (0, 0));
+        // trim and drop close idle pipes too.
+        let a = pool.take(None, &stats).unwrap();
+        let b = pool.take(None, &stats).unwrap();
+        pool.give(a, true);
+        pool.give(b, true);
+        assert_eq!(pool.trim(), 2);
+        assert_eq!(fds.in_use(), 0);
+        let a = pool.take(None, &stats).unwrap();
+        pool.give(a, true);
+        drop(pool);
+        assert_eq!(fds.in_use(), 0);
+        assert_eq!(stats.pipes_created.load(Relaxed), 6);
+    }
+
+    /// The pool's own bound holds first when it is the smaller.
+    #[test]
+    fn max_pipes_bounds_before_the_credits() {
+        let stats = CoreStats::default();
+        let fds = FdPool::new(100, 0, 100);
+        let mut pool = PipePool::new(1, fds.clone());
+        let a = pool.take(None, &stats).unwrap();
+        assert!(pool.take(None, &stats).is_err());
+        assert_eq!(fds.in_use(), 2);
+        pool.give(a, false);
+        assert_eq!(fds.in_use(), 0);
+    }
 }

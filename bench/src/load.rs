@@ -72,9 +72,10 @@ pub fn crr_port_range(i: usize) -> (u16, u16) {
 /// the bench's own fd budget allows connections (see [`max_idle_conns`]).
 pub const IDLE_PORTS: (u16, u16) = (52000, 64999);
 /// Idle connections of `--scenario tcp-crr-idle` without `--idle-conns`: room for
-/// every target at RLIMIT_NOFILE 20000 (the engine's splice relay stops at about
-/// 2,400 connections there, its copy relay at about 7,300, HAProxy at maxconn 7800;
-/// the churn's clients need a few more), docs/benchmarks.md.
+/// every target at RLIMIT_NOFILE 20000 (the engine stops at about 9,400 connections
+/// there in either relay, HAProxy at maxconn 7800, a `base-*` engine of before the
+/// fd pool at about 2,400 or 6,800; the churn's clients need a few more),
+/// docs/benchmarks.md.
 pub const DEFAULT_IDLE_CONNS: usize = 2000;
 /// Fds the bench keeps aside for everything but its idle connections (the churn's
 /// clients and servers, listeners, the proxies' output pipes, /proc reads).

@@ -79,9 +79,9 @@ struct RunArgs {
     scenario: String,
     /// Also run tcp-crr with N idle connections held open through the router during
     /// its window (variant `16 clients, idle N`), next to the plain one. The bench holds
-    /// both ends (2 fds each); the proxy must hold N plus the clients: the engine's
-    /// splice relay about 2,400 at RLIMIT_NOFILE 20000, copy about 7,300, HAProxy
-    /// maxconn 7800. 2000 fits every target.
+    /// both ends (2 fds each); the proxy must hold N plus the clients: the engine
+    /// about 9,400 at RLIMIT_NOFILE 20000 in either relay, HAProxy maxconn 7800. 2000
+    /// fits every target.
     #[arg(long, value_name = "N")]
     idle_conns: Option<usize>,
     /// Target(s): direct, engine-splice, engine-copy, haproxy, base-splice, base-copy

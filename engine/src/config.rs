@@ -212,16 +212,19 @@ pub struct Args {
     #[arg(long, default_value_t = 120, value_name = "SECONDS")]
     pub keepalive_s: u64,
 
-    /// Maximum concurrent TCP connections, all cores together. Default: derived from
-    /// RLIMIT_NOFILE so the engine can never run out of file descriptors (each
-    /// connection needs 2 fds; splice pipes come from the bounded --max-pipes pool).
+    /// Maximum concurrent TCP connections, all cores together. Every connection also
+    /// draws 2 credits (its two fds) from one pool sized from RLIMIT_NOFILE and
+    /// shared with pipes and UDP sockets, so the engine never runs out of file
+    /// descriptors. Default: every credit but a small floor kept for UDP (9,424 at
+    /// RLIMIT_NOFILE 20000 on 2 cores).
     #[arg(long, value_name = "N")]
     pub max_conns: Option<usize>,
 
     /// Most pipes of the splice relay, all cores together (2 fds and up to
     /// --pipe-size of kernel memory each, held only while a direction has bytes in
-    /// flight). When all are in use a direction copies through its own buffer
-    /// (`splice_copy_fallbacks`). Default: a sixteenth of the TCP descriptor budget.
+    /// flight), each also drawing 2 credits from the fd pool. When all are in use, or
+    /// no credit is left, a direction copies through its own buffer
+    /// (`splice_copy_fallbacks`). Default: a thirty-second of the fd pool.
     #[arg(long, value_name = "N")]
     pub max_pipes: Option<usize>,
 
@@ -261,8 +264,10 @@ pub struct Args {
     #[arg(long, default_value_t = 5, value_name = "SECONDS")]
     pub udp_single_exchange_timeout_s: u64,
 
-    /// Maximum UDP flows, all cores together (each holds one upstream socket); when
-    /// full the least recently used flow is evicted. Default: a quarter of the fd budget.
+    /// Maximum UDP flows, all cores together (each holds one upstream socket, and
+    /// reply sockets are shared per destination, one fd-pool credit each); when full,
+    /// or the pool has no credit left, the core's least recently used flow is
+    /// evicted. Default: an eighth of the fd pool.
     #[arg(long, value_name = "N")]
     pub udp_max_flows: Option<usize>,
 
@@ -294,8 +299,10 @@ pub struct Config {
     pub stall_buffer_bytes: Option<usize>,
     /// The most a receive bound grows to; at most `i32::MAX / 2`.
     pub stall_buffer_max_bytes: usize,
-    /// Per core.
-    pub max_conns_per_core: usize,
+    /// TCP connections, all cores together (`--max-conns`).
+    pub max_conns: usize,
+    /// The fd credit pool every core draws on ([`crate::fdpool`]).
+    pub fds: std::sync::Arc<crate::fdpool::FdPool>,
     /// Splice relay's pipe pool bound, per core.
     pub max_pipes_per_core: usize,
     /// Per core: [`PARK_TOTAL`] split over the cores.
@@ -336,48 +343,68 @@ impl Config {
 pub const DEFAULT_PIPE_SIZE: usize = 256 * 1024;
 
 /// File descriptors one TCP connection holds: client and upstream. Splice pipes
-/// are counted apart ([`Budget::pipes`]): they come from a bounded pool, and a
-/// connection holds one only while a direction has bytes in flight.
+/// are counted apart: they come from a bounded pool, and a connection holds one only
+/// while a direction has bytes in flight.
 pub const FDS_PER_CONN: usize = 2;
 
-/// Fds kept aside for listeners, rings, eventfds, stdio and clients parked while at
-/// the connection limit ([`PARK_TOTAL`]).
+/// Fds kept aside, whatever the core count, for what the fd pool does not count:
+/// stdio, the signal pipe, the metrics and takeover sockets, the flow log, and
+/// clients parked while at the connection limit ([`PARK_TOTAL`]).
 pub const FD_RESERVE: usize = 512;
+
+/// Fds kept aside per core on top of [`FD_RESERVE`]: its ring, control eventfd (and
+/// the main thread's duplicate), TCP and UDP listeners of both families and their
+/// duplicates for a takeover successor (`Engine::handover`), and the accepts in
+/// flight that overshoot the limit before they park.
+pub const FD_RESERVE_PER_CORE: usize = 16;
 
 /// Clients a multishot burst accepted past the limit before its cancel took effect
 /// wait (holding only their socket) for a free slot; beyond this many, all cores
 /// together, they are reset. Half of [`FD_RESERVE`], whatever the core count.
 pub const PARK_TOTAL: usize = 256;
 
-/// What RLIMIT_NOFILE allows, all cores together.
+/// Fds outside the pool's credits for `cores` workers.
+pub fn fd_reserve(cores: usize) -> usize {
+    FD_RESERVE + FD_RESERVE_PER_CORE * cores
+}
+
+/// What RLIMIT_NOFILE allows, all cores together ([`crate::fdpool`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Budget {
-    /// TCP connections.
+    /// Credits of the fd pool: every fd the workers hold beyond the reserve.
+    pub credits: usize,
+    /// Credits TCP may not take (0 without UDP).
+    pub udp_floor: usize,
+    /// Default `--max-conns`: every credit TCP may take, 2 per connection.
     pub conns: usize,
-    /// UDP flows.
+    /// Default `--udp-max-flows`.
     pub flows: usize,
-    /// Splice pipes (0 in copy mode).
+    /// Default `--max-pipes` (0 in copy mode).
     pub pipes: usize,
 }
 
-/// Splits the fd budget between TCP connections, splice pipes and UDP flows.
-pub fn fd_budget(nofile: usize, relay: RelayMode, udp: bool) -> Budget {
-    let usable = nofile.saturating_sub(FD_RESERVE);
-    // A UDP flow holds one upstream socket, and at most one reply socket per distinct
-    // original destination, so 2 fds bound it.
-    let udp_share = if udp { usable / 4 } else { 0 };
-    let tcp_share = usable - udp_share;
-    // A sixteenth of the TCP share for pipes: 609 pipes next to 9,135 connections
-    // from 20,000 fds, more directions with bytes in flight at once than two cores
-    // keep busy (the rest copy, counted).
-    let pipe_fds = match relay {
-        RelayMode::Splice => tcp_share / 16,
-        RelayMode::Copy => 0,
-    };
+/// Sizes the fd pool and the default caps from RLIMIT_NOFILE.
+///
+/// Connections, pipes and UDP sockets all draw on the same credits, so the caps are
+/// not a split: by default connections may take every credit but the UDP floor
+/// (then pipes fall back to copying and new UDP flows live on the floor), and UDP
+/// flows (2 fds each at worst: the upstream socket and a reply socket) stop at an
+/// eighth of the credits, so they can never hold more than a quarter.
+pub fn fd_budget(nofile: usize, cores: usize, relay: RelayMode, udp: bool) -> Budget {
+    let credits = nofile.saturating_sub(fd_reserve(cores));
+    // A thirty-second: 608 credits at 20,000 fds, some 300 flows with their reply
+    // sockets next to a full TCP side.
+    let udp_floor = if udp { credits / 32 } else { 0 };
     Budget {
-        conns: (tcp_share - pipe_fds) / FDS_PER_CONN,
-        flows: udp_share / 2,
-        pipes: pipe_fds / 2,
+        credits,
+        udp_floor,
+        conns: (credits - udp_floor) / FDS_PER_CONN,
+        flows: if udp { credits / 8 } else { 0 },
+        // Bounds pipe memory (--pipe-size each); the credits bound their fds.
+        pipes: match relay {
+            RelayMode::Splice => credits / 32,
+            RelayMode::Copy => 0,
+        },
     }
 }
 
@@ -413,16 +440,25 @@ mod tests {
     fn budget_never_exceeds_the_limit() {
         for relay in [RelayMode::Splice, RelayMode::Copy] {
             for udp in [true, false] {
-                let b = fd_budget(20000, relay, udp);
-                assert!(b.conns * FDS_PER_CONN + b.pipes * 2 + b.flows * 2 + FD_RESERVE <= 20000);
-                // The capacity goal: 9,000 connections per 20,000 fds in both modes
-                // when all of them go to TCP.
-                let want = if udp { 6500 } else { 9000 };
-                assert!(b.conns >= want, "{relay} {udp}: {b:?}");
-                assert_eq!(b.pipes > 0, relay == RelayMode::Splice, "{b:?}");
+                for cores in [1, 2, 4, 16] {
+                    let b = fd_budget(20000, cores, relay, udp);
+                    assert_eq!(b.credits + fd_reserve(cores), 20000);
+                    // TCP alone never takes the floor.
+                    assert!(b.conns * FDS_PER_CONN + b.udp_floor <= b.credits, "{b:?}");
+                    // UDP flows at their cap, 2 fds each at worst, leave TCP most.
+                    assert!(b.flows * 2 <= b.credits / 4, "{b:?}");
+                    // The capacity goal: 9,000 connections per 20,000 fds in both
+                    // modes, UDP on or off.
+                    assert!(b.conns >= 9000, "{relay} {udp} {cores}: {b:?}");
+                    assert_eq!(b.pipes > 0, relay == RelayMode::Splice, "{b:?}");
+                    assert_eq!(b.udp_floor > 0, udp, "{b:?}");
+                }
             }
         }
-        let none = fd_budget(100, RelayMode::Splice, true);
-        assert_eq!((none.conns, none.flows, none.pipes), (0, 0, 0));
+        let none = fd_budget(100, 2, RelayMode::Splice, true);
+        assert_eq!(
+            (none.credits, none.conns, none.flows, none.pipes),
+            (0, 0, 0, 0)
+        );
     }
 }

@@ -20,6 +20,7 @@
 //! sys/        thin checked syscalls, cmsg and sockaddr codec (the unsafe lives here
 //!             and in core/ring)
 //! metrics     Prometheus text format on --metrics ADDR, from its own thread
+//! fdpool      the process-wide fd credit pool every core draws on
 //! stats, config, addrs, cpus
 //! ```
 
@@ -29,6 +30,7 @@ pub mod addrs;
 pub mod config;
 pub mod core;
 pub mod cpus;
+pub mod fdpool;
 pub mod flowlog;
 pub mod log;
 pub mod metrics;

@@ -180,40 +180,44 @@ fn resolve(args: &Args, features: ring::Features) -> Result<(Config, u64)> {
     // Ring memory counts against RLIMIT_MEMLOCK where the engine lacks CAP_IPC_LOCK
     // (worker::cq_plan): take all the hard limit allows.
     sys::raise_memlock_to_hard().context("raising RLIMIT_MEMLOCK")?;
-    let budget = config::fd_budget(nofile as usize, args.relay, !args.no_udp);
     let n = cores.len();
+    let budget = config::fd_budget(nofile as usize, n, args.relay, !args.no_udp);
     let max_conns = args.max_conns.unwrap_or(budget.conns);
     let max_flows = args.udp_max_flows.unwrap_or(budget.flows);
     let max_pipes = args.max_pipes.unwrap_or(budget.pipes);
-    if !args.no_tcp && max_conns < n {
+    if args.max_conns == Some(0) && !args.no_tcp {
+        bail!("--max-conns 0 accepts no connection; use --no-tcp to relay UDP only");
+    }
+    if args.udp_max_flows == Some(0) && !args.no_udp {
+        bail!("--udp-max-flows 0 leaves UDP no flow; use --no-udp instead");
+    }
+    if !args.no_tcp && max_conns == 0 {
         bail!(
-            "RLIMIT_NOFILE is {nofile}: room for only {} connections, fewer than one per \
-             core; raise LimitNOFILE (systemd) or `ulimit -n`",
-            budget.conns
+            "RLIMIT_NOFILE is {nofile}: {} fds are kept aside for {n} cores, leaving no \
+             room for a connection; raise LimitNOFILE (systemd) or `ulimit -n`",
+            config::fd_reserve(n)
         );
     }
     if args.max_pipes == Some(0) {
         bail!("--max-pipes 0 leaves the splice relay no pipe; use --relay copy instead");
     }
-    if args.max_conns.is_some() || args.max_pipes.is_some() {
-        let pipes = if args.relay == RelayMode::Splice {
-            max_pipes
-        } else {
-            0
-        };
-        let need = max_conns * config::FDS_PER_CONN + pipes * 2 + config::FD_RESERVE;
-        if need as u64 > nofile {
-            log::warn(
-                "max_conns_over_budget",
-                format_args!(
-                    "--max-conns {max_conns} and {pipes} pipes may need {need} fds in {} \
-                     mode but RLIMIT_NOFILE is {nofile}; accepts will pause on EMFILE",
-                    args.relay
-                ),
-                &[],
-            );
-        }
+    if args.max_conns.is_some() && max_conns > budget.conns {
+        // Not an error: the pool bounds them first, and never lets fds run out.
+        log::warn(
+            "max_conns_over_budget",
+            format_args!(
+                "--max-conns {max_conns} needs {} fds but RLIMIT_NOFILE {nofile} leaves \
+                 {} credits for TCP: at most {} connections will be admitted",
+                max_conns * config::FDS_PER_CONN,
+                budget.credits - budget.udp_floor,
+                budget.conns
+            ),
+            &[],
+        );
     }
+    // The limit the ready line and the metrics state is the one that holds.
+    let max_conns = max_conns.min(budget.conns);
+    let fds = ringrelay_engine::fdpool::FdPool::new(budget.credits, budget.udp_floor, max_conns);
     Ok((
         Config {
             cores,
@@ -229,7 +233,8 @@ fn resolve(args: &Args, features: ring::Features) -> Result<(Config, u64)> {
             keepalive_s: (args.keepalive_s != 0).then_some(args.keepalive_s),
             stall_buffer_bytes: (args.stall_buffer_bytes != 0).then_some(args.stall_buffer_bytes),
             stall_buffer_max_bytes: args.stall_buffer_max_bytes.min(i32::MAX as usize / 2),
-            max_conns_per_core: max_conns.div_ceil(n).max(1),
+            max_conns,
+            fds,
             max_pipes_per_core: max_pipes.div_ceil(n).max(1),
             park_max_per_core: (config::PARK_TOTAL / n).max(1),
             drain_timeout_s: args.drain_timeout_s,
@@ -364,7 +369,7 @@ fn start_metrics(server: metrics::Server, engine: &Engine) -> Result<()> {
     let addr = server.local_addr();
     let reader = engine.counters_reader();
     server
-        .spawn(info, spare, move || {
+        .spawn(info, spare, cfg.fds.clone(), move || {
             Some((reader.counters(), reader.rule_counts()))
         })
         .context("starting the metrics thread")?;
@@ -506,7 +511,7 @@ fn run(args: Args) -> Result<()> {
             RelayMode::Copy => cfg.copy_buf_size.to_string(),
         },
         cfg.mark,
-        cfg.max_conns_per_core * cfg.cores.len(),
+        cfg.max_conns,
         match cfg.relay {
             RelayMode::Splice => cfg.max_pipes_per_core * cfg.cores.len(),
             RelayMode::Copy => 0,

@@ -32,6 +32,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::config::Config;
+use crate::fdpool::FdPool;
 use crate::stats::{
     CloseReason, FlowEnd, HistSnapshot, Snapshot, CONNECT_BUCKETS_S, DURATION_BUCKETS_S,
 };
@@ -549,6 +550,7 @@ pub fn per_core_families() -> Vec<PerCore> {
                 ("udp_drop_send_upstream", "send_upstream"),
                 ("udp_drop_send_client", "send_client"),
                 ("udp_drop_no_socket", "no_socket"),
+                ("udp_drop_no_fd_credit", "no_fd_credit"),
                 ("udp_drop_loop", "loop"),
                 ("udp_drop_policy", "policy"),
                 ("udp_drop_source", "source"),
@@ -630,8 +632,8 @@ pub struct EngineInfo {
     pub cores: String,
     /// Start time, seconds since the Unix epoch.
     pub start_time_s: f64,
-    /// TCP connection limit of each core (0 with `--no-tcp`).
-    pub max_conns_per_core: u64,
+    /// TCP connection limit, all cores together (0 with `--no-tcp`).
+    pub max_conns: u64,
     /// UDP flow limit of each core (0 with `--no-udp`).
     pub max_flows_per_core: u64,
 }
@@ -646,11 +648,7 @@ impl EngineInfo {
             start_time_s: started
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0.0, |d| d.as_secs_f64()),
-            max_conns_per_core: if cfg.tcp {
-                cfg.max_conns_per_core as u64
-            } else {
-                0
-            },
+            max_conns: if cfg.tcp { cfg.max_conns as u64 } else { 0 },
             max_flows_per_core: if cfg.udp {
                 cfg.udp_max_flows_per_core as u64
             } else {
@@ -660,21 +658,27 @@ impl EngineInfo {
     }
 }
 
-/// File descriptors of the process against its limit.
+/// File descriptors of the process against its limit, and the fd pool's credits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FdUse {
     /// Open now (`/proc/self/fd`).
     pub open: u64,
     /// Soft `RLIMIT_NOFILE` (the engine raised it to the hard limit at start).
     pub limit: u64,
+    /// Credits of the fd pool taken now ([`crate::fdpool`]).
+    pub credits_in_use: u64,
+    /// Credits of the fd pool in all.
+    pub credits: u64,
 }
 
 impl FdUse {
-    /// Reads both now.
-    pub fn now() -> FdUse {
+    /// Reads them now.
+    pub fn now(pool: &FdPool) -> FdUse {
         FdUse {
             open: sys::open_fd_count() as u64,
             limit: sys::nofile_limit().map_or(0, |(soft, _)| soft),
+            credits_in_use: pool.in_use() as u64,
+            credits: pool.total() as u64,
         }
     }
 }
@@ -715,10 +719,32 @@ pub fn render(info: &EngineInfo, fds: &FdUse, per_core: &[(usize, Snapshot)]) ->
     x.family(
         "ringrelay_process_max_fds",
         Gauge,
-        "The engine's file descriptor limit (soft RLIMIT_NOFILE); connection and flow \
-         limits are sized from it.",
+        "The engine's file descriptor limit (soft RLIMIT_NOFILE); the fd pool and the \
+         connection and flow limits are sized from it.",
     )
     .sample(&[], fds.limit);
+    x.family(
+        "ringrelay_fd_credits_in_use",
+        Gauge,
+        "Credits of the fd pool taken now, all cores together: 2 per TCP connection, \
+         2 per splice pipe, 1 per UDP upstream or reply socket; an upper bound on the \
+         fds they hold.",
+    )
+    .sample(&[], fds.credits_in_use);
+    x.family(
+        "ringrelay_fd_credits_max",
+        Gauge,
+        "Credits of the fd pool in all: RLIMIT_NOFILE less the fds kept aside for \
+         listeners, rings and parked clients. TCP may take all but a floor kept for UDP.",
+    )
+    .sample(&[], fds.credits);
+    x.family(
+        "ringrelay_tcp_connections_max",
+        Gauge,
+        "TCP connections the engine may hold open, all cores together (--max-conns, \
+         bounded by the fd pool); at the limit it stops accepting.",
+    )
+    .sample(&[], info.max_conns);
 
     let cores: Vec<String> = per_core.iter().map(|(cpu, _)| cpu.to_string()).collect();
     let mut limit = |name: &str, help: &str, v: u64| {
@@ -728,15 +754,9 @@ pub fn render(info: &EngineInfo, fds: &FdUse, per_core: &[(usize, Snapshot)]) ->
         }
     };
     limit(
-        "ringrelay_tcp_connections_max",
-        "TCP connections a core may hold open (from --max-conns or the fd budget); \
-         at the limit it stops accepting.",
-        info.max_conns_per_core,
-    );
-    limit(
         "ringrelay_udp_flows_max",
-        "UDP flows a core may hold (from --udp-max-flows or the fd budget); when full \
-         the least recently used flow is evicted.",
+        "UDP flows a core may hold (--udp-max-flows over the cores); when full, or the \
+         fd pool has no credit, the least recently used flow is evicted.",
         info.max_flows_per_core,
     );
 
@@ -1101,6 +1121,7 @@ impl Server {
         self,
         info: EngineInfo,
         cpus: Vec<usize>,
+        fds: std::sync::Arc<FdPool>,
         counters: F,
     ) -> io::Result<std::thread::JoinHandle<()>>
     where
@@ -1124,7 +1145,7 @@ impl Server {
                 }
                 let mut body = || {
                     let (rows, rules) = counters()?;
-                    let mut text = render(&info, &FdUse::now(), &rows);
+                    let mut text = render(&info, &FdUse::now(&fds), &rows);
                     text.push_str(&render_policy(&rules));
                     Some(text)
                 };
@@ -1187,7 +1208,7 @@ mod tests {
             relay: "splice".into(),
             cores: "0-1".into(),
             start_time_s: 1_700_000_000.5,
-            max_conns_per_core: 1218,
+            max_conns: 2436,
             max_flows_per_core: 1218,
         }
     }
@@ -1195,6 +1216,8 @@ mod tests {
     const FDS: FdUse = FdUse {
         open: 42,
         limit: 20000,
+        credits_in_use: 40,
+        credits: 19456,
     };
 
     #[test]
@@ -1342,7 +1365,11 @@ demo_latency_seconds_count{core=\"1\"} 9
         has("ringrelay_start_time_seconds 1700000000.5");
         has("ringrelay_process_open_fds 42");
         has("ringrelay_process_max_fds 20000");
-        has("ringrelay_tcp_connections_max{core=\"3\"} 1218");
+        has("ringrelay_tcp_connections_max 2436");
+        has("ringrelay_fd_credits_in_use 40");
+        has("ringrelay_fd_credits_max 19456");
+        has("ringrelay_udp_flows_max{core=\"3\"} 1218");
+        has("ringrelay_udp_datagrams_dropped_total{core=\"3\",reason=\"no_fd_credit\"} 0");
         has("ringrelay_tcp_connections_accepted_total{core=\"0\"} 1");
         has("ringrelay_tcp_connections_accepted_total{core=\"3\"} 101");
         has("ringrelay_tcp_connections_active{core=\"3\"} 102");

@@ -461,6 +461,9 @@ counters! {
     udp_drop_send_client,
     /// Datagrams dropped: no upstream socket could be opened (fds, permissions).
     udp_drop_no_socket,
+    /// Datagrams dropped: the fd pool had no credit for a new flow's socket (or a
+    /// reply socket), even after evicting this core's least recently used flow.
+    udp_drop_no_fd_credit,
     /// Datagrams dropped: addressed to the engine itself (loop refused).
     udp_drop_loop,
     /// Receive re-arms after the kernel ran out of provided buffers (ENOBUFS).

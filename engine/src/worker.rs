@@ -40,7 +40,8 @@ const MIN_CQ_ENTRIES: u32 = SQ_ENTRIES;
 /// receive; each tproxy socket's multishot receive can post one completion per
 /// provided buffer.
 fn budget_cq_entries(cfg: &Config) -> u32 {
-    let conns = if cfg.tcp { cfg.max_conns_per_core } else { 0 };
+    // The connection cap is global: one core may hold all of them.
+    let conns = if cfg.tcp { cfg.max_conns } else { 0 };
     let flows = if cfg.udp {
         cfg.udp_max_flows_per_core
     } else {

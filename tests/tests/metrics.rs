@@ -416,12 +416,17 @@ fn metrics_docs_list_every_family() {
         relay: "splice".into(),
         cores: "0".into(),
         start_time_s: 0.0,
-        max_conns_per_core: 1,
+        max_conns: 1,
         max_flows_per_core: 1,
     };
     let mut text = render(
         &info,
-        &FdUse { open: 1, limit: 1 },
+        &FdUse {
+            open: 1,
+            limit: 1,
+            credits_in_use: 0,
+            credits: 1,
+        },
         &[(0, ringrelay_engine::Snapshot::default())],
     );
     text.push_str(&ringrelay_engine::metrics::render_policy(&[]));

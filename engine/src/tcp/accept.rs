@@ -4,17 +4,22 @@
 //! (`crate::sockets`: one `SO_REUSEPORT` group; the kernel spreads new connections
 //! across the workers by flow hash). After a takeover a worker may serve several.
 //!
-//! Accepting follows the connection budget. A multishot accept takes everything the
-//! kernel has queued in one pass (and what arrives during it), so it is armed only
-//! while the free slots exceed a whole accept queue ([`LISTEN_BACKLOG`]) plus
-//! [`MULTISHOT_HEADROOM`]: no burst can then overshoot the limit. Otherwise each
+//! Accepting follows the connection budget: the connections the process-wide fd
+//! pool still admits (`crate::fdpool`: `--max-conns` and fd credits, every core
+//! together). A multishot accept takes everything the kernel has queued in one pass
+//! (and what arrives during it), so it is armed only while this core's share of the
+//! free slots (the free slots over the core count: every core may burst at once)
+//! exceeds a whole accept queue ([`LISTEN_BACKLOG`]) plus [`MULTISHOT_HEADROOM`]: no
+//! burst can then overshoot the limit. Otherwise each
 //! listener gets single-shot accepts, as many as there are free slots and at most
 //! [`SINGLE_SHOTS`] at a time, so the limit is overshot by at most those in flight
 //! (parked until a slot frees, never reset); at the limit none, and new clients wait
 //! in the kernel's listen backlog. When connections close after a
 //! stretch at the limit, exactly as many waiting clients are accepted as slots
 //! freed: nobody who waited is reset because others left. Whoever frees a slot
-//! (`Tcp::free` in `mod.rs`) starts a parked client and re-arms.
+//! (`Tcp::free` in `mod.rs`) starts a parked client and re-arms; a slot freed on
+//! another core reaches this one at its next tick (once a second), which re-reads
+//! the global headroom.
 
 use std::collections::VecDeque;
 use std::io;
@@ -67,6 +72,8 @@ pub struct Acceptor {
     /// Accepted clients waiting for a connection slot (see [`crate::config::PARK_TOTAL`]).
     parked: VecDeque<OwnedFd>,
     park_max: usize,
+    /// Cores sharing the connection headroom (the fd pool is process-wide).
+    share: usize,
     /// The connection limit is reached (for counting pauses once each).
     at_limit: bool,
     /// Accepting is paused after EMFILE/ENFILE or another lasting error until a
@@ -92,10 +99,18 @@ impl Acceptor {
             listeners,
             parked: VecDeque::new(),
             park_max: cfg.park_max_per_core,
+            share: cfg.cores.len().max(1),
             at_limit: false,
             starved: false,
             stopping: false,
         }
+    }
+
+    /// Whether a multishot accept may be armed: the headroom is that of every core
+    /// together, and each core's listeners may all burst at once, so each gets its
+    /// share of it.
+    fn multishot_fits(&self, headroom: usize) -> bool {
+        headroom / self.share >= MULTISHOT_HEADROOM + LISTEN_BACKLOG
     }
 
     /// Clients parked for a slot.
@@ -127,7 +142,7 @@ impl Acceptor {
         } else if headroom > 0 {
             self.at_limit = false;
         }
-        if headroom < MULTISHOT_HEADROOM + LISTEN_BACKLOG {
+        if !self.multishot_fits(headroom) {
             self.cancel(core, true);
         }
     }
@@ -140,6 +155,7 @@ impl Acceptor {
         }
         // SOCK_NONBLOCK: splice takes its blocking mode from the socket file.
         let flags = libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
+        let multishot = self.multishot_fits(headroom);
         for (i, l) in self.listeners.iter_mut().enumerate() {
             let Some(fd) = l.fd.as_ref() else {
                 continue;
@@ -148,7 +164,7 @@ impl Acceptor {
                 continue;
             }
             let raw = types::Fd(fd.as_raw_fd());
-            if l.singles == 0 && headroom >= MULTISHOT_HEADROOM + LISTEN_BACKLOG {
+            if l.singles == 0 && multishot {
                 l.multishot = true;
                 l.cancelling_multi = false;
                 let ud = Token::new(Op::Accept, i as u32, MULTISHOT_GEN).encode();
@@ -265,11 +281,12 @@ impl Acceptor {
     }
 
     /// Once a second: a paused acceptor tries again.
+    /// Once a second: a paused acceptor tries again, and one at the limit sees what
+    /// the other cores gave back (or took) since: the headroom is global.
     pub fn on_tick(&mut self, core: &mut Core, headroom: usize) {
-        if self.starved {
-            self.starved = false;
-            self.arm(core, headroom);
-        }
+        self.starved = false;
+        self.note_headroom(core, headroom);
+        self.arm(core, headroom);
     }
 
     /// A connection closed: a paused acceptor tries again now.

@@ -10,6 +10,7 @@ use std::os::fd::OwnedFd;
 use super::machine::ConnMachine;
 use crate::addrs::{ClientAddr, OrigDst, UpstreamAddr};
 use crate::core::token::next_generation;
+use crate::fdpool::ConnCredit;
 use crate::policy::RuleName;
 use crate::sys::Pipe;
 
@@ -49,6 +50,10 @@ pub struct Conn {
     pub generation: u32,
     pub machine: ConnMachine,
     pub io: ConnIo,
+    /// Its place under `--max-conns` and the fd credits of its two sockets: given
+    /// back when the connection is dropped, after `io` (declared before it) closed
+    /// them.
+    pub credit: ConnCredit,
 }
 
 /// Slab of connections with generation-checked slots and a free list.

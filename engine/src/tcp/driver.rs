@@ -147,13 +147,14 @@ impl Effects for Driver<'_> {
     }
 
     fn take_pipe(&mut self, d: usize) -> Result<usize, i32> {
-        match self.pipes.take(self.core) {
+        match self.pipes.take(self.core.cfg.pipe_size, &self.core.stats) {
             Ok(p) => {
                 let cap = p.capacity;
                 self.io.pipes[d] = Some(p);
                 Ok(cap)
             }
-            // Every pipe of the pool is in use: the machine reads without one.
+            // Every pipe of the pool is in use, or the fd pool has no credit left:
+            // the machine reads without one.
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Err(libc::EAGAIN),
             // Out of descriptors or pipe memory: the same fallback, and say so.
             Err(e) => {

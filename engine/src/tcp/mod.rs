@@ -46,6 +46,7 @@ use crate::config::{Config, RelayMode, SourceMode};
 use crate::core::ring::{BufGroup, Completion};
 use crate::core::token::{Op, Token};
 use crate::core::Core;
+use crate::fdpool::ConnCredit;
 use crate::flowlog::{FlowProto, FlowRecord};
 use crate::policy::{ConnMeta, RuleName, TcpDecision, TcpVerdict};
 use crate::stats::CloseReason;
@@ -94,8 +95,9 @@ impl Tcp {
         };
         Ok(Tcp {
             acceptor: Acceptor::new(&cfg, listeners),
-            conns: ConnTable::with_capacity(cfg.max_conns_per_core),
-            pipes: PipePool::new(cfg.max_pipes_per_core),
+            // The cap is global; an even share is where the table starts.
+            conns: ConnTable::with_capacity(cfg.max_conns.div_ceil(cfg.cores.len().max(1))),
+            pipes: PipePool::new(cfg.max_pipes_per_core, cfg.fds.clone()),
             waiters: BufWaiters::default(),
             runq: VecDeque::new(),
             capacity,
@@ -103,11 +105,38 @@ impl Tcp {
         })
     }
 
-    /// Connection slots still free (parked clients count as taken).
+    /// Connections that could still be admitted, all cores together (the fd pool's
+    /// cap and credits, `crate::fdpool`, with those of this core's idle pipes, which
+    /// admission frees when it needs them), less this core's parked clients, which
+    /// wait for one of them.
     fn headroom(&self, core: &Core) -> usize {
         core.cfg
-            .max_conns_per_core
-            .saturating_sub(self.conns.len() + self.acceptor.parked())
+            .fds
+            .conn_headroom(self.pipes.idle_credits())
+            .saturating_sub(self.acceptor.parked())
+    }
+
+    /// Admits a connection ([`crate::fdpool::FdPool::admit_conn`]), closing this
+    /// core's idle pipes first if their credits are what it lacks.
+    fn admit(&mut self, core: &Core) -> Option<ConnCredit> {
+        let fds = &core.cfg.fds;
+        fds.admit_conn()
+            .or_else(|| (self.pipes.trim() > 0).then(|| fds.admit_conn()).flatten())
+    }
+
+    /// Starts parked clients while the pool admits connections. Another core may
+    /// take what this one saw free (then the client parks again, at the back), so
+    /// each parked client gets one try per call.
+    fn start_parked(&mut self, core: &mut Core) {
+        for _ in 0..self.acceptor.parked() {
+            if core.cfg.fds.conn_headroom(self.pipes.idle_credits()) == 0 {
+                break;
+            }
+            let Some(client) = self.acceptor.unpark() else {
+                break;
+            };
+            self.start_conn(core, client);
+        }
     }
 
     /// Arms the accepts.
@@ -280,14 +309,17 @@ impl Tcp {
         if core.stopping {
             return Self::refuse(core, client, CloseReason::Stopping);
         }
-        if self.conns.len() >= core.cfg.max_conns_per_core {
-            // A multishot burst accepted past the limit before its cancel took effect.
+        // Admission: a place under --max-conns and 2 fd credits, held until the
+        // connection is freed; dropped (given back) on every refusal below.
+        let Some(credit) = self.admit(core) else {
+            // Accepted past the limit: a multishot burst before its cancel took
+            // effect, a single-shot in flight, or another core took the last credits.
             match self.acceptor.park(client) {
                 Ok(()) => core.stats.accept_parked.fetch_add(1, Relaxed),
                 Err(client) => return Self::refuse(core, client, CloseReason::Limit),
             };
             return;
-        }
+        };
         let (Ok(orig), Ok(peer)) = (
             sys::local_addr(client.as_fd()),
             sys::peer_addr(client.as_fd()),
@@ -336,6 +368,7 @@ impl Tcp {
             generation: 0,
             machine: ConnMachine::new(core.cfg.relay, self.capacity, core.tick),
             io,
+            credit,
         });
         let (slot, g) = self.conns.insert(conn);
         let h = self.headroom(core);
@@ -385,15 +418,19 @@ impl Tcp {
             core.stats.count_rule(rule, 0, bytes);
         }
         core.log_flow(|ended, _| tcp_record(&conn, reason, ended, lived_us));
+        let mut conn = conn;
+        // The machine returns its pipes before it frees; one left over must not
+        // keep its credits (closed: its bytes, if any, are stale).
+        for p in conn.io.pipes.iter_mut() {
+            if let Some(p) = p.take() {
+                self.pipes.give(p, false);
+            }
+        }
+        // Closes both sockets, then gives the connection's credits back.
         drop(conn);
         // A parked client may have gone meanwhile (start_conn then takes no slot):
         // keep going until a slot is taken again or nobody is parked.
-        while self.conns.len() < core.cfg.max_conns_per_core {
-            let Some(client) = self.acceptor.unpark() else {
-                break;
-            };
-            self.start_conn(core, client);
-        }
+        self.start_parked(core);
         let h = self.headroom(core);
         self.acceptor.note_headroom(core, h);
         self.acceptor.unstarve();
@@ -409,6 +446,11 @@ impl Tcp {
         core.stats
             .tcp_parked
             .store(self.acceptor.parked() as u64, Relaxed);
+        // Credits given back on other cores wake nobody here: parked clients and
+        // accepts paused at the limit try again once a second.
+        if !core.stopping {
+            self.start_parked(core);
+        }
         let h = self.headroom(core);
         self.acceptor.on_tick(core, h);
         let deadline_passed = self.stop_deadline.is_some_and(|t| core.tick >= t);

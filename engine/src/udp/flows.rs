@@ -387,6 +387,15 @@ impl<V> FlowTable<V> {
         true
     }
 
+    /// Removes the least-recently-used flow and hands it back (counted as evicted),
+    /// or `None` if the table is empty: for a caller that needs its resources (the
+    /// fd pool had no credit for a new flow).
+    pub fn evict_lru(&mut self) -> Option<(FlowKey, V)> {
+        let evicted = self.take(self.tail)?;
+        self.stats.evicted += 1;
+        Some(evicted)
+    }
+
     /// Removes flow `id` and hands it back, or `None` if `id` is stale.
     pub fn remove(&mut self, id: FlowId) -> Option<(FlowKey, V)> {
         self.flow(id)?;
@@ -737,6 +746,22 @@ mod tests {
         assert_eq!(stats.evicted, 1);
         assert_eq!(stats.created, 4);
         t.check_invariants();
+    }
+
+    #[test]
+    fn evict_lru_takes_the_least_recently_used() {
+        let mut t = FlowTable::new(4);
+        assert!(t.evict_lru().is_none(), "an empty table evicts nothing");
+        let a = inserted(t.insert(key(1, 1), 'a', 0));
+        inserted(t.insert(key(2, 1), 'b', 1));
+        t.touch(a, 2, Dir::ToServer);
+        assert_eq!(t.evict_lru(), Some((key(2, 1), 'b')));
+        assert_eq!(t.evict_lru(), Some((key(1, 1), 'a')));
+        assert!(t.evict_lru().is_none());
+        assert_eq!(t.stats().evicted, 2);
+        t.check_invariants();
+        inserted(t.insert(key(3, 1), 'c', 3));
+        assert_eq!(t.len(), 1);
     }
 
     #[test]

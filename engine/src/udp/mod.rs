@@ -46,6 +46,7 @@ use crate::config::{SourceMode, UdpNat};
 use crate::core::ring::{BufGroup, Completion};
 use crate::core::token::{Op, Token, GENERATION_MASK};
 use crate::core::Core;
+use crate::fdpool::{Class, Credit};
 use crate::flowlog::{FlowProto, FlowRecord};
 use crate::policy::{FlowMeta, RuleName, UdpVerdict};
 use crate::stats::FlowEnd;
@@ -112,6 +113,10 @@ struct Flow {
     /// Its own id once in the table: its runs of this batch are found by it when it
     /// is retired.
     id: Option<FlowId>,
+    /// The upstream socket's credit in the fd pool, given back when the flow is
+    /// dropped: after `upstream` (declared before it) is closed, which for a
+    /// retired flow with an armed recv is when that recv's final completion came.
+    _credit: Credit,
 }
 
 /// Most destinations, and most other remotes, one full-cone flow keeps track of;
@@ -497,6 +502,7 @@ impl Udp {
     ) -> Option<FlowId> {
         let (target, rule) = Self::verdict(core, key.client, orig)?;
         let cone = core.cfg.udp_nat == UdpNat::FullCone;
+        let credit = self.take_credit(core, true)?;
         let upstream = match upstream::socket(
             Type::DGRAM,
             target,
@@ -536,8 +542,9 @@ impl Udp {
             return None;
         }
         // Symmetric: the one destination answers from itself. Full cone: the first
-        // destination's verdict is the first entry of the flow's list.
-        if !self.take_reply(core, orig) {
+        // destination's verdict is the first entry of the flow's list. The new flow
+        // is not in the table yet: an eviction for a credit cannot take it.
+        if !self.take_reply(core, orig, true) {
             return None;
         }
         let cone = cone.then(|| {
@@ -561,6 +568,7 @@ impl Udp {
             rule,
             no_gso: false,
             id: None,
+            _credit: credit,
         };
         let id = match self.flows.insert(key, flow, now) {
             InsertOutcome::Inserted(id) => id,
@@ -602,7 +610,7 @@ impl Udp {
             return *t;
         }
         let target = Self::verdict(core, client, orig).map(|(t, _)| t);
-        if target.is_some() && !self.take_reply(core, orig) {
+        if target.is_some() && !self.take_reply(core, orig, false) {
             return None;
         }
         let cone = self.flows.get_mut(id)?.cone.as_mut()?;
@@ -632,7 +640,7 @@ impl Udp {
         if cone.remotes.contains(&remote) {
             return Some(remote);
         }
-        if !self.take_reply(core, remote) {
+        if !self.take_reply(core, remote, false) {
             return None;
         }
         let cone = self.flows.get_mut(id)?.cone.as_mut()?;
@@ -643,12 +651,45 @@ impl Udp {
         Some(remote)
     }
 
-    /// Takes a reference on the reply socket that answers from `from`; on failure
-    /// (fds, permissions) counts and logs it and returns false.
-    fn take_reply(&mut self, core: &mut Core, from: SocketAddr) -> bool {
+    /// One credit of the fd pool for a new socket. When the pool has none and
+    /// `evict` allows it, this core's least recently used flow is evicted (counted
+    /// as evicted) to give its credits back: at once for its reply socket if no
+    /// other flow shares it, and for its upstream socket once its cancelled recv
+    /// completes (the socket stays open until then), so this datagram may still
+    /// find none. Then it is dropped (`udp_drop_no_fd_credit`) and a later one,
+    /// the client's retry, finds the credit. Only where the flow asking is not in
+    /// the table yet may it evict: a live flow could otherwise evict itself.
+    fn take_credit(&mut self, core: &mut Core, evict: bool) -> Option<Credit> {
+        if let Some(c) = core.cfg.fds.take(1, Class::Udp) {
+            return Some(c);
+        }
+        if evict {
+            if let Some(lru) = self.flows.evict_lru() {
+                self.retire(core, lru, FlowEnd::Evicted);
+                if let Some(c) = core.cfg.fds.take(1, Class::Udp) {
+                    return Some(c);
+                }
+            }
+        }
+        core.stats.udp_drop_no_fd_credit.fetch_add(1, Relaxed);
+        None
+    }
+
+    /// Takes a reference on the reply socket that answers from `from` (with a new
+    /// socket's credit, `evict` as in [`Self::take_credit`]); on failure (fd
+    /// credits, fds, permissions) counts and logs it and returns false.
+    fn take_reply(&mut self, core: &mut Core, from: SocketAddr, evict: bool) -> bool {
+        let credit = if self.replies.needs_socket(&OrigDst(from)) {
+            match self.take_credit(core, evict) {
+                Some(c) => Some(c),
+                None => return false,
+            }
+        } else {
+            None
+        };
         match self
             .replies
-            .acquire(&core.stats, OrigDst(from), core.cfg.mark)
+            .acquire(&core.stats, OrigDst(from), core.cfg.mark, credit)
         {
             Ok(()) => true,
             Err(e) => {

@@ -4,7 +4,9 @@
 //! `IP_PKTINFO` on a transparent socket can only set the source address, not the
 //! port, so each original destination in use gets one socket bound to it, shared
 //! by every flow towards it on this core and reference-counted: fds are bounded by
-//! `flows + distinct destinations`.
+//! `flows + distinct destinations`. Each socket holds one credit of the fd pool
+//! (`crate::fdpool`) while it is open; the caller takes it before the socket is
+//! made ([`Replies::needs_socket`]).
 
 use std::collections::HashMap;
 use std::io;
@@ -15,6 +17,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::addrs::OrigDst;
+use crate::fdpool::Credit;
 use crate::stats::CoreStats;
 
 /// A transparent socket bound to the original destination, to answer from it.
@@ -45,6 +48,8 @@ fn reply_socket(orig: &SocketAddr, mark: u32) -> io::Result<OwnedFd> {
 struct ReplySocket {
     fd: OwnedFd,
     refs: u32,
+    /// The fd's credit, given back after `fd` (declared before it) is closed.
+    _credit: Credit,
 }
 
 /// The reply sockets of one core.
@@ -54,14 +59,37 @@ pub struct Replies {
 }
 
 impl Replies {
-    /// Takes a reference on the reply socket of `orig`, opening it if needed.
-    pub fn acquire(&mut self, stats: &CoreStats, orig: OrigDst, mark: u32) -> io::Result<()> {
+    /// Whether a reference on `orig` needs a new socket (and so a credit).
+    pub fn needs_socket(&self, orig: &OrigDst) -> bool {
+        !self.by_dst.contains_key(orig)
+    }
+
+    /// Takes a reference on the reply socket of `orig`, opening it if needed with
+    /// `credit` (taken by the caller when [`needs_socket`](Self::needs_socket)
+    /// said so; given back if the socket cannot be made).
+    pub fn acquire(
+        &mut self,
+        stats: &CoreStats,
+        orig: OrigDst,
+        mark: u32,
+        credit: Option<Credit>,
+    ) -> io::Result<()> {
         if let Some(r) = self.by_dst.get_mut(&orig) {
             r.refs += 1;
             return Ok(());
         }
+        let Some(credit) = credit else {
+            return Err(io::Error::other("no fd credit for a reply socket"));
+        };
         let fd = reply_socket(&orig.0, mark)?;
-        self.by_dst.insert(orig, ReplySocket { fd, refs: 1 });
+        self.by_dst.insert(
+            orig,
+            ReplySocket {
+                fd,
+                refs: 1,
+                _credit: credit,
+            },
+        );
         stats.udp_reply_sockets.fetch_add(1, Relaxed);
         Ok(())
     }

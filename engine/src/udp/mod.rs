@@ -114,8 +114,8 @@ struct Flow {
     /// is retired.
     id: Option<FlowId>,
     /// The upstream socket's credit in the fd pool, given back when the flow is
-    /// dropped: after `upstream` (declared before it) is closed, which for a
-    /// retired flow with an armed recv is when that recv's final completion came.
+    /// dropped (when it is retired): after `upstream` (declared before it) is
+    /// closed.
     _credit: Credit,
 }
 
@@ -144,10 +144,12 @@ pub struct Udp {
     sockets: Vec<TproxySocket>,
     flows: FlowTable<Flow>,
     replies: Replies,
-    /// Removed flows whose recv is being cancelled, by the recv's `user_data`:
-    /// their socket (and the msghdr a full-cone recv reads) go when its final
-    /// completion arrives.
-    closing: HashMap<u64, Flow>,
+    /// Removed flows whose recv is being cancelled, by the recv's `user_data`: what
+    /// the kernel may still read (a full-cone recv's msghdr), kept until the final
+    /// completion. Their socket's fd is closed at once: the armed recv holds its
+    /// own reference to the socket, so the fd number and its credit are free while
+    /// the cancel runs, and an evicting flow gets the credit it evicted for.
+    closing: HashMap<u64, Option<Box<Cone>>>,
     /// Tproxy sockets or flows whose multishot recv ended and must be re-armed
     /// after the buffers of this batch are back in the ring.
     rearm: Vec<Token>,
@@ -653,12 +655,12 @@ impl Udp {
 
     /// One credit of the fd pool for a new socket. When the pool has none and
     /// `evict` allows it, this core's least recently used flow is evicted (counted
-    /// as evicted) to give its credits back: at once for its reply socket if no
-    /// other flow shares it, and for its upstream socket once its cancelled recv
-    /// completes (the socket stays open until then), so this datagram may still
-    /// find none. Then it is dropped (`udp_drop_no_fd_credit`) and a later one,
-    /// the client's retry, finds the credit. Only where the flow asking is not in
-    /// the table yet may it evict: a live flow could otherwise evict itself.
+    /// as evicted) to give its credits back: its upstream socket's at once (its fd
+    /// closes while its recv is cancelled, see `closing`), its reply socket's if no
+    /// other flow shares it. When even that frees none (this core has no flow, the
+    /// other cores hold the credits) the datagram is dropped
+    /// (`udp_drop_no_fd_credit`). Only where the flow asking is not in the table yet
+    /// may it evict: a live flow could otherwise evict itself.
     fn take_credit(&mut self, core: &mut Core, evict: bool) -> Option<Credit> {
         if let Some(c) = core.cfg.fds.take(1, Class::Udp) {
             return Some(c);
@@ -771,9 +773,9 @@ impl Udp {
         });
         if flow.armed {
             core.cancel(flow.recv_ud);
-            self.closing.insert(flow.recv_ud, flow);
+            self.closing.insert(flow.recv_ud, flow.cone.take());
         }
-        // Not armed: dropping `flow` closes the socket now.
+        // Dropping `flow` closes the socket's fd and gives its credit back.
     }
 
     fn on_server_datagram(&mut self, core: &mut Core, tok: Token, c: Completion, bid: Option<u16>) {

@@ -730,8 +730,9 @@ impl Udp {
         self.replies.release(&core.stats, from);
     }
 
-    /// Takes a removed flow out of service: counts why, cancels its recv, and closes
-    /// its socket once the recv is done.
+    /// Takes a removed flow out of service: sends what it gathered in this batch,
+    /// counts why, cancels its recv and closes its socket's fd (the recv keeps its
+    /// own reference to the socket until the cancel completes).
     fn retire(&mut self, core: &mut Core, (key, mut flow): (FlowKey, Flow), why: FlowEnd) {
         // Its datagrams of this batch leave before its socket (and maybe its reply
         // socket) closes.

@@ -206,6 +206,17 @@ pub struct Args {
     #[arg(long, default_value_t = 4 * 1024 * 1024, value_name = "BYTES")]
     pub stall_buffer_max_bytes: usize,
 
+    /// Once a completion is in, let a worker sleep up to this long for up to 64 of
+    /// them before it wakes (io_uring min-wait, Linux 6.12+): fewer wakeups, fuller
+    /// batches and fuller UDP GSO runs, for less CPU per connection, request and
+    /// datagram under load, at up to this much added latency at each wakeup. 0 (the
+    /// default): wake at the first completion. Worth it for bulk and many clients,
+    /// not for a few latency-bound exchanges (see docs/benchmarks.md). On an older
+    /// kernel the engine says so and wakes at the first.
+    #[arg(long, default_value_t = 0, value_name = "MICROSECONDS",
+          value_parser = clap::value_parser!(u32).range(0..=10_000))]
+    pub batch_wait_us: u32,
+
     /// TCP keepalive on both sockets of every connection: first probe after this
     /// long without traffic, then every 15 s, reset after 4 unanswered probes (a dead
     /// peer is found after about SECONDS + 60 s); 0 turns keepalive off.
@@ -299,6 +310,8 @@ pub struct Config {
     pub stall_buffer_bytes: Option<usize>,
     /// The most a receive bound grows to; at most `i32::MAX / 2`.
     pub stall_buffer_max_bytes: usize,
+    /// `--batch-wait-us` (0 where the kernel lacks min-wait).
+    pub batch_wait_us: u32,
     /// TCP connections, all cores together (`--max-conns`).
     pub max_conns: usize,
     /// The fd credit pool every core draws on ([`crate::fdpool`]).

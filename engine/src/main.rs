@@ -233,6 +233,11 @@ fn resolve(args: &Args, features: ring::Features) -> Result<(Config, u64)> {
             keepalive_s: (args.keepalive_s != 0).then_some(args.keepalive_s),
             stall_buffer_bytes: (args.stall_buffer_bytes != 0).then_some(args.stall_buffer_bytes),
             stall_buffer_max_bytes: args.stall_buffer_max_bytes.min(i32::MAX as usize / 2),
+            batch_wait_us: if features.min_wait {
+                args.batch_wait_us
+            } else {
+                0
+            },
             max_conns,
             fds,
             max_pipes_per_core: max_pipes.div_ceil(n).max(1),
@@ -442,6 +447,17 @@ fn run(args: Args) -> Result<()> {
         Some(path) => takeover::take_over(path)?,
         None => None,
     };
+    if args.batch_wait_us > 0 && !features.min_wait {
+        log::warn(
+            "batch_wait_unsupported",
+            format_args!(
+                "--batch-wait-us {} needs io_uring min-wait (Linux 6.12+), which this \
+                 kernel lacks: workers wake at the first completion",
+                args.batch_wait_us
+            ),
+            &[],
+        );
+    }
     if !(features.defer_taskrun && features.multishot_timeout && features.udp_gso) {
         log::warn(
             "kernel_fallback",

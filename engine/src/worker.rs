@@ -155,7 +155,8 @@ impl Worker {
             &groups,
         )
         .map_err(|e| format!("cpu {cpu}: {e}"))?;
-        let ring = built.ring;
+        let mut ring = built.ring;
+        ring.set_batch_wait(cfg.batch_wait_us);
         if let Some((wanted, e)) = built.shrunk {
             let got = ring.cq_entries();
             let need = ring::locked_bytes(SQ_ENTRIES, wanted, &groups).div_ceil(1024);

@@ -63,6 +63,11 @@ fn engine_rejects_buffer_sizes_out_of_range() {
     let Some(lab) = lab("engine_rejects_buffer_sizes_out_of_range") else {
         return;
     };
+    let err = engine_fails(&lab.router, &["--cores", "0", "--batch-wait-us", "20000"]);
+    assert!(
+        err.contains("--batch-wait-us") && err.contains("20000") && err.contains("0..=10000"),
+        "message must name --batch-wait-us, the value and the range: {err}"
+    );
     for flag in ["--pipe-size", "--copy-buf-size"] {
         for value in ["100", "4294971392"] {
             let err = engine_fails(&lab.router, &["--cores", "0", flag, value]);
@@ -234,17 +239,29 @@ fn engine_fallbacks_forced_by_env() {
     let Some(mut rig) = Rig::start(test, RigConfig::new().without_engine()) else {
         return;
     };
-    let args: Vec<String> = ["--cores", "0", "--drain-timeout-s", "1"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    let env = [("RINGRELAY_DISABLE", "defer-taskrun,multishot-timeout")];
+    let args: Vec<String> = [
+        "--cores",
+        "0",
+        "--drain-timeout-s",
+        "1",
+        "--batch-wait-us",
+        "100",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let env = [(
+        "RINGRELAY_DISABLE",
+        "defer-taskrun,multishot-timeout,min-wait",
+    )];
     rig.engine = Some(Engine::start_with_env(&rig.lab.router, &args, &env).unwrap());
     let ready = rig.engine().ready_line.clone();
     assert!(
         ready.contains("ring SINGLE_ISSUER|SUBMIT_ALL "),
         "ring flags with the fallbacks: {ready}"
     );
+    // Without min-wait, --batch-wait-us is ignored, and said to be.
+    assert!(!ready.contains("batch_wait_us"), "{ready}");
     // Ticks must keep coming with a re-armed single-shot timer: UDP flows expire.
     relay_once(&rig, 5030, 5031);
     let e = rig.engine_mut();
@@ -253,6 +270,10 @@ fn engine_fallbacks_forced_by_env() {
     assert!(status.expect("engine exited").success(), "{stderr}");
     assert!(
         stderr.contains("multishot-timeout (6.4+): fallback"),
+        "stderr: {stderr}"
+    );
+    assert!(
+        stderr.contains("--batch-wait-us 100 needs io_uring min-wait"),
         "stderr: {stderr}"
     );
 }

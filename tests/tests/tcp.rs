@@ -21,9 +21,22 @@ const C2S_BYTES: u64 = 8 << 20;
 const S2C_BYTES: u64 = 6 << 20;
 
 fn bytes_intact(test: &str, family: Family, relay: &str) {
-    let Some(mut rig) = Rig::start(test, RigConfig::new().relay(relay)) else {
+    bytes_intact_with(test, family, relay, &[]);
+}
+
+fn bytes_intact_with(test: &str, family: Family, relay: &str, engine_args: &[&str]) {
+    let cfg = RigConfig::new().relay(relay).engine_args(engine_args);
+    let Some(mut rig) = Rig::start(test, cfg) else {
         return;
     };
+    if let Some(us) = engine_args
+        .iter()
+        .position(|a| *a == "--batch-wait-us")
+        .map(|i| engine_args[i + 1])
+    {
+        let ready = &rig.engine().ready_line;
+        assert!(ready.contains(&format!("batch_wait_us={us}")), "{ready}");
+    }
     let before = rig.engine_mut().counters();
     let dst = SocketAddr::new(family.server_a(), 5001);
     // The server reads the client's stream to EOF while it sends its own stream.
@@ -114,6 +127,27 @@ fn tcp_bytes_intact_v4_splice() {
 #[test]
 fn tcp_bytes_intact_v6_splice() {
     bytes_intact("tcp_bytes_intact_v6_splice", Family::V6, "splice");
+}
+
+/// Workers that sleep for fuller batches (`--batch-wait-us`) relay the same bytes.
+#[test]
+fn tcp_bytes_intact_v4_splice_batch_wait() {
+    bytes_intact_with(
+        "tcp_bytes_intact_v4_splice_batch_wait",
+        Family::V4,
+        "splice",
+        &["--batch-wait-us", "200"],
+    );
+}
+
+#[test]
+fn tcp_bytes_intact_v4_copy_batch_wait() {
+    bytes_intact_with(
+        "tcp_bytes_intact_v4_copy_batch_wait",
+        Family::V4,
+        "copy",
+        &["--batch-wait-us", "200"],
+    );
 }
 
 #[test]

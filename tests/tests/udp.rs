@@ -701,8 +701,8 @@ fn burst_size(burst: usize, k: usize, family: Family) -> usize {
 /// sent the runs of equal datagrams with GSO (none with `RINGRELAY_DISABLE=udp-gso`,
 /// where every datagram goes on its own). Order is checked strictly: nothing on
 /// these veth links reorders, so any reordering is the engine's.
-fn bursts(test: &str, family: Family, mtu: Option<u32>) {
-    let Some(mut rig) = Rig::start(test, RigConfig::new()) else {
+fn bursts(test: &str, family: Family, mtu: Option<u32>, engine_args: &[&str]) {
+    let Some(mut rig) = Rig::start(test, RigConfig::new().engine_args(engine_args)) else {
         return;
     };
     if let Some(mtu) = mtu {
@@ -787,12 +787,34 @@ fn bursts(test: &str, family: Family, mtu: Option<u32>) {
 
 #[test]
 fn udp_bursts_leave_intact_and_in_order_v4() {
-    bursts("udp_bursts_leave_intact_and_in_order_v4", Family::V4, None);
+    bursts(
+        "udp_bursts_leave_intact_and_in_order_v4",
+        Family::V4,
+        None,
+        &[],
+    );
+}
+
+/// Workers that sleep for fuller batches (`--batch-wait-us`): larger runs, the same
+/// datagrams in the same order.
+#[test]
+fn udp_bursts_with_batch_wait_v4() {
+    bursts(
+        "udp_bursts_with_batch_wait_v4",
+        Family::V4,
+        None,
+        &["--batch-wait-us", "200"],
+    );
 }
 
 #[test]
 fn udp_bursts_leave_intact_and_in_order_v6() {
-    bursts("udp_bursts_leave_intact_and_in_order_v6", Family::V6, None);
+    bursts(
+        "udp_bursts_leave_intact_and_in_order_v6",
+        Family::V6,
+        None,
+        &[],
+    );
 }
 
 #[test]
@@ -801,5 +823,6 @@ fn udp_bursts_over_a_small_mtu_fall_back_v4() {
         "udp_bursts_over_a_small_mtu_fall_back_v4",
         Family::V4,
         Some(1280),
+        &[],
     );
 }

@@ -50,7 +50,14 @@ pub struct Ring {
     backlog: VecDeque<Vec<squeue::Entry>>,
     /// Human-readable list of the setup flags, for the startup line and bench report.
     pub flags_description: String,
+    /// `--batch-wait-us`: once a completion is there, a blocking wait lasts up to
+    /// this long for [`BATCH_WANT`] of them (io_uring's min-wait, 6.12); 0: it
+    /// returns at the first.
+    batch_wait_us: u32,
 }
+
+/// Completions a wait with `--batch-wait-us` waits for before its time is up.
+pub const BATCH_WANT: usize = 64;
 
 /// A provided-buffer group a worker's ring is built with ([`Ring::build`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -174,6 +181,7 @@ impl Ring {
             bufs: Vec::new(),
             backlog: VecDeque::new(),
             flags_description: format!("{flags} sq={sq} cq={cq}"),
+            batch_wait_us: 0,
         })
     }
 
@@ -359,10 +367,27 @@ impl Ring {
     /// Flushes the backlog, submits and waits for at least `want` completions.
     pub fn submit_and_wait(&mut self, want: usize) -> Result<(), DeadRing> {
         self.flush_backlog()?;
-        match self.ring.submit_and_wait(want) {
+        let r = if want > 0 && self.batch_wait_us > 0 {
+            let args = types::SubmitArgs::new().min_wait_usec(self.batch_wait_us);
+            self.ring
+                .submitter()
+                .submit_with_args(BATCH_WANT.max(want), &args)
+        } else {
+            self.ring.submit_and_wait(want)
+        };
+        match r {
             Ok(_) => Ok(()),
             Err(e) if transient(&e) => Ok(()),
             Err(e) => Err(DeadRing(e)),
+        }
+    }
+
+    /// Sets `--batch-wait-us` (only where [`Features::min_wait`] says the kernel has
+    /// it: older ones refuse the wait with `EINVAL`).
+    pub fn set_batch_wait(&mut self, us: u32) {
+        self.batch_wait_us = us;
+        if us > 0 {
+            self.flags_description += &format!(" batch_wait_us={us}");
         }
     }
 
@@ -459,11 +484,14 @@ pub struct Features {
     /// Not an io_uring feature; listed here so that the fallback tests can turn it
     /// off like the others.
     pub udp_gso: bool,
+    /// Min-wait of `io_uring_enter` (`IORING_FEAT_MIN_TIMEOUT`, 6.12), which
+    /// `--batch-wait-us` needs; without it that option is ignored, with a warning.
+    pub min_wait: bool,
 }
 
 impl Features {
     /// `(name, kernel, what the engine does without it)` of every optional feature.
-    pub const ALL: [(&'static str, &'static str, &'static str); 3] = [
+    pub const ALL: [(&'static str, &'static str, &'static str); 4] = [
         (
             "defer-taskrun",
             "6.1",
@@ -479,6 +507,11 @@ impl Features {
             "4.18",
             "every UDP datagram is sent with a send of its own",
         ),
+        (
+            "min-wait",
+            "6.12",
+            "--batch-wait-us is ignored: the worker wakes at the first completion",
+        ),
     ];
 
     /// Everything on.
@@ -487,6 +520,7 @@ impl Features {
             defer_taskrun: true,
             multishot_timeout: true,
             udp_gso: true,
+            min_wait: true,
         }
     }
 
@@ -495,6 +529,7 @@ impl Features {
             "defer-taskrun" => self.defer_taskrun,
             "multishot-timeout" => self.multishot_timeout,
             "udp-gso" => self.udp_gso,
+            "min-wait" => self.min_wait,
             _ => false,
         }
     }
@@ -504,6 +539,7 @@ impl Features {
             "defer-taskrun" => self.defer_taskrun = on,
             "multishot-timeout" => self.multishot_timeout = on,
             "udp-gso" => self.udp_gso = on,
+            "min-wait" => self.min_wait = on,
             _ => return false,
         }
         true
@@ -594,6 +630,7 @@ pub fn probe(disabled: Option<&str>) -> Result<Features, String> {
     if features.multishot_timeout {
         features.multishot_timeout = ring.supports_multishot_timeout();
     }
+    features.min_wait &= ring.ring.params().is_feature_min_timeout();
     Ok(features)
 }
 

@@ -358,9 +358,10 @@ pub fn send_segments(
     to: Option<&SocketAddr>,
 ) -> io::Result<usize> {
     // One cmsghdr and a u16, CMSG_SPACE-aligned; u64 elements align the header.
+    const SPACE: usize = cmsg::space_of(mem::size_of::<u16>());
+    const _: () = assert!(SPACE <= 4 * mem::size_of::<u64>());
     let mut control = [0u64; 4];
-    let space = cmsg::space_of(mem::size_of::<u16>());
-    debug_assert!(space <= mem::size_of_val(&control));
+    let space = SPACE;
     let (mut storage, name_len) = match to {
         Some(a) => cmsg::encode_sockaddr(a),
         // SAFETY: sockaddr_storage is plain data; all zeroes is a valid value.
@@ -380,7 +381,7 @@ pub fn send_segments(
     msg.msg_control = control.as_mut_ptr().cast();
     msg.msg_controllen = space as _;
     // SAFETY: `msg` points at a control area of `space` bytes, large enough for one
-    // header and a u16 (asserted above), so CMSG_FIRSTHDR is non-null and
+    // header and a u16 (asserted at compile time above), so CMSG_FIRSTHDR is non-null and
     // CMSG_DATA has room for the segment size; the area is u64-aligned.
     unsafe {
         let c = libc::CMSG_FIRSTHDR(&msg);

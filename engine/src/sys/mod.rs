@@ -357,19 +357,40 @@ pub fn send_segments(
     seg: u16,
     to: Option<&SocketAddr>,
 ) -> io::Result<usize> {
-    // One cmsghdr and a u16, CMSG_SPACE-aligned; u64 elements align the header.
-    const SPACE: usize = cmsg::space_of(mem::size_of::<u16>());
-    const _: () = assert!(SPACE <= 4 * mem::size_of::<u64>());
-    let mut control = [0u64; 4];
-    let space = SPACE;
+    // One header and a u16: CMSG_SPACE(2) = 24 bytes.
+    sendmsg_cmsg::<4>(
+        fd,
+        buf,
+        to,
+        (libc::SOL_UDP, libc::UDP_SEGMENT, &seg.to_ne_bytes()),
+        libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+    )
+}
+
+/// `sendmsg(2)` of `data` to `to` (`None`: the connected peer) with one control
+/// message `(level, type, payload)`, none when `payload` is empty, in a control area
+/// of `W` u64 words on the stack (u64: the alignment a `cmsghdr` needs).
+fn sendmsg_cmsg<const W: usize>(
+    fd: RawFd,
+    data: &[u8],
+    to: Option<&SocketAddr>,
+    (level, ty, payload): (i32, i32, &[u8]),
+    flags: i32,
+) -> io::Result<usize> {
+    let space = cmsg::space_of(payload.len());
+    assert!(
+        space <= W * mem::size_of::<u64>(),
+        "control message larger than its area"
+    );
+    let mut control = [0u64; W];
     let (mut storage, name_len) = match to {
         Some(a) => cmsg::encode_sockaddr(a),
         // SAFETY: sockaddr_storage is plain data; all zeroes is a valid value.
         None => (unsafe { mem::zeroed() }, 0),
     };
     let mut iov = libc::iovec {
-        iov_base: buf.as_ptr() as *mut libc::c_void,
-        iov_len: buf.len(),
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
     };
     let mut msg = zeroed_msghdr();
     if name_len > 0 {
@@ -378,21 +399,23 @@ pub fn send_segments(
     }
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = space as _;
-    // SAFETY: `msg` points at a control area of `space` bytes, large enough for one
-    // header and a u16 (asserted at compile time above), so CMSG_FIRSTHDR is non-null and
-    // CMSG_DATA has room for the segment size; the area is u64-aligned.
-    unsafe {
-        let c = libc::CMSG_FIRSTHDR(&msg);
-        (*c).cmsg_level = libc::SOL_UDP;
-        (*c).cmsg_type = libc::UDP_SEGMENT;
-        (*c).cmsg_len = libc::CMSG_LEN(mem::size_of::<u16>() as u32) as _;
-        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), seg);
+    if !payload.is_empty() {
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = space as _;
+        // SAFETY: `msg` points at a u64-aligned control area of at least
+        // CMSG_SPACE(payload) bytes (asserted above), so CMSG_FIRSTHDR is non-null
+        // and CMSG_DATA has room for `payload`.
+        unsafe {
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = level;
+            (*c).cmsg_type = ty;
+            (*c).cmsg_len = libc::CMSG_LEN(payload.len() as u32) as _;
+            std::ptr::copy_nonoverlapping(payload.as_ptr(), libc::CMSG_DATA(c), payload.len());
+        }
     }
-    // SAFETY: every pointer in `msg` (name, iovec over `buf`, control) is valid for
+    // SAFETY: every pointer in `msg` (name, iovec over `data`, control) is valid for
     // the duration of the call; the kernel only reads them.
-    let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+    let n = unsafe { libc::sendmsg(fd, &msg, flags) };
     cvt(n).map(|n| n as usize)
 }
 
@@ -439,37 +462,21 @@ pub const MAX_FDS_PER_MSG: usize = 200;
 /// own duplicates; ours stay open). At most [`MAX_FDS_PER_MSG`] fds.
 pub fn send_with_fds(sock: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
     assert!(fds.len() <= MAX_FDS_PER_MSG, "too many fds for one message");
-    let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
-    let payload = mem::size_of_val(raw.as_slice());
-    // SAFETY: CMSG_SPACE only computes a size.
-    let space = unsafe { libc::CMSG_SPACE(payload as u32) } as usize;
-    let mut control = vec![0u64; space.div_ceil(8)];
-    let mut iov = libc::iovec {
-        iov_base: data.as_ptr() as *mut libc::c_void,
-        iov_len: data.len(),
-    };
-    let mut msg = zeroed_msghdr();
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    if !raw.is_empty() {
-        msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = space as _;
-        // SAFETY: `msg` has a control buffer of CMSG_SPACE(payload) bytes, 8-aligned,
-        // so the first header and its data fit inside it.
-        unsafe {
-            let c = libc::CMSG_FIRSTHDR(&msg);
-            (*c).cmsg_level = libc::SOL_SOCKET;
-            (*c).cmsg_type = libc::SCM_RIGHTS;
-            (*c).cmsg_len = libc::CMSG_LEN(payload as u32) as _;
-            std::ptr::copy_nonoverlapping(raw.as_ptr().cast::<u8>(), libc::CMSG_DATA(c), payload);
-        }
-    }
+    let raw: Vec<u8> = fds
+        .iter()
+        .flat_map(|f| f.as_raw_fd().to_ne_bytes())
+        .collect();
+    const WORDS: usize = cmsg::space_of(MAX_FDS_PER_MSG * mem::size_of::<RawFd>()).div_ceil(8);
     loop {
-        // SAFETY: `msg` points at `iov` and `control`, which outlive the call; the fds
-        // are open (borrowed from the caller).
-        let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
-        match cvt(n) {
-            Ok(n) if n as usize == data.len() => return Ok(()),
+        let sent = sendmsg_cmsg::<WORDS>(
+            sock.as_raw_fd(),
+            data,
+            None,
+            (libc::SOL_SOCKET, libc::SCM_RIGHTS, &raw),
+            libc::MSG_NOSIGNAL,
+        );
+        match sent {
+            Ok(n) if n == data.len() => return Ok(()),
             Ok(_) => return Err(io::Error::other("short sendmsg on a unix stream")),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),

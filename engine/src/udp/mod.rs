@@ -372,11 +372,15 @@ impl Udp {
         buf: Option<(u16, usize)>,
         payload: Range<usize>,
     ) {
-        // The family it leaves by: the target's to the server, the client's back.
-        let Some(v6) = self.flows.get(id).map(|f| to.unwrap_or(f.target).is_ipv6()) else {
+        // The family it leaves by (the target's to the server, the client's back),
+        // and whether the flow may gather.
+        let Some((v6, gso)) = self
+            .flows
+            .get(id)
+            .map(|f| (to.unwrap_or(f.target).is_ipv6(), self.gso && !f.no_gso))
+        else {
             return;
         };
-        let gso = self.gso && self.flows.get(id).is_some_and(|f| !f.no_gso);
         let data = match buf {
             Some((b, len)) => &core.ring.buffers(GROUP_UDP).data(b, len)[payload.clone()],
             None => &[][..],
@@ -395,23 +399,8 @@ impl Udp {
             Some((b, len)) => &core.ring.buffers(GROUP_UDP).data(b, len)[payload],
             None => &[][..],
         };
-        let result = match to {
-            Some(t) => sys::send_to(fd, data, &t),
-            None => sys::send(fd, data),
-        };
-        let bytes = data.len() as u64;
-        let sent = match result {
-            Ok(_) => Sent {
-                dgrams: 1,
-                bytes,
-                ..Sent::default()
-            },
-            Err(e) => Sent {
-                dropped: 1,
-                err: Some(e),
-                ..Sent::default()
-            },
-        };
+        let mut sent = Sent::default();
+        send_one(fd, to.as_ref(), data, &mut sent);
         self.sent(core, id, dir, sent);
     }
 
@@ -972,22 +961,27 @@ fn transmit(core: &mut Core, run: &Run, gso: bool) -> Sent {
         }
     }
     for d in run.datagrams() {
-        let result = match &run.to {
-            Some(t) => sys::send_to(run.fd, d, t),
-            None => sys::send(run.fd, d),
-        };
-        match result {
-            Ok(_) => {
-                sent.dgrams += 1;
-                sent.bytes += d.len() as u64;
-            }
-            Err(e) => {
-                sent.dropped += 1;
-                sent.err = Some(e);
-            }
-        }
+        send_one(run.fd, run.to.as_ref(), d, &mut sent);
     }
     sent
+}
+
+/// Sends one datagram with a plain `send`/`sendto` and adds the outcome to `sent`.
+fn send_one(fd: RawFd, to: Option<&SocketAddr>, d: &[u8], sent: &mut Sent) {
+    let result = match to {
+        Some(t) => sys::send_to(fd, d, t),
+        None => sys::send(fd, d),
+    };
+    match result {
+        Ok(_) => {
+            sent.dgrams += 1;
+            sent.bytes += d.len() as u64;
+        }
+        Err(e) => {
+            sent.dropped += 1;
+            sent.err = Some(e);
+        }
+    }
 }
 
 /// The core's counters for a send.

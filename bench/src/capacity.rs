@@ -50,7 +50,7 @@ use crate::load::{
     PORT_TCP_CAPACITY,
 };
 use crate::meter;
-use crate::report::{fmt_bytes, Record, Status};
+use crate::report::{fmt_bytes, fmt_kinds, Record, Status};
 use crate::targets::{fd_limit, Armed, Target};
 
 /// Connections opened at once: connect and send on each, then the echoes. The last
@@ -61,6 +61,9 @@ pub const BATCH: usize = 64;
 /// without relaying (the engine parks it, HAProxy leaves it in the kernel's backlog)
 /// is told from a working one in this long. The batch at the limit costs twice this.
 pub const ECHO_TIMEOUT: Duration = Duration::from_secs(1);
+// `StopReason::describe` says "no answer in 1 s": keep it true.
+const _: () =
+    assert!(ECHO_TIMEOUT.as_secs() == 1 && crate::load::IDLE_CONNECT_TIMEOUT.as_secs() == 1);
 /// Connections stalled at most.
 pub const STALL_CONNS: usize = 1000;
 /// The first stage of the stalled phase: what one stalled connection costs the
@@ -122,6 +125,7 @@ impl StopReason {
             StopReason::BenchLimit => "bench limit",
             StopReason::Refused => "refused",
             StopReason::Reset => "reset",
+            // The 1 s is ECHO_TIMEOUT and IDLE_CONNECT_TIMEOUT (asserted below).
             StopReason::Timeout => "no answer in 1 s",
             StopReason::Closed => "closed",
             StopReason::Other => "error",
@@ -340,20 +344,13 @@ pub fn verdict(target: Target, c: &Capacity) -> Option<String> {
             "relay check: {} of {} echoes failed ({})",
             c.relay_failed,
             c.held,
-            kinds(&c.relay_errors)
+            fmt_kinds(&c.relay_errors)
         ));
     }
     if let Some(l) = c.leak() {
         why.push(format!("leak: {l}"));
     }
     (!why.is_empty()).then(|| why.join("; "))
-}
-
-fn kinds(m: &BTreeMap<String, u64>) -> String {
-    m.iter()
-        .map(|(k, n)| format!("{k} {n}"))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// The record of a capacity run, judged by [`verdict`]; its headline is the

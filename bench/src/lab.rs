@@ -298,8 +298,6 @@ impl Netns {
     }
 }
 
-/// `net.ipv4.ip_forward` -> `/proc/sys/net/ipv4/ip_forward`. Interface names in keys
-/// (`net.ipv4.conf.veth-c.rp_filter`) contain no dots in this lab.
 /// The `rps_cpus` mask of `cores`: hex, in comma-separated 32-bit groups, most
 /// significant first (the kernel's bitmap format).
 fn rps_mask(cores: &[usize]) -> anyhow::Result<String> {
@@ -317,6 +315,8 @@ fn rps_mask(cores: &[usize]) -> anyhow::Result<String> {
         .join(","))
 }
 
+/// `net.ipv4.ip_forward` -> `/proc/sys/net/ipv4/ip_forward`. Interface names in keys
+/// (`net.ipv4.conf.veth-c.rp_filter`) contain no dots in this lab.
 fn sysctl_path(key: &str) -> PathBuf {
     Path::new("/proc/sys").join(key.replace('.', "/"))
 }

@@ -455,12 +455,7 @@ impl IdleConns {
             self.held, self.opened, self.server_held
         );
         if !self.errors.is_empty() {
-            let kinds: Vec<String> = self
-                .errors
-                .iter()
-                .map(|(k, n)| format!("{k} {n}"))
-                .collect();
-            let _ = write!(s, "; {}", kinds.join(", "));
+            let _ = write!(s, "; {}", crate::report::fmt_kinds(&self.errors));
         }
         s.push(')');
         match self.proxy_limit {

@@ -1091,6 +1091,14 @@ pub fn fmt_num(v: f64) -> String {
     }
 }
 
+/// Error counts by kind as `kind n, kind n` (in key order).
+pub fn fmt_kinds(m: &std::collections::BTreeMap<String, u64>) -> String {
+    m.iter()
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Bytes as `B`, `KiB`, `MiB` or `GiB`, 3 significant digits (negative: memory given
 /// back).
 pub fn fmt_bytes(v: f64) -> String {
@@ -1483,7 +1491,13 @@ mod tests {
             "{md}"
         );
         // Other reports have no such table.
-        assert!(!Report::default().to_markdown().contains("tcp-capacity"));
+        let mut other = Report::default();
+        other.records.push(rec(Target::EngineSplice, 15.0));
+        let md = other.to_markdown();
+        assert!(
+            md.contains("tcp-bulk") && !md.contains("conns held"),
+            "{md}"
+        );
     }
 
     #[test]

@@ -443,12 +443,7 @@ pub fn analyze(samples: &[Sample], tally: &LoadTally, limits: &Limits) -> Verdic
         tally.udp_replies,
         tally.udp_sent
     );
-    let kinds = |m: &BTreeMap<String, u64>| -> String {
-        m.iter()
-            .map(|(k, n)| format!("{k} {n}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
+    let kinds = crate::report::fmt_kinds;
     if !tally.lost.is_empty() {
         reasons.push(format!("data lost or corrupted: {}", kinds(&tally.lost)));
     }

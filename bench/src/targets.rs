@@ -854,24 +854,24 @@ pub fn fd_limit() -> u64 {
 /// `max_conns N` of the engine's `ready` line: the connections it holds at most, all
 /// cores together.
 pub fn ready_max_conns(line: &str) -> Option<usize> {
+    ready_value(line, "max_conns")?.parse().ok()
+}
+
+/// The word after `key` in the engine's `ready` line.
+fn ready_value<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     let mut words = line.split_whitespace();
-    words.find(|w| *w == "max_conns")?;
-    words.next()?.parse().ok()
+    words.find(|w| *w == key)?;
+    words.next()
 }
 
 /// The size of the engine's splice pipes from its `ready` line (`relay splice buf N`;
 /// `buf kernel`: the kernel's default pipe, 16 pages of 4 KiB); `None` for the copy
 /// relay, whose `buf` is a user-space buffer.
 pub fn ready_pipe_size(line: &str) -> Option<u64> {
-    let words: Vec<&str> = line.split_whitespace().collect();
-    let after = |key: &str| {
-        let i = words.iter().position(|w| *w == key)?;
-        words.get(i + 1).copied()
-    };
-    if after("relay")? != "splice" {
+    if ready_value(line, "relay")? != "splice" {
         return None;
     }
-    match after("buf")? {
+    match ready_value(line, "buf")? {
         "kernel" => Some(16 * 4096),
         n => n.parse().ok(),
     }

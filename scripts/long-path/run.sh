@@ -32,11 +32,18 @@ cleanup() {
     target/release/bench lab down "$prefix" >/dev/null
     rm -rf "$work"
 }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+# Waits up to 5 s for a file to exist; fails the run naming what never came up.
+wait_for() {
+    for _ in $(seq 50); do [ -e "$1" ] && return 0; sleep 0.1; done
+    echo "long-path: $2 did not come up within 5 s" >&2
+    exit 1
+}
 tun_a=rrdla$$ tun_b=rrdlb$$
 python3 scripts/long-path/delay_line.py "$tun_a" "$tun_b" "$(awk "BEGIN{print $DELAY_MS/1000}")" "$work/delay.ready" &
 pids+=($!)
-for _ in $(seq 50); do [ -e "$work/delay.ready" ] && break; sleep 0.1; done
+wait_for "$work/delay.ready" "the delay line"
 ip netns add "$far"
 ip -n "$far" link set lo up
 ip link set "$tun_a" netns "$srv"
@@ -50,7 +57,7 @@ ip netns exec "$srv" sysctl -qw net.ipv4.ip_forward=1
 ip -n "$rtr" route add 10.77.0.0/24 via 198.18.1.2
 ip netns exec "$far" python3 scripts/long-path/download.py server 10.77.0.2 5201 "$work/server.ready" &
 pids+=($!)
-for _ in $(seq 50); do [ -e "$work/server.ready" ] && break; sleep 0.1; done
+wait_for "$work/server.ready" "the far server"
 
 download() { ip netns exec "$cli" python3 scripts/long-path/download.py client 10.77.0.2 5201 "$SECONDS_EACH"; }
 echo "long-path: round trip $((2 * DELAY_MS)) ms, ${SECONDS_EACH} s per variant"
@@ -61,9 +68,21 @@ variant() {
     ip netns exec "$rtr" target/release/engine --cores 1 --port 15001 "$@" >"$work/engine.log" 2>&1 &
     local pid=$!
     pids+=("$pid")
+    # Without a ready engine, setup's fail-open rules would let the download through
+    # kernel forwarding, and it would be printed under the engine's label.
     for _ in $(seq 50); do grep -q '^ready:' "$work/engine.log" && break; sleep 0.1; done
+    grep -q '^ready:' "$work/engine.log" || {
+        echo "long-path: $label: the engine did not start:" >&2
+        cat "$work/engine.log" >&2
+        exit 1
+    }
     local rate; rate=$(download)
     kill -USR1 "$pid"; sleep 0.3
+    local accepted; accepted=$(awk '$1 == "accepted" {print $NF}' "$work/engine.log" | tail -1)
+    [ "${accepted:-0}" -gt 0 ] || {
+        echo "long-path: $label: the engine relayed nothing (the download bypassed it)" >&2
+        exit 1
+    }
     local raised; raised=$(awk '$1 == "stall_bounds_raised" {print $NF}' "$work/engine.log" | tail -1)
     kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
     echo "$label: $rate; stall_bounds_raised ${raised:-0}"

@@ -6,12 +6,12 @@
 //! socket, taken at admission, before the upstream socket exists), 2 per splice pipe
 //! (taken when the pool makes one), 1 per UDP upstream socket and per reply socket.
 //! A credit is given back only once its fd is closed (a connection's when the
-//! connection is freed, after its last op completed; a retired flow's when its
-//! cancelled receive completed), so credits in use are an upper bound on the fds
+//! connection is freed, after its last op completed; a UDP flow's when it is
+//! retired and its fd closes), so credits in use are an upper bound on the fds
 //! held outside the reserve, and an `EMFILE` inside the budget cannot happen.
 //!
 //! Two caps keep either protocol from starving the other: TCP (connections and
-//! pipes) may not take the last [`FdPool::udp_floor`] credits, and UDP is bounded by
+//! pipes) may not take the last `udp_floor` credits ([`FdPool::new`]), and UDP is bounded by
 //! its flow tables (`--udp-max-flows`). Connections are also bounded by a global
 //! count (`--max-conns`), not a per-core one: `SO_REUSEPORT` spreads clients by
 //! hash, unevenly, and a per-core split would refuse clients on a busy core while
@@ -63,11 +63,6 @@ impl FdPool {
     /// Credits taken now.
     pub fn in_use(&self) -> usize {
         self.in_use.load(Relaxed)
-    }
-
-    /// Credits TCP may not take.
-    pub fn udp_floor(&self) -> usize {
-        self.udp_floor
     }
 
     /// The connection cap, all cores together.
@@ -140,13 +135,6 @@ impl FdPool {
 pub struct Credit {
     pool: Arc<FdPool>,
     n: usize,
-}
-
-impl Credit {
-    /// How many credits this holds.
-    pub fn count(&self) -> usize {
-        self.n
-    }
 }
 
 impl Drop for Credit {

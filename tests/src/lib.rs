@@ -1532,6 +1532,23 @@ pub fn dnsmasq(ns: &Netns, extra: &[&str]) -> NsChild {
     child
 }
 
+/// Checks that an engine started with `--batch-wait-us us` applied it (its `ready`
+/// line says `batch_wait_us=us`). On a kernel without io_uring min-wait (before
+/// 6.12) the engine ignores the option by design: this says so (`SKIPPED`) and
+/// returns false, so the caller knows it tested the plain path.
+pub fn batch_wait_applied(test: &str, ready_line: &str, us: &str) -> bool {
+    let kernel_has_it = ringrelay_engine::core::ring::probe(None).is_ok_and(|f| f.min_wait);
+    if !kernel_has_it {
+        eprintln!("SKIPPED: {test}: --batch-wait-us needs io_uring min-wait (Linux 6.12+)");
+        return false;
+    }
+    assert!(
+        ready_line.contains(&format!("batch_wait_us={us}")),
+        "{test}: --batch-wait-us {us} not in effect: {ready_line}"
+    );
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -34,8 +34,7 @@ fn bytes_intact_with(test: &str, family: Family, relay: &str, engine_args: &[&st
         .position(|a| *a == "--batch-wait-us")
         .map(|i| engine_args[i + 1])
     {
-        let ready = &rig.engine().ready_line;
-        assert!(ready.contains(&format!("batch_wait_us={us}")), "{ready}");
+        batch_wait_applied(test, &rig.engine().ready_line, us);
     }
     let before = rig.engine_mut().counters();
     let dst = SocketAddr::new(family.server_a(), 5001);

@@ -705,6 +705,9 @@ fn bursts(test: &str, family: Family, mtu: Option<u32>, engine_args: &[&str]) {
     let Some(mut rig) = Rig::start(test, RigConfig::new().engine_args(engine_args)) else {
         return;
     };
+    if let Some(i) = engine_args.iter().position(|a| *a == "--batch-wait-us") {
+        batch_wait_applied(test, &rig.engine().ready_line, engine_args[i + 1]);
+    }
     if let Some(mtu) = mtu {
         // A path whose MTU is below what the engine gathers up to: the kernel refuses
         // those GSO sends, and the engine resends them one by one (fragmented).

@@ -280,7 +280,6 @@ impl Acceptor {
         }
     }
 
-    /// Once a second: a paused acceptor tries again.
     /// Once a second: a paused acceptor tries again, and one at the limit sees what
     /// the other cores gave back (or took) since: the headroom is global.
     pub fn on_tick(&mut self, core: &mut Core, headroom: usize) {

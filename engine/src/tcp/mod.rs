@@ -117,11 +117,16 @@ impl Tcp {
     }
 
     /// Admits a connection ([`crate::fdpool::FdPool::admit_conn`]), closing this
-    /// core's idle pipes first if their credits are what it lacks.
+    /// core's idle pipes first if their credits are what it lacks (not when the
+    /// connection cap is what refused it: the pipes would not help).
     fn admit(&mut self, core: &Core) -> Option<ConnCredit> {
         let fds = &core.cfg.fds;
-        fds.admit_conn()
-            .or_else(|| (self.pipes.trim() > 0).then(|| fds.admit_conn()).flatten())
+        fds.admit_conn().or_else(|| {
+            let credits_short = fds.conns() < fds.max_conns();
+            (credits_short && self.pipes.trim() > 0)
+                .then(|| fds.admit_conn())
+                .flatten()
+        })
     }
 
     /// Starts parked clients while the pool admits connections. Another core may
@@ -135,7 +140,7 @@ impl Tcp {
             let Some(client) = self.acceptor.unpark() else {
                 break;
             };
-            self.start_conn(core, client);
+            self.start_conn(core, client, true);
         }
     }
 
@@ -151,7 +156,7 @@ impl Tcp {
             if let Some(fd) = self.acceptor.on_completion(core, &c, tok) {
                 core.stats.accepted.fetch_add(1, Relaxed);
                 core.stats.active.fetch_add(1, Relaxed);
-                self.start_conn(core, fd);
+                self.start_conn(core, fd, false);
             }
             let h = self.headroom(core);
             self.acceptor.finish(core, &c, tok, h);
@@ -304,8 +309,10 @@ impl Tcp {
         });
     }
 
-    /// Takes a newly accepted client: limit, addresses, policy, upstream connect.
-    fn start_conn(&mut self, core: &mut Core, client: OwnedFd) {
+    /// Takes an accepted client (`was_parked`: one that waited for a slot already,
+    /// and is counted in `accept_parked` already): limit, addresses, policy,
+    /// upstream connect.
+    fn start_conn(&mut self, core: &mut Core, client: OwnedFd, was_parked: bool) {
         if core.stopping {
             return Self::refuse(core, client, CloseReason::Stopping);
         }
@@ -315,9 +322,12 @@ impl Tcp {
             // Accepted past the limit: a multishot burst before its cancel took
             // effect, a single-shot in flight, or another core took the last credits.
             match self.acceptor.park(client) {
-                Ok(()) => core.stats.accept_parked.fetch_add(1, Relaxed),
+                Ok(()) if !was_parked => {
+                    core.stats.accept_parked.fetch_add(1, Relaxed);
+                }
+                Ok(()) => {}
                 Err(client) => return Self::refuse(core, client, CloseReason::Limit),
-            };
+            }
             return;
         };
         let (Ok(orig), Ok(peer)) = (
@@ -428,8 +438,8 @@ impl Tcp {
         }
         // Closes both sockets, then gives the connection's credits back.
         drop(conn);
-        // A parked client may have gone meanwhile (start_conn then takes no slot):
-        // keep going until a slot is taken again or nobody is parked.
+        // Parked clients take the freed slot (one that went meanwhile takes none, and
+        // the next one tries).
         self.start_parked(core);
         let h = self.headroom(core);
         self.acceptor.note_headroom(core, h);

@@ -205,7 +205,8 @@ mod tests {
         let fds = FdPool::new(100, 0, 100);
         let mut pool = PipePool::new(1, fds.clone());
         let a = pool.take(None, &stats).unwrap();
-        assert!(pool.take(None, &stats).is_err());
+        let e = pool.take(None, &stats).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock, "{e}");
         assert_eq!(fds.in_use(), 2);
         pool.give(a, false);
         assert_eq!(fds.in_use(), 0);

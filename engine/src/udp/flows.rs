@@ -119,7 +119,7 @@ pub struct FlowStats {
     pub created: u64,
     /// Flows removed by [`FlowTable::expire`].
     pub expired: u64,
-    /// Flows evicted by an insert into a full table.
+    /// Flows evicted: by an insert into a full table, or by `evict_lru`.
     pub evicted: u64,
     /// Flows removed by [`FlowTable::remove`] or [`FlowTable::drain_all`].
     pub removed: u64,
@@ -327,12 +327,8 @@ impl<V> FlowTable<V> {
             return InsertOutcome::Occupied { id, value };
         }
         let evicted = if self.len >= self.capacity {
-            let lru = self.tail;
-            let evicted = self.take(lru);
+            let evicted = self.evict_lru();
             debug_assert!(evicted.is_some(), "a full table has an LRU flow");
-            if evicted.is_some() {
-                self.stats.evicted += 1;
-            }
             evicted
         } else {
             None

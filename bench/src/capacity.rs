@@ -56,6 +56,8 @@ use crate::targets::{fd_limit, Armed, Target};
 /// Connections opened at once: connect and send on each, then the echoes. The last
 /// batch may go past a proxy's limit by up to this many (those are closed).
 pub const BATCH: usize = 64;
+// A batch's tags (`tag`) tell its connections apart.
+const _: () = assert!(BATCH < 251);
 /// How long a batch's connections may take to reach the server, and then their
 /// echoes to come back: a proxy that accepts past its limit and holds the client
 /// without relaying (the engine parks it, HAProxy leaves it in the kernel's backlog)
@@ -595,15 +597,17 @@ fn open(addr: SocketAddr, listener: &TcpListener, asked: usize, bench_limit: usi
                 ),
             }
         }
-        o.servers
-            .extend(echo_back(accepted, 1, deadline, &mut o.errors));
+        let echoed = echo_back_read(accepted, 1, deadline, &mut o.errors);
         // The client side: each must get its own byte back, the echoes of the last
         // ones accepted too, so the way back gets a timeout of its own.
         let results = read_each(&batch, 1, Instant::now() + ECHO_TIMEOUT);
+        // Tags of the clients that passed (unique within a batch: BATCH < 251).
+        let mut passed = Vec::with_capacity(results.len());
         for (k, (s, got)) in batch.into_iter().zip(results).enumerate() {
             let i = first + k;
             let kind = match got {
                 Ok(b) if b[0] == tag(i) => {
+                    passed.push(tag(i));
                     o.clients.push(s);
                     continue;
                 }
@@ -614,6 +618,15 @@ fn open(addr: SocketAddr, listener: &TcpListener, asked: usize, bench_limit: usi
             count(&mut o.errors, &kind);
             if failed.as_ref().is_none_or(|(j, _)| i < *j) {
                 failed = Some((i, kind));
+            }
+        }
+        // Only the server sides of held connections stay: one whose client failed
+        // would count in the relay check and the stall as a connection that is not.
+        for (m, s) in echoed {
+            if passed.contains(&m[0]) {
+                o.servers.push(s);
+            } else {
+                reset_close(s);
             }
         }
         if let Some((i, kind)) = failed {
@@ -704,14 +717,31 @@ fn echo_back(
     deadline: Instant,
     errors: &mut BTreeMap<String, u64>,
 ) -> Vec<TcpStream> {
+    echo_back_read(socks, n, deadline, errors)
+        .into_iter()
+        .map(|(_, s)| s)
+        .collect()
+}
+
+/// [`echo_back`], with what each socket read (and echoed).
+fn echo_back_read(
+    socks: Vec<TcpStream>,
+    n: usize,
+    deadline: Instant,
+    errors: &mut BTreeMap<String, u64>,
+) -> Vec<(Vec<u8>, TcpStream)> {
     let got = read_each(&socks, n, deadline);
     socks
         .into_iter()
         .zip(got)
         .filter_map(|(s, g)| {
-            let r = g.and_then(|m| (&s).write_all(&m).map_err(|e| failure_kind(&e).to_string()));
+            let r = g.and_then(|m| {
+                (&s).write_all(&m)
+                    .map(|()| m)
+                    .map_err(|e| failure_kind(&e).to_string())
+            });
             match r {
-                Ok(()) => Some(s),
+                Ok(m) => Some((m, s)),
                 Err(kind) => {
                     count(errors, &format!("server_{kind}"));
                     None

@@ -26,14 +26,25 @@ mkdir -p "$OUT"
 size_args=()
 [ -n "${SIZE:-}" ] && size_args=(--size "$SIZE")
 IFS=, read -ra targets <<<"$TARGETS"
+window=$(( SECONDS_RECORDED + 8 ))
 for t in "${targets[@]}"; do
-    window=$(( SECONDS_RECORDED + 8 ))
     target/release/bench run --scenario "$SCENARIO" "${size_args[@]}" --target "$t" \
         --engine-cores "$CORE" --duration "${window}s" --json "$OUT/$t.json" \
         >"$OUT/$t.bench.log" 2>&1 &
     bench=$!
-    # The lab, the proxy and the ramp take a few seconds; record inside the window.
-    sleep 6
+    # Record inside the window: the lab takes a while (wait for the target to be
+    # armed), the proxy's start and the ramp about 3 s more; the window is
+    # SECONDS_RECORDED + 8 s, so the recording ends well before it does.
+    for _ in $(seq 600); do
+        grep -q "\[$t\] arming" "$OUT/$t.bench.log" 2>/dev/null && break
+        kill -0 "$bench" 2>/dev/null || break
+        sleep 0.1
+    done
+    grep -q "\[$t\] arming" "$OUT/$t.bench.log" || {
+        echo "profile: bench for $t never armed it, see $OUT/$t.bench.log" >&2
+        exit 1
+    }
+    sleep 3
     perf record -q -C "$CORE" -o "$OUT/$t.perf.data" -- sleep "$SECONDS_RECORDED" >/dev/null 2>&1
     wait "$bench" || { echo "profile: bench for $t failed, see $OUT/$t.bench.log" >&2; exit 1; }
     perf report -i "$OUT/$t.perf.data" --no-children --sort dso,sym --stdio 2>/dev/null \

@@ -50,7 +50,7 @@ use crate::load::{
     PORT_TCP_CAPACITY,
 };
 use crate::meter;
-use crate::report::{fmt_bytes, fmt_kinds, Record, Status};
+use crate::report::{fmt_bytes, fmt_kinds, fmt_opt_bytes, Record, Status};
 use crate::targets::{fd_limit, Armed, Target};
 
 /// Connections opened at once: connect and send on each, then the echoes. The last
@@ -264,7 +264,7 @@ impl Capacity {
 
     /// One progress line.
     pub fn summary(&self) -> String {
-        let b = |v: Option<f64>| v.map_or("n/a".into(), fmt_bytes);
+        let b = fmt_opt_bytes;
         let mut s = format!(
             "held {} of {} ({}: {}) in {:.1} s; per idle conn RSS {}, socket memory {}; relay \
              {}/{} ok",
@@ -292,15 +292,16 @@ impl Capacity {
         if let Some(c) = &self.stall_capped {
             let _ = write!(s, " ({c})");
         }
-        match self.leak() {
-            Some(l) => {
-                let _ = write!(s, "; LEAK: {l}");
-            }
-            None => {
-                let _ = write!(s, "; back to baseline in {:.1} s", self.settle_s);
-            }
-        }
+        let _ = write!(s, "; {}", self.after_close());
         s
+    }
+
+    /// What closing everything left: `LEAK: ...`, or how soon it was all back.
+    pub fn after_close(&self) -> String {
+        match self.leak() {
+            Some(l) => format!("LEAK: {l}"),
+            None => format!("back to baseline in {:.1} s", self.settle_s),
+        }
     }
 }
 

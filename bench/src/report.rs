@@ -816,7 +816,7 @@ impl Report {
                     );
                     continue;
                 };
-                let na = |v: Option<f64>| v.map_or("n/a".into(), fmt_bytes);
+                let na = fmt_opt_bytes;
                 let mut stop = c
                     .stop
                     .map_or("?", crate::capacity::StopReason::describe)
@@ -851,10 +851,7 @@ impl Report {
                 } else {
                     format!("{} ok, {} FAILED", c.relay_ok, c.relay_failed)
                 };
-                let after = match c.leak() {
-                    Some(l) => format!("LEAK: {l}"),
-                    None => format!("back to baseline in {:.1} s", c.settle_s),
-                };
+                let after = c.after_close();
                 let skmem_idle = match c.skmem_per_idle_conn {
                     Some(v) => fmt_bytes(v),
                     None if !t.is_proxy() => "n/a (no router socket)".into(),
@@ -1089,6 +1086,11 @@ pub fn fmt_num(v: f64) -> String {
     } else {
         format!("{v:.2}")
     }
+}
+
+/// [`fmt_bytes`], or `n/a` for a figure not measured.
+pub fn fmt_opt_bytes(v: Option<f64>) -> String {
+    v.map_or("n/a".into(), fmt_bytes)
 }
 
 /// Error counts by kind as `kind n, kind n` (in key order).

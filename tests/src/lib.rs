@@ -823,6 +823,18 @@ pub fn write_pattern(w: &mut impl Write, seed: u64, len: u64) -> io::Result<Dige
     })
 }
 
+/// One `read`, retried when a signal interrupts it (`EINTR`: the test process has
+/// signal handlers, so a blocking read can return early), for tests that assert on
+/// what a single read sees: data, EOF, a reset or a timeout.
+pub fn read_once(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        match r.read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
 /// Reads `r` to EOF; returns the digest of everything read.
 pub fn read_digest(r: &mut impl Read) -> io::Result<Digest> {
     let mut h = Fnv64::default();

@@ -618,7 +618,7 @@ fn engine_client_ip_relays(test: &str, relay: &str) {
             s.write_all(b"ping")?;
             s.set_read_timeout(Some(Duration::from_secs(3)))?;
             let mut b = [0u8; 4];
-            s.read(&mut b)
+            read_once(&mut s, &mut b)
         });
         assert!(
             matches!(&seen, Err(e) if e.kind() == io::ErrorKind::ConnectionReset),
